@@ -1,0 +1,57 @@
+"""The ``glam3d`` command: a thin dispatcher over ``glam3d.commands.<name>`` modules.
+
+Each command module defines ``add_parser(subparsers)`` (returns its parser) and ``run(args) -> int``.
+User errors (:class:`glam3d.errors.UserError`) print one line and exit 2; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import UserError
+
+# command name -> module under glam3d.commands
+COMMANDS = {
+    "models": "models",
+    "demo": "demo",
+    "train": "train",
+    "predict": "predict",
+    "evaluate": "evaluate",
+    "show": "show",
+    "bench": "bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glam3d", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"glam3d {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, mod in COMMANDS.items():
+        module = importlib.import_module(f"glam3d.commands.{mod}")
+        p = module.add_parser(sub)
+        p.set_defaults(_run=module.run)
+        # allow --debug after the sub-command too
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Registry of named network variants.
+
+A variant is ``"<family>_<size>"`` (e.g. ``glam_nnformer_tiny``) or just ``<family>`` with ``size=`` given.
+Each family registers one builder ``fn(**kwargs) -> nn.Module`` and a table of sizes (plain dicts of kwargs);
+``build_model(name, **overrides)`` merges the size's config with the overrides and calls the builder.
+
+Every built model exposes ``spatial_dims``, ``in_channels``, ``num_classes`` and ``default_crop`` (the input
+size its config is made for), and records ``model.glam3d_spec = {"name": ..., "kwargs": {...}}`` so a checkpoint
+can rebuild it.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass, field
+from typing import Callable, Dict
+
+import torch.nn as nn
+
+
+@dataclass
+class Family:
+    name: str
+    builder: Callable[..., nn.Module]
+    sizes: Dict[str, dict] = field(default_factory=dict)
+    default_size: str | None = None
+    twin: str | None = None  # the vanilla family this one adds GLAM to (for overhead tables)
+    description: str = ""
+
+
+_FAMILIES: Dict[str, Family] = {}
+
+
+def register_family(name: str, builder: Callable[..., nn.Module], sizes: Dict[str, dict], *,
+                    default_size: str | None = None, twin: str | None = None, description: str = "") -> None:
+    if name in _FAMILIES:
+        raise ValueError(f"model family {name!r} registered twice")
+    _FAMILIES[name] = Family(name, builder, dict(sizes), default_size, twin, description)
+
+
+def _ensure_loaded() -> None:
+    # importing the network modules registers their families
+    from . import networks  # noqa: F401
+
+
+def families() -> Dict[str, Family]:
+    _ensure_loaded()
+    return dict(_FAMILIES)
+
+
+def list_models() -> list[str]:
+    """All full variant names, e.g. ``['glam_nnformer_synapse', 'glam_nnformer_tiny', ...]``."""
+    return sorted(f"{f.name}_{s}" for f in families().values() for s in f.sizes)
+
+
+def resolve(name: str, size: str | None = None) -> tuple[Family, str]:
+    """Split a variant name into (family, size); raise ValueError naming close matches."""
+    fams = families()
+    if size is None:
+        for fam in sorted(fams, key=len, reverse=True):
+            if name.startswith(fam + "_") and name[len(fam) + 1:] in fams[fam].sizes:
+                return fams[fam], name[len(fam) + 1:]
+        if name in fams and fams[name].default_size:
+            return fams[name], fams[name].default_size
+    elif name in fams and size in fams[name].sizes:
+        return fams[name], size
+    close = difflib.get_close_matches(name, list_models() + list(fams), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ValueError(f"unknown model {name!r}{' size ' + repr(size) if size else ''}{hint}; "
+                     f"known: {', '.join(list_models())}")
+
+
+def model_config(name: str, size: str | None = None, **overrides) -> tuple[Family, str, dict]:
+    fam, size = resolve(name, size)
+    cfg = copy.deepcopy(fam.sizes[size])
+    cfg.update(overrides)
+    return fam, size, cfg
+
+
+def build_model(name: str, size: str | None = None, **overrides) -> nn.Module:
+    """Build a registered variant: ``build_model("glam_nnformer_tiny", num_classes=9)``."""
+    fam, size, cfg = model_config(name, size, **overrides)
+    model = fam.builder(**cfg)
+    model.glam3d_spec = {"name": f"{fam.name}_{size}", "kwargs": copy.deepcopy(overrides)}
+    return model
