@@ -1,0 +1,541 @@
+"""Benchmark: glam3d's networks beside their peers, speed and memory, in one table measured in one run.
+
+:func:`run_bench` measures, for each model (``glam_nnformer``, ``nnformer`` and MONAI's SwinUNETR, at the
+``synapse`` and ``tiny`` sizes):
+
+* parameters and multiply-adds per crop (:mod:`glam3d.models.complexity`);
+* forward time per crop (median of ``repeats`` after a warm-up, ``torch.inference_mode``, batch 1; all models
+  timed *round-robin in one process*, so a busy machine slows them alike and the ratios stay meaningful);
+* achieved GFLOP/s (2 x MACs / time) and its fraction of the machine's matmul peak (median of timed
+  ``2048^3`` fp32 matmuls, measured by the same run);
+* sliding-window throughput (voxels/s) on a ``128x256x256`` volume with
+  :func:`glam3d.engine.inference.predict_volume` (overlap 0.5, Gaussian), and its peak memory: each model runs
+  in its own child process, so peaks never mix (CPU: the child's peak RSS, ``VmHWM`` / ``ru_maxrss``; GPU:
+  ``torch.cuda.max_memory_allocated``);
+* how time and memory grow with the volume (3 sizes) and with the scan length (``512x512x200`` and
+  ``512x512x1000``, overlap 0), one child process per line;
+* a training step of the tiny config (forward + backward + SGD step, batch 2, deep supervision);
+* on a GPU: forward time with bf16 autocast and the longest ``512x512`` scan inferred without running out of
+  memory.
+
+It then prints the ratios (GLAM-nnFormer / nnFormer forward time, sliding-window throughput ratio, glam3d /
+SwinUNETR voxels per second) and PASS / FAIL per target.
+
+Usage::
+
+    from glam3d.bench import BenchConfig, run_bench, format_report
+    result = run_bench(BenchConfig(quick=True))
+    print(format_report(result))
+
+``python -m glam3d.bench --worker JSON`` is the child-process entry point (one sliding-window measurement).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ["BenchConfig", "run_bench", "format_report", "to_markdown", "matmul_peak_gflops", "time_forward",
+           "TARGETS", "FULL_MODELS", "QUICK_MODELS"]
+
+FULL_MODELS = ["glam_nnformer_synapse", "nnformer_synapse", "swin_unetr_synapse",
+               "glam_nnformer_tiny", "nnformer_tiny", "swin_unetr_tiny"]
+QUICK_MODELS = ["glam_nnformer_tiny", "nnformer_tiny", "swin_unetr_tiny"]
+
+#: target name -> (description, threshold)
+TARGETS = {
+    "glam_forward_ratio": ("GLAM-nnFormer / nnFormer forward time <= 1.2", 1.2),
+    "glam_sw_ratio": ("GLAM-nnFormer / nnFormer sliding-window voxels/s >= 0.85", 0.85),
+    "nnformer_peak_fraction": ("nnFormer (synapse) forward >= 60% of the matmul peak", 0.60),
+    "long_ct_memory": ("sliding window, 512x512x200 and 512x512x1000: both < 2 GB peak RSS", 2.0e9),
+    "long_ct_flat": ("sliding-window memory does not grow with the scan length (peak ratio <= 1.10)", 1.10),
+    "long_ct_linear": ("sliding-window time linear in voxels (s/voxel ratio 1000 vs 200 slices in [0.8, 1.25])",
+                       (0.8, 1.25)),
+}
+
+
+@dataclass
+class BenchConfig:
+    """What :func:`run_bench` measures. ``quick``: tiny models and small volumes (tests / CI, seconds)."""
+
+    models: Optional[List[str]] = None          # default: FULL_MODELS, or QUICK_MODELS with quick
+    device: str = "cpu"
+    repeats: int = 3                            # timed forwards per model (after one warm-up)
+    quick: bool = False
+    sw_volume: Optional[Sequence[int]] = None   # default (128, 256, 256); quick (48, 96, 96)
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    scaling_model: Optional[str] = None         # default nnformer_synapse (overlap 0), quick nnformer_tiny
+    scaling_volumes: Optional[List[Sequence[int]]] = None
+    scaling_overlap: float = 0.0
+    long_ct_model: Optional[str] = None         # default nnformer_tiny (see PERFORMANCE.md), quick nnformer_tiny
+    long_ct_volumes: Optional[List[Sequence[int]]] = None
+    long_ct_overlap: float = 0.0
+    train_model: Optional[str] = None           # default glam_nnformer_tiny
+    train_repeats: int = 3
+    matmul_size: Optional[int] = None           # default 2048; quick 512
+    threads: Optional[int] = None               # torch threads (default: torch's)
+    sections: Optional[List[str]] = None        # subset of forward, sw, scaling, long_ct, train, gpu
+    progress: bool = False
+
+    def resolved(self) -> "BenchConfig":
+        c = BenchConfig(**asdict(self))
+        q = c.quick
+        c.models = list(c.models) if c.models else list(QUICK_MODELS if q else FULL_MODELS)
+        c.sw_volume = tuple(c.sw_volume or ((48, 96, 96) if q else (128, 256, 256)))
+        c.scaling_model = c.scaling_model or ("nnformer_tiny" if q else "nnformer_synapse")
+        c.scaling_volumes = [tuple(v) for v in (c.scaling_volumes or (
+            [(32, 64, 64), (64, 64, 64), (128, 64, 64)] if q else
+            [(128, 256, 256), (256, 256, 256), (512, 256, 256)]))]
+        c.long_ct_model = c.long_ct_model or "nnformer_tiny"
+        c.long_ct_volumes = [tuple(v) for v in (c.long_ct_volumes or (
+            [(64, 128, 128), (320, 128, 128)] if q else [(200, 512, 512), (1000, 512, 512)]))]
+        c.train_model = c.train_model or "glam_nnformer_tiny"
+        c.matmul_size = c.matmul_size or (512 if q else 2048)
+        if q:
+            c.repeats = min(c.repeats, 2)
+            c.train_repeats = min(c.train_repeats, 2)
+        c.sections = list(c.sections or ["forward", "sw", "scaling", "long_ct", "train", "gpu"])
+        return c
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measurements
+# ---------------------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5, device="cpu", dtype=torch.float32) -> float:
+    """Median GFLOP/s of ``n^3`` matmuls (``2 n^3`` FLOPs each) after one warm-up."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)
+    _sync(device)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        ts.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(ts) / 1e9
+
+
+def _build(name: str, device, seed: int = 0):
+    from .models import build_model
+    torch.manual_seed(seed)
+    return build_model(name).to(device).eval()
+
+
+def time_forward(models: Dict[str, torch.nn.Module], inputs: Dict[str, torch.Tensor], repeats: int, device,
+                 amp: Optional[torch.dtype] = None) -> Dict[str, List[float]]:
+    """Seconds per forward, interleaved: one warm-up each, then ``repeats`` rounds over all models."""
+    device = torch.device(device)
+    times: Dict[str, List[float]] = {k: [] for k in models}
+    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else None
+    with torch.inference_mode():
+        for rnd in range(repeats + 1):
+            for name, m in models.items():
+                x = inputs[name]
+                _sync(device)
+                t = time.perf_counter()
+                if ctx is None:
+                    m(x)
+                else:
+                    with ctx():
+                        m(x)
+                _sync(device)
+                if rnd:
+                    times[name].append(time.perf_counter() - t)
+    return times
+
+
+def _rss_now() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _peak_rss() -> int:
+    """Peak RSS of this process in bytes. Linux: ``VmHWM`` (per address space: ``ru_maxrss`` survives
+    ``execve`` and would report the parent's peak in a child); elsewhere ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024  # bytes (macOS reports bytes, Linux KiB)
+
+
+def _worker(spec: dict) -> dict:
+    """Child process: build a model, make a volume, run :func:`predict_volume`, report time and memory."""
+    from .engine.inference import predict_volume
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = torch.device(spec["device"])
+    model = _build(spec["model"], device)
+    roi = tuple(model.default_crop)
+    vol = tuple(spec["volume"])
+    image = torch.empty((model.in_channels,) + vol, dtype=torch.float32).uniform_(-1, 1)  # pages touched
+    rss_before = _rss_now()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stats: dict = {}
+    _sync(device)
+    t = time.perf_counter()
+    labels = predict_volume(model, image, roi, overlap=spec["overlap"], sw_batch_size=spec["sw_batch_size"],
+                            mode="gaussian", device=device, amp=spec.get("amp", False), stats=stats)
+    _sync(device)
+    dt = time.perf_counter() - t
+    out = {"model": spec["model"], "volume": list(vol), "roi": list(roi), "overlap": spec["overlap"],
+           "windows": stats.get("windows"), "seconds": dt, "voxels_per_s": math.prod(vol) / dt,
+           "peak_rss": _peak_rss(), "rss_before": rss_before, "labels_shape": list(labels.shape),
+           "slab_bytes": stats.get("slab_bytes")}
+    if device.type == "cuda":
+        out["gpu_peak"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def _run_child(spec: dict, timeout: Optional[float] = None) -> dict:
+    """Run :func:`_worker` in a fresh interpreter (its own peak memory); returns its JSON or an ``error``."""
+    cmd = [sys.executable, "-m", "glam3d.bench", "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": spec["model"], "volume": list(spec["volume"]), "error": f"timed out after {timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"model": spec["model"], "volume": list(spec["volume"]), "error": f"exit {proc.returncode}: {tail[0]}"}
+
+
+def _train_step_time(name: str, device, repeats: int, batch: int = 2) -> dict:
+    """Median seconds of forward + backward + SGD step (batch 2, deep-supervision CE loss)."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    from .models import build_model
+    model = build_model(name).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+    crop = tuple(model.default_crop)
+    x = torch.randn(batch, model.in_channels, *crop, device=device)
+    y = torch.randint(0, model.num_classes, (batch, *crop), device=device)
+    ds_weights = [4 / 7, 2 / 7, 1 / 7]
+
+    def step():
+        out = model(x)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        loss = 0.0
+        for k, o in enumerate(outs):
+            t = y if o.shape[2:] == y.shape[1:] else F.interpolate(y[:, None].float(), size=o.shape[2:],
+                                                                    mode="nearest")[:, 0].long()
+            loss = loss + ds_weights[min(k, 2)] * F.cross_entropy(o, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 12)
+        opt.step()
+
+    step()
+    _sync(torch.device(device))
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        _sync(torch.device(device))
+        ts.append(time.perf_counter() - t)
+    return {"model": name, "batch": batch, "crop": list(crop), "seconds": statistics.median(ts), "all": ts}
+
+
+def _largest_volume_gpu(name: str, device, hw=(512, 512), start: int = 256, limit: int = 4096,
+                        timeout: float = 300) -> dict:
+    """Longest ``D x 512 x 512`` scan inferred without CUDA OOM (doubling, then one bisection step)."""
+    ok, bad, d = 0, None, start
+    while d <= limit:
+        r = _run_child({"model": name, "volume": [d, *hw], "device": str(device), "overlap": 0.0,
+                        "sw_batch_size": 2, "amp": "bf16"}, timeout=timeout)
+        if "error" in r:
+            bad = d
+            break
+        ok, d = d, d * 2
+    if bad is not None and ok:
+        mid = (ok + bad) // 2
+        r = _run_child({"model": name, "volume": [mid, *hw], "device": str(device), "overlap": 0.0,
+                        "sw_batch_size": 2, "amp": "bf16"}, timeout=timeout)
+        if "error" not in r:
+            ok = mid
+    return {"model": name, "largest_depth": ok, "hw": list(hw), "searched_up_to": limit,
+            "first_failure": bad}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------------------------
+def _log(cfg: BenchConfig, msg: str) -> None:
+    if cfg.progress:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _pair(rows: Dict[str, dict], a: str, b: str, key: str) -> Optional[float]:
+    if a in rows and b in rows and rows[a].get(key) and rows[b].get(key):
+        return rows[a][key] / rows[b][key]
+    return None
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Measure everything (see the module docstring); returns a JSON-serialisable dict."""
+    from .models.complexity import count_macs, count_parameters
+    cfg = cfg.resolved()
+    device = torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    res: dict = {"config": asdict(cfg), "machine": {
+        "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}}
+
+    _log(cfg, f"matmul peak ({cfg.matmul_size}^3 fp32)")
+    peak = matmul_peak_gflops(cfg.matmul_size, repeats=7 if not cfg.quick else 3, device=device)
+    res["matmul_peak_gflops"] = peak
+
+    rows: Dict[str, dict] = {}
+    for name in cfg.models:
+        _log(cfg, f"build + count {name}")
+        m = _build(name, device)
+        shape = (1, m.in_channels, *m.default_crop)
+        rows[name] = {"model": name, "crop": list(m.default_crop), "params_M": count_parameters(m) / 1e6,
+                      "macs_G": count_macs(m, shape) / 1e9}
+        del m
+
+    if "forward" in cfg.sections:
+        _log(cfg, f"forward timing, {cfg.repeats} rounds over {len(cfg.models)} models")
+        models = {n: _build(n, device) for n in cfg.models}
+        inputs = {n: torch.randn(1, m.in_channels, *m.default_crop, device=device) for n, m in models.items()}
+        times = time_forward(models, inputs, cfg.repeats, device)
+        for n, ts in times.items():
+            s = statistics.median(ts)
+            gf = 2 * rows[n]["macs_G"] / s
+            rows[n].update(forward_s=s, forward_all=ts, gflops=gf, peak_fraction=gf / peak)
+        if device.type == "cuda" and "gpu" in cfg.sections:
+            tb = time_forward(models, inputs, cfg.repeats, device, amp=torch.bfloat16)
+            for n, ts in tb.items():
+                rows[n]["forward_bf16_s"] = statistics.median(ts)
+        del models, inputs
+
+    if "sw" in cfg.sections:
+        for n in cfg.models:
+            _log(cfg, f"sliding window {n} on {'x'.join(map(str, cfg.sw_volume))} (child process)")
+            r = _run_child({"model": n, "volume": list(cfg.sw_volume), "device": str(device),
+                            "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size, "threads": cfg.threads})
+            rows[n]["sw"] = r
+            if "error" not in r:
+                rows[n].update(sw_voxels_per_s=r["voxels_per_s"], sw_seconds=r["seconds"],
+                               sw_peak_rss=r["peak_rss"], sw_gpu_peak=r.get("gpu_peak"))
+    res["rows"] = [rows[n] for n in cfg.models]
+
+    def scan(model, volumes, overlap, label):
+        out = []
+        for v in volumes:
+            _log(cfg, f"{label}: {model} on {'x'.join(map(str, v))}, overlap {overlap} (child process)")
+            out.append(_run_child({"model": model, "volume": list(v), "device": str(device), "overlap": overlap,
+                                   "sw_batch_size": cfg.sw_batch_size, "threads": cfg.threads}))
+        return out
+
+    if "scaling" in cfg.sections:
+        res["scaling"] = scan(cfg.scaling_model, cfg.scaling_volumes, cfg.scaling_overlap, "scaling")
+    if "long_ct" in cfg.sections:
+        res["long_ct"] = scan(cfg.long_ct_model, cfg.long_ct_volumes, cfg.long_ct_overlap, "long CT")
+    if "train" in cfg.sections:
+        _log(cfg, f"training step {cfg.train_model}")
+        res["train"] = _train_step_time(cfg.train_model, device, cfg.train_repeats)
+    if device.type == "cuda" and "gpu" in cfg.sections:
+        _log(cfg, "largest volume without OOM")
+        res["largest_volume"] = _largest_volume_gpu(cfg.long_ct_model, device)
+
+    # ratios and targets ----------------------------------------------------------------------------------
+    ratios = {}
+    for size in ("synapse", "tiny"):
+        g, v, s = f"glam_nnformer_{size}", f"nnformer_{size}", f"swin_unetr_{size}"
+        ratios[size] = {
+            "glam_over_nnformer_forward": _pair(rows, g, v, "forward_s"),
+            "glam_over_nnformer_sw": _pair(rows, g, v, "sw_voxels_per_s"),
+            "glam_over_swin_unetr_sw": _pair(rows, g, s, "sw_voxels_per_s"),
+            "nnformer_over_swin_unetr_sw": _pair(rows, v, s, "sw_voxels_per_s"),
+        }
+    res["ratios"] = ratios
+    res["targets"] = _targets(rows, ratios, res)
+    res["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    res["total_seconds"] = time.perf_counter() - t_start
+    return res
+
+
+def _targets(rows, ratios, res) -> List[dict]:
+    size = "synapse" if ratios["synapse"]["glam_over_nnformer_forward"] is not None else "tiny"
+    out = []
+
+    def add(key, value, ok, note=""):
+        desc, _ = TARGETS[key]
+        out.append({"target": key, "description": desc, "value": value,
+                    "status": "n/a" if ok is None else ("PASS" if ok else "FAIL"), "note": note})
+
+    r = ratios[size]["glam_over_nnformer_forward"]
+    add("glam_forward_ratio", r, None if r is None else r <= TARGETS["glam_forward_ratio"][1], f"{size} size")
+    r = ratios[size]["glam_over_nnformer_sw"]
+    add("glam_sw_ratio", r, None if r is None else r >= TARGETS["glam_sw_ratio"][1], f"{size} size")
+    f = rows.get("nnformer_synapse", {}).get("peak_fraction")
+    add("nnformer_peak_fraction", f, None if f is None else f >= TARGETS["nnformer_peak_fraction"][1],
+        "" if f is not None else "nnformer_synapse not measured")
+    lc = [r for r in res.get("long_ct", []) if "error" not in r]
+    if len(lc) >= 2:
+        peaks = [r["peak_rss"] for r in lc]
+        add("long_ct_memory", max(peaks), max(peaks) < TARGETS["long_ct_memory"][1],
+            f"{lc[0]['model']}, overlap {lc[0]['overlap']}")
+        flat = peaks[-1] / peaks[0]
+        work = [(r["peak_rss"] - r["rss_before"]) for r in lc]
+        add("long_ct_flat", flat, flat <= TARGETS["long_ct_flat"][1],
+            f"peak RSS {peaks[-1] / 1e9:.2f} / {peaks[0] / 1e9:.2f} GB; inference increment "
+            f"{work[-1] / 1e9:.2f} / {work[0] / 1e9:.2f} GB (the input image itself grows with D)")
+        spv = [r["seconds"] / math.prod(r["volume"]) for r in lc]
+        lin = spv[-1] / spv[0]
+        lo, hi = TARGETS["long_ct_linear"][1]
+        add("long_ct_linear", lin, lo <= lin <= hi, "s/voxel, longest / shortest")
+    else:
+        for k in ("long_ct_memory", "long_ct_flat", "long_ct_linear"):
+            add(k, None, None, "long-CT section not run")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------------------------------
+def _f(v, fmt="{:.2f}", none="-"):
+    return none if v is None else fmt.format(v)
+
+
+def _gb(v):
+    return _f(None if v is None else v / 1e9, "{:.2f}")
+
+
+def _tables(res: dict):
+    """The report as (title, header, rows) tables of strings (shared by the text and Markdown writers)."""
+    tabs = []
+    gpu = res["machine"]["device"].startswith("cuda")
+    head = ["model", "crop", "params (M)", "MACs (G)", "fwd (s)", "GFLOP/s", "% peak", "SW vox/s", "SW s",
+            "peak RSS (GB)"]
+    if gpu:
+        head += ["fwd bf16 (s)", "GPU peak (GB)"]
+    body = []
+    for r in res["rows"]:
+        line = [r["model"], "x".join(map(str, r["crop"])), _f(r["params_M"]), _f(r["macs_G"]),
+                _f(r.get("forward_s"), "{:.3f}"), _f(r.get("gflops"), "{:.1f}"),
+                _f(None if r.get("peak_fraction") is None else 100 * r["peak_fraction"], "{:.1f}"),
+                _f(r.get("sw_voxels_per_s"), "{:,.0f}"), _f(r.get("sw_seconds"), "{:.1f}"), _gb(r.get("sw_peak_rss"))]
+        if "sw" in r and "error" in r["sw"]:
+            line[7] = "error"
+        if gpu:
+            line += [_f(r.get("forward_bf16_s"), "{:.3f}"), _gb(r.get("sw_gpu_peak"))]
+        body.append(line)
+    sw = res["config"]["sw_volume"]
+    tabs.append((f"models (matmul peak {res['matmul_peak_gflops']:.1f} GFLOP/s fp32; sliding window on "
+                 f"{'x'.join(map(str, sw))}, overlap {res['config']['overlap']}, Gaussian)", head, body))
+
+    body = []
+    for size, rr in res["ratios"].items():
+        for k, v in rr.items():
+            if v is not None:
+                body.append([size, k, _f(v, "{:.3f}")])
+    tabs.append(("ratios", ["size", "ratio", "value"], body))
+
+    for key, title in (("scaling", "growth with the volume"), ("long_ct", "long CT (scan length)")):
+        if res.get(key):
+            body = []
+            for r in res[key]:
+                if "error" in r:
+                    body.append([r["model"], "x".join(map(str, r["volume"])), "-", "-", "-", "-", "-",
+                                 r["error"]])
+                    continue
+                body.append([r["model"], "x".join(map(str, r["volume"])), str(r["overlap"]), str(r["windows"]),
+                             _f(r["seconds"], "{:.1f}"), _f(r["voxels_per_s"], "{:,.0f}"), _gb(r["peak_rss"]),
+                             _gb(r["peak_rss"] - r["rss_before"])])
+            tabs.append((title, ["model", "volume", "overlap", "windows", "time (s)", "voxels/s", "peak RSS (GB)",
+                                 "inference increment (GB)"], body))
+    if res.get("train"):
+        t = res["train"]
+        tabs.append(("training step (forward + backward + SGD, deep supervision)", ["model", "batch", "crop",
+                     "step (s)"], [[t["model"], str(t["batch"]), "x".join(map(str, t["crop"])),
+                                    _f(t["seconds"], "{:.3f}")]]))
+    if res.get("largest_volume"):
+        lv = res["largest_volume"]
+        tabs.append(("largest volume without OOM (GPU, bf16)", ["model", "largest D", "H x W", "first failure"],
+                     [[lv["model"], str(lv["largest_depth"]), "x".join(map(str, lv["hw"])),
+                       str(lv["first_failure"])]]))
+    body = []
+    for t in res["targets"]:
+        v = t["value"]
+        vs = "-" if v is None else (_gb(v) + " GB" if t["target"] == "long_ct_memory" else
+                                    f"{100 * v:.1f}%" if t["target"] == "nnformer_peak_fraction" else f"{v:.3f}")
+        body.append([t["status"], t["description"], vs, t["note"]])
+    tabs.append(("targets", ["status", "target", "measured", "note"], body))
+    return tabs
+
+
+def format_report(res: dict) -> str:
+    """Plain-text report (the table printed by ``glam3d bench``)."""
+    m = res["machine"]
+    lines = [f"glam3d bench: {m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ''}, torch {m['torch']}, "
+             f"{m['threads']} threads, {m['cpu_count']} CPUs, load average {_load(m)}; "
+             f"total {res['total_seconds']:.0f} s"]
+    for title, head, body in _tables(res):
+        widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(head)]
+        lines += ["", title, "  ".join(h.ljust(w) for h, w in zip(head, widths)),
+                  "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
+    return "\n".join(lines)
+
+
+def _load(m) -> str:
+    a, b = m.get("loadavg_start"), m.get("loadavg_end")
+    if not a:
+        return "n/a"
+    return f"{a[0]:.1f} -> {b[0]:.1f}" if b else f"{a[0]:.1f}"
+
+
+def to_markdown(res: dict) -> str:
+    """The same report as Markdown tables."""
+    m = res["machine"]
+    lines = [f"_glam3d bench: {m['device']}, torch {m['torch']}, {m['threads']} threads, {m['cpu_count']} CPUs, "
+             f"load average {_load(m)}; total {res['total_seconds']:.0f} s_"]
+    for title, head, body in _tables(res):
+        lines += ["", f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def _main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--worker":
+        print(json.dumps(_worker(json.loads(argv[1]))), flush=True)
+        return 0
+    from .cli import main
+    return main(["bench", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,100 @@
+"""``glam3d bench``: glam3d's networks beside their peers (nnFormer, MONAI SwinUNETR): parameters, MACs, forward
+time, achieved GFLOP/s vs the machine's matmul peak, sliding-window throughput and peak memory, growth with the
+volume, training step time; ratios and PASS/FAIL per performance target. A thin layer over :mod:`glam3d.bench`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+EPILOG = """\
+examples:
+  glam3d bench --quick                          # tiny models, small volumes (seconds; tests and CI)
+  glam3d bench --markdown bench.md --json bench.json
+  glam3d bench --models nnformer glam_nnformer --sections forward sw --repeats 5
+The full CPU run takes several minutes (Synapse-size networks); every model's sliding-window run is a child
+process so its peak memory is its own.
+"""
+
+SECTIONS = ["forward", "sw", "scaling", "long_ct", "train", "gpu"]
+
+
+def _volume(text: str):
+    try:
+        v = tuple(int(s) for s in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a volume like 128x256x256") from None
+    if len(v) != 3 or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a volume like 128x256x256")
+    return v
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="benchmark speed and memory beside nnFormer and SwinUNETR",
+                              description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny models only, small volumes")
+    p.add_argument("--models", nargs="+", metavar="NAME",
+                   help="variants or families (default: glam_nnformer, nnformer, swin_unetr at synapse and tiny "
+                        "sizes; tiny only with --quick)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    p.add_argument("--repeats", type=int, default=3, help="timed forwards per model after a warm-up (default 3)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, help="measure only these parts")
+    p.add_argument("--sw-volume", type=_volume, metavar="DxHxW", help="sliding-window volume (default 128x256x256)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--scaling-model", metavar="NAME", help="model for the volume-growth lines")
+    p.add_argument("--scaling-volumes", type=_volume, nargs="+", metavar="DxHxW")
+    p.add_argument("--long-ct-model", metavar="NAME", help="model for the long-CT lines (default nnformer_tiny)")
+    p.add_argument("--long-ct-volumes", type=_volume, nargs="+", metavar="DxHxW",
+                   help="default 200x512x512 1000x512x512")
+    p.add_argument("--long-ct-overlap", type=float, default=0.0)
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    p.add_argument("--markdown", metavar="OUT", help="write the table as Markdown")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def _expand(names):
+    from ..models import list_models
+    known = list_models()
+    out = []
+    for n in names:
+        hits = [n] if n in known else [v for v in known if v.startswith(n + "_") and v[len(n) + 1:] in
+                                       ("synapse", "tiny") and not (n == "nnformer" and v.startswith("glam"))]
+        if not hits:
+            raise ValueError(f"--models: unknown model {n!r}; known: {', '.join(known)}")
+        out += [h for h in hits if h not in out]
+    return out
+
+
+def run(args) -> int:
+    from ..bench import BenchConfig, format_report, run_bench, to_markdown
+    from ..errors import UserError
+    from ..utils.io import atomic_write_text
+
+    if args.repeats < 1:
+        raise UserError(f"--repeats={args.repeats} must be >= 1")
+    if not 0 <= args.overlap < 1 or not 0 <= args.long_ct_overlap < 1:
+        raise UserError("--overlap / --long-ct-overlap must be in [0, 1)")
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA device is available")
+    try:
+        models = _expand(args.models) if args.models else None
+        if models and args.quick:
+            models = [m for m in models if m.endswith("_tiny")] or models
+        cfg = BenchConfig(models=models, device=args.device, repeats=args.repeats, quick=args.quick,
+                          sw_volume=args.sw_volume, overlap=args.overlap, scaling_model=args.scaling_model,
+                          scaling_volumes=args.scaling_volumes, long_ct_model=args.long_ct_model,
+                          long_ct_volumes=args.long_ct_volumes, long_ct_overlap=args.long_ct_overlap,
+                          threads=args.threads, sections=args.sections, progress=not args.no_progress)
+        res = run_bench(cfg)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(format_report(res))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(res, indent=2, default=list) + "\n")
+    if args.markdown:
+        atomic_write_text(args.markdown, to_markdown(res))
+    return 0

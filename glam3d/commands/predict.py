@@ -1,0 +1,471 @@
+"""``glam3d predict``: segment new scans with a trained checkpoint, writing NIfTI label maps in each scan's geometry.
+
+The checkpoint carries the preprocessing plan and the label values, so a user gives only the scans: NIfTI files,
+folders of them, or DICOM series folders. Each scan is preprocessed exactly like the training data
+(``preprocessing.pipeline.preprocess_scan``), segmented by slab-streaming sliding windows
+(:func:`glam3d.engine.inference.predict_volume`) and mapped back to the input's grid and label values
+(``restore_labels``). ``predictions.json`` in the output folder records the checkpoint's sha256, the config, code
+version and inference options (``glam3d evaluate`` copies it into its report).
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) rank r takes cases r, r + world, … on GPU ``LOCAL_RANK``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import UserError
+
+EPILOG = """\
+examples:
+  glam3d predict --checkpoint runs/synapse/checkpoints/best.pt --input RawData/Testing/img --output preds/
+  glam3d predict --checkpoint best.pt --input scan.nii.gz dicom_series/ --output preds/ --mirror --amp bf16
+  torchrun --nproc_per_node 4 -m glam3d predict --checkpoint best.pt --input scans/ --output preds/
+An existing output is kept (reported as skipped) unless --overwrite; outputs are written atomically.
+"""
+
+MANIFEST = "predictions.json"
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("predict", help="segment scans (NIfTI / DICOM) with a trained checkpoint",
+                              description=__doc__.splitlines()[0], epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="glam3d checkpoint (.pt)")
+    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                   help="NIfTI files, folders of NIfTI files, DICOM series folders")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for <case>.nii.gz label maps")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap in [0, 1) (default: the checkpoint's validation setting, else 0.5)")
+    p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default 2)")
+    p.add_argument("--roi-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                   help="window size (default: the checkpoint's training crop)")
+    p.add_argument("--mode", choices=("gaussian", "constant"), default=None, help="window blending (gaussian)")
+    p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirroring test-time augmentation over all axes (8 passes; default: checkpoint's setting)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--stitch-device", default=None, metavar="DEVICE",
+                   help="where windows are blended (default: --device); 'cpu' for scans too large for the GPU")
+    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
+                   help="mixed precision on GPU (auto: bf16 where supported; CPU always float32)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write <case>_probabilities.nii.gz (softmax per class, in the input geometry)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+@dataclass
+class Case:
+    name: str          # output stem
+    source: Path       # file (NIfTI) or folder (DICOM)
+    kind: str          # "nifti" | "dicom"
+    series_id: Optional[str] = None
+    files: list = field(default_factory=list)  # every file read (for the "never overwrite an input" check)
+
+
+def _is_nifti(p: Path) -> bool:
+    return p.is_file() and p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")
+
+
+def _nifti_stem(p: Path) -> str:
+    for ext in (".nii.gz", ".nii"):
+        if p.name.endswith(ext):
+            return p.name[: -len(ext)]
+    return p.stem
+
+
+def _dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader
+    try:
+        ids = reader.GetGDCMSeriesIDs(str(folder)) or ()
+    except RuntimeError:
+        ids = ()
+    return [(sid, list(reader.GetGDCMSeriesFileNames(str(folder), sid))) for sid in ids]
+
+
+def collect_cases(inputs) -> list[Case]:
+    """Expand the ``--input`` paths into cases (sorted within a folder, in argument order across them)."""
+    cases: list[Case] = []
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise UserError("input not found", path)
+        if path.is_file():
+            if not _is_nifti(path):
+                raise UserError("not a NIfTI file (.nii/.nii.gz); give DICOM series as their folder", path)
+            cases.append(Case(_nifti_stem(path), path, "nifti", files=[path]))
+            continue
+        niftis = sorted(p for p in path.iterdir() if _is_nifti(p))
+        if niftis:
+            cases.extend(Case(_nifti_stem(p), p, "nifti", files=[p]) for p in niftis)
+            continue
+        found = _series_cases(path, path.name)
+        if not found:  # a folder of series folders (one level)
+            for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                found.extend(_series_cases(sub, sub.name))
+        if not found:
+            raise UserError("no NIfTI files or DICOM series in this folder", path)
+        cases.extend(found)
+    names = {}
+    for c in cases:
+        if c.name in names and names[c.name] != c.source:
+            raise UserError(f"two inputs would both be written as {c.name}.nii.gz ({names[c.name]} and "
+                            f"{c.source}); predict them into different --output folders", c.source)
+        names[c.name] = c.source
+    seen, unique = set(), []
+    for c in cases:  # the same file given twice is predicted once
+        key = (str(c.source.resolve()), c.series_id)
+        if key not in seen:
+            seen.add(key)
+            unique.append(c)
+    return unique
+
+
+def _series_cases(folder: Path, name: str) -> list[Case]:
+    series = _dicom_series(folder)
+    if len(series) == 1:
+        return [Case(name, folder, "dicom", series[0][0], [Path(f) for f in series[0][1]])]
+    return [Case(f"{name}_{i + 1}", folder, "dicom", sid, [Path(f) for f in files])
+            for i, (sid, files) in enumerate(series)]
+
+
+def read_dicom_series(folder: Path, series_id: Optional[str] = None):
+    """A DICOM series as a ``nib.Nifti1Image``: SimpleITK's LPS geometry converted to RAS (x, y negated)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    try:
+        files = (reader.GetGDCMSeriesFileNames(str(folder), series_id) if series_id
+                 else reader.GetGDCMSeriesFileNames(str(folder)))
+        reader.SetFileNames(files)
+        img = reader.Execute()
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unreadable"
+        raise UserError(f"cannot read the DICOM series ({first[:200]})", folder) from None
+    return sitk_to_nibabel(img)
+
+
+def sitk_to_nibabel(img):
+    """SimpleITK image (LPS world) → ``nib.Nifti1Image`` (RAS world) with the same voxels and geometry."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    if img.GetDimension() != 3:
+        raise ValueError(f"expected a 3D image, got {img.GetDimension()}D")
+    arr = sitk.GetArrayFromImage(img)                     # (z, y, x) = (k, j, i)
+    arr = np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))  # nibabel (i, j, k)
+    direction = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction @ np.diag(img.GetSpacing())
+    lps[:3, 3] = img.GetOrigin()
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    out = nib.Nifti1Image(arr, affine)
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
+    return out
+
+
+def load_case(case: Case):
+    import nibabel as nib
+
+    if case.kind == "dicom":
+        return read_dicom_series(case.source, case.series_id)
+    try:
+        img = nib.load(str(case.source))
+        shape = img.shape
+    except Exception as err:  # nibabel raises several types for bad files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read NIfTI ({first[:200]})", case.source) from None
+    if len(shape) == 4 and shape[3] == 1:
+        img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
+    elif len(shape) != 3:
+        raise UserError(f"expected a 3D scan, got shape {shape}", case.source)
+    return img
+
+
+def _check_readable(case: Case) -> None:
+    """Cheap up-front check (header only) so a bad input fails before any output is written."""
+    if case.kind == "dicom":
+        if not case.files:
+            raise UserError("empty DICOM series", case.source)
+        return
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(case.source))
+        shape = img.shape
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read NIfTI ({first[:200]})", case.source) from None
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        raise UserError(f"expected a 3D scan, got shape {shape}", case.source)
+    if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
+        raise UserError("the NIfTI header has no valid affine (orientation unknown)", case.source)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def inference_settings(state: dict, model, args) -> dict:
+    """Window size, overlap, blending, mirroring, batch: the CLI's choice, else the checkpoint's validation
+    settings, else nnFormer's (0.5 overlap, Gaussian, no mirroring)."""
+    cfg = state.get("config") or {}
+    roi = args.roi_size or _get(cfg, "val", "roi_size") or _get(cfg, "data", "roi_size") or \
+        getattr(model, "default_crop", None)
+    if roi is None:
+        raise UserError("the checkpoint records no window size; give --roi-size D H W", args.checkpoint)
+    roi = [int(r) for r in roi]
+    overlap = args.overlap if args.overlap is not None else (_get(cfg, "val", "overlap") or 0.5)
+    if not 0 <= float(overlap) < 1:
+        raise UserError(f"--overlap must be in [0, 1), got {overlap}")
+    sw = args.sw_batch_size if args.sw_batch_size is not None else (_get(cfg, "val", "sw_batch_size") or 2)
+    if int(sw) < 1:
+        raise UserError(f"--sw-batch-size must be >= 1, got {sw}")
+    mode = args.mode or _get(cfg, "val", "mode") or "gaussian"
+    mirror = args.mirror if args.mirror is not None else bool(_get(cfg, "val", "mirror") or False)
+    return {"roi_size": roi, "overlap": float(overlap), "sw_batch_size": int(sw), "mode": mode,
+            "mirror": bool(mirror)}
+
+
+def _pipeline():
+    """``preprocessing.pipeline`` (separate so tests can substitute a pipeline)."""
+    try:
+        from preprocessing import pipeline
+    except ImportError as err:
+        raise UserError(f"the preprocessing package is not available ({err})") from None
+    return pipeline
+
+
+def _resolve_device(name: str, local_rank: int):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank if local_rank >= 0 else 0)
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is available (use --device cpu)")
+        if dev.index is None and local_rank >= 0:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+# ------------------------------------------------------------------------------------------------ run
+def run(args) -> int:
+    import nibabel as nib
+    import torch
+
+    from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from ..engine.inference import predict_volume, resolve_amp
+    from ..metrics.report import code_version
+    from ..utils.io import atomic_path, atomic_write_json
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    local_rank = int(os.environ.get("LOCAL_RANK", "-1") or -1) if world > 1 else -1
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError("--output must be a folder", out_dir)
+
+    # ---- everything that can be checked is checked before a single output is written
+    cases = collect_cases(args.input)
+    input_files = {p.resolve() for c in cases for p in c.files}
+    input_dirs = {Path(p).resolve() for p in args.input if Path(p).is_dir()}
+    if out_dir.resolve() in input_dirs:
+        raise UserError("--output is one of the --input folders; write predictions to a separate folder", out_dir)
+    for c in cases:
+        for suffix in (".nii.gz", "_probabilities.nii.gz"):
+            target = (out_dir / f"{c.name}{suffix}").resolve()
+            if target in input_files:
+                raise UserError(f"refusing to write {target.name}: that file is an input", target)
+    for c in cases:
+        _check_readable(c)
+    ckpt_path = Path(args.checkpoint)
+    state = load_checkpoint(ckpt_path)
+    plan = state.get("plan")
+    if not plan:
+        raise UserError("the checkpoint carries no preprocessing plan, so new scans cannot be prepared like its "
+                        "training data (was it written by glam3d train?)", ckpt_path)
+    pipeline = _pipeline()
+    if args.probabilities and not hasattr(pipeline, "restore_probabilities"):
+        raise UserError("--probabilities needs preprocessing.pipeline.restore_probabilities (mapping class "
+                        "maps back to the scan's grid), which this installation lacks; run without it")
+    device = _resolve_device(args.device, local_rank)
+    stitch = None
+    if args.stitch_device:
+        stitch = _resolve_device(args.stitch_device, local_rank)
+    try:
+        resolve_amp(args.amp, device)
+    except ValueError as err:
+        raise UserError(f"--amp: {err}") from None
+    model = model_from_checkpoint(state, ckpt_path).to(device).eval()
+    settings = inference_settings(state, model, args)
+    in_ch = getattr(model, "in_channels", None)
+
+    mine = cases[rank::world] if world > 1 else cases
+    manifest = {
+        "format": "glam3d-predictions-v1",
+        "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "checkpoint": {"path": str(ckpt_path.resolve()), "sha256": sha256_file(ckpt_path),
+                       "model_spec": state.get("model_spec"), "epoch": state.get("epoch"),
+                       "iteration": state.get("iteration"), "metrics": state.get("metrics")},
+        "config": state.get("config"),
+        "seed": _get(state.get("config") or {}, "train", "seed"),
+        "code": code_version(),
+        "labels": state.get("labels"),
+        "label_values": (plan or {}).get("label_values"),
+        "inference": {**settings, "device": str(device), "stitch_device": str(stitch or device),
+                      "amp": args.amp if device.type == "cuda" else "off (CPU)", "probabilities": args.probabilities,
+                      "world_size": world},
+        "cases": {},
+    }
+    prev = _read_manifest(out_dir / MANIFEST)
+
+    results = []
+    t_all = time.time()
+    for i, case in enumerate(mine):
+        out_path = out_dir / f"{case.name}.nii.gz"
+        prob_path = out_dir / f"{case.name}_probabilities.nii.gz"
+        entry = {"input": str(case.source), "output": str(out_path), "series_id": case.series_id}
+        keep_labels = out_path.exists() and not args.overwrite
+        want_probs = args.probabilities and (args.overwrite or not prob_path.exists())
+        if keep_labels and not want_probs:
+            old = prev.get("cases", {}).get(case.name, {})
+            entry.update({"status": "skipped (exists)",
+                          "checkpoint_sha256": old.get("checkpoint_sha256", prev.get("checkpoint", {}).get("sha256"))})
+            manifest["cases"][case.name] = entry
+            results.append((case.name, "skipped", 0.0, ""))
+            continue
+        t0 = time.time()
+        image = load_case(case)
+        try:
+            arr, meta = pipeline.preprocess_scan(image, plan)
+        except UserError:
+            raise
+        except (ValueError, RuntimeError) as err:
+            raise UserError(f"cannot preprocess this scan ({err})", case.source) from None
+        x = torch.as_tensor(np.ascontiguousarray(arr), dtype=torch.float32)
+        if in_ch is not None and x.shape[0] != in_ch:
+            raise UserError(f"scan has {x.shape[0]} channels after preprocessing, the network expects {in_ch}",
+                            case.source)
+        desc = None if args.quiet else f"[{i + 1}/{len(mine)}] {case.name}"
+        out = predict_volume(model, x, settings["roi_size"], overlap=settings["overlap"],
+                             sw_batch_size=settings["sw_batch_size"], mode=settings["mode"],
+                             mirror=settings["mirror"], device=device, amp=args.amp, stitch_device=stitch,
+                             return_probs=want_probs, progress=desc or False)
+        labels, probs = (out if want_probs else (out, None))
+        seg = pipeline.restore_labels(labels.cpu().numpy().astype(np.uint8), meta, plan)
+        _check_geometry(seg, image, case)
+        if keep_labels:  # only the probabilities were missing: the existing label map stays untouched
+            entry["note"] = "label map existed and was kept; probabilities added"
+        else:
+            with atomic_path(out_path, suffix=".nii.gz") as tmp:
+                nib.save(seg, str(tmp))
+        if probs is not None:
+            pimg = _probability_image(pipeline.restore_probabilities(probs.cpu().numpy(), meta, plan), image)
+            with atomic_path(prob_path, suffix=".nii.gz") as tmp:
+                nib.save(pimg, str(tmp))
+            entry["probabilities"] = str(prob_path)
+            del probs
+        dt = time.time() - t0
+        present = sorted(int(v) for v in np.unique(np.asanyarray(seg.dataobj)) if v != 0)
+        entry.update({"status": "written", "seconds": round(dt, 2), "shape": list(seg.shape),
+                      "label_values_present": present, "checkpoint_sha256": manifest["checkpoint"]["sha256"]})
+        manifest["cases"][case.name] = entry
+        results.append((case.name, "written", dt, f"labels {present}"))
+
+    _write_manifest(out_dir, manifest, prev, world, rank, atomic_write_json)
+    _print_summary(results, time.time() - t_all, out_dir, world, rank)
+    return 0
+
+
+def _probability_image(probs, image):
+    """``(K, X, Y, Z)`` array (or a ready image) → 4D float32 NIfTI ``(X, Y, Z, K)`` on the input's grid."""
+    import nibabel as nib
+
+    if isinstance(probs, nib.Nifti1Image):
+        return probs
+    data = np.ascontiguousarray(np.moveaxis(np.asarray(probs, dtype=np.float32), 0, -1))
+    affine = np.asarray(image.affine, float)
+    out = nib.Nifti1Image(data, affine)
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
+    out.header.set_intent("vector", (), name="class probabilities")
+    return out
+
+
+def _check_geometry(seg, image, case: Case) -> None:
+    """restore_labels must give back the input's grid exactly (a broken pipeline must not write misplaced
+    labels silently)."""
+    if tuple(seg.shape[:3]) != tuple(image.shape[:3]) or not np.allclose(seg.affine, image.affine, atol=1e-4):
+        raise UserError(f"internal error: the restored segmentation {tuple(seg.shape)} does not match the input "
+                        f"grid {tuple(image.shape)} / affine", case.source)
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_manifest(out_dir: Path, manifest: dict, prev: dict, world: int, rank: int, writer) -> None:
+    """Merge with the previous manifest's cases (kept outputs stay described) and write it. Multi-rank runs:
+    each rank writes ``predictions.rank<r>.json``; the rank that finds all of them merges ``predictions.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if world <= 1:
+        cases = dict(prev.get("cases", {}))
+        cases.update(manifest["cases"])
+        writer(out_dir / MANIFEST, {**manifest, "cases": cases})
+        return
+    writer(out_dir / f"predictions.rank{rank}.json", manifest)
+    parts = [out_dir / f"predictions.rank{r}.json" for r in range(world)]
+    if all(p.is_file() for p in parts):
+        cases = dict(prev.get("cases", {}))
+        for p in parts:
+            cases.update(_read_manifest(p).get("cases", {}))
+        writer(out_dir / MANIFEST, {**manifest, "cases": cases})
+
+
+def _print_summary(results, seconds, out_dir, world, rank) -> None:
+    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    written = [r for r in results if r[1] == "written"]
+    skipped = [r for r in results if r[1] == "skipped"]
+    for name, status, dt, note in results:
+        extra = f"{dt:6.1f}s  {note}" if status == "written" else "output exists, kept (use --overwrite)"
+        print(f"{tag}{name:<28} {status:<8} {extra}")
+    print(f"{tag}{len(written)} written, {len(skipped)} skipped, {len(results)} cases in {seconds:.1f}s "
+          f"-> {out_dir}", file=sys.stdout)

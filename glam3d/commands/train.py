@@ -1,0 +1,101 @@
+"""``glam3d train CONFIG``: train a network on a preprocessed dataset (a thin layer over
+:func:`glam3d.engine.train.train`).
+
+Examples::
+
+    glam3d train experiments/configs/phantom_glam_nnformer_tiny.yaml --override data.root=data/phantom_pre
+    glam3d train experiments/configs/synapse_glam_nnformer.yaml --out runs/glam_s1 --override train.seed=1
+    glam3d train experiments/configs/synapse_glam_nnformer.yaml --out runs/glam_s1 --resume
+    torchrun --nproc_per_node=4 -m glam3d train experiments/configs/synapse_glam_nnformer.yaml
+
+Also runnable without the dispatcher: ``python -m glam3d.commands.train CONFIG ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "train a network from a YAML config (single process, or DDP under torchrun)"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help=HELP, description=HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="configs: experiments/configs/*.yaml; keys: see glam3d/config.py")
+    _add_arguments(p)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (may inherit another with 'base:')")
+    p.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a config key, e.g. optim.lr=3e-4 or data.roi_size=[32,64,64] (repeatable)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: the config's 'output')")
+    p.add_argument("--data", metavar="DIR", help="preprocessed dataset folder (same as --override data.root=DIR)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last "
+                                                          "checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in the output folder")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume on CPU)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's train.device, auto)")
+    p.add_argument("--epochs", type=int, help="same as --override train.epochs=N")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def build_config(args):
+    from ..config import load_config
+
+    overrides = list(args.override)
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.deterministic:
+        overrides.append("train.deterministic=true")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    if args.no_progress:
+        overrides.append("train.progress=false")
+    cfg = load_config(args.config, overrides=overrides)
+    if args.out:
+        cfg.output = args.out
+    return cfg
+
+
+def run(args) -> int:
+    from ..engine.train import train
+    from ..errors import UserError
+
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: pick one")
+    cfg = build_config(args)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if summary.get("rank", 0) != 0:
+        return 0
+    best = summary.get("best_mean_dice")
+    print(f"run folder: {summary['run_dir']}  best mean val Dice: "
+          f"{'n/a' if best is None else f'{best:.4f}'}  checkpoint: {summary['checkpoint_best'] or summary['checkpoint_last']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry (``python -m glam3d.commands.train``), same behaviour as ``glam3d train``."""
+    from ..errors import UserError
+
+    p = argparse.ArgumentParser(prog="glam3d train", description=HELP)
+    _add_arguments(p)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    args = p.parse_args(argv)
+    try:
+        return int(run(args) or 0)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

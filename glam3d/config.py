@@ -1,0 +1,398 @@
+"""Training configs: YAML files -> nested dataclasses with strict keys and types.
+
+A config file is a YAML mapping whose sections mirror :class:`Config`::
+
+    base: synapse_glam_nnformer.yaml      # optional: inherit another file (path relative to this one)
+    model: {name: glam_nnformer_tiny, overrides: {num_global_tokens: 5}}
+    data: {root: data/phantom_pre, roi_size: [32, 64, 64], batch_size: 2}
+    optim: {name: adamw, lr: 1.0e-3, schedule: warmup_cosine, warmup_epochs: 1}
+    train: {epochs: 20, iters_per_epoch: 50, val_every: 5, amp: none}
+
+``base`` files are merged key by key (mappings recursively, everything else replaced). Unknown keys (with close
+matches suggested) and wrong types raise :class:`~glam3d.errors.UserError` with one line naming the key and the
+file. ``--override a.b=value`` values are YAML scalars (``optim.lr=3e-4``, ``data.roi_size=[32,64,64]``).
+
+Usage::
+
+    cfg = load_config("experiments/configs/phantom_glam_nnformer_tiny.yaml", overrides=["train.epochs=2"])
+    cfg.optim.lr            # 0.001
+    config_to_dict(cfg)     # plain dict (saved as the run's config.yaml and in checkpoints)
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+import yaml
+
+from .errors import UserError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# schema
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """The network: a registered variant (``glam3d models``) or ``"package.module:factory"`` for your own."""
+    name: str = "glam_nnformer_tiny"
+    overrides: Dict[str, Any] = field(default_factory=dict)  # kwargs for build_model (num_global_tokens, gmsa, ...)
+    init_checkpoint: Optional[str] = None  # start from these weights (same architecture), e.g. pre-training
+
+
+@dataclass
+class AugmentConfig:
+    """Patch augmentations (applied after cropping); every probability 0 switches that one off."""
+    flip_prob: float = 0.0  # per axis
+    flip_axes: List[int] = field(default_factory=lambda: [0, 1, 2])  # spatial axes (D, H, W) that may flip
+    rotate90_prob: float = 0.0  # quarter turns in the H-W plane
+    affine_prob: float = 0.0
+    rotate_deg: List[float] = field(default_factory=lambda: [15.0, 15.0, 15.0])  # +- degrees about D, H, W
+    scale_range: float = 0.0  # isotropic zoom factor drawn from [1 - s, 1 + s] (with affine_prob)
+    intensity_scale_prob: float = 0.0
+    intensity_scale: float = 0.1  # multiply by 1 + U(-s, s)
+    intensity_shift_prob: float = 0.0
+    intensity_shift: float = 0.1  # add U(-s, s)
+    noise_prob: float = 0.0
+    noise_std: float = 0.1
+    gamma_prob: float = 0.0
+    gamma_range: List[float] = field(default_factory=lambda: [0.7, 1.5])
+
+
+@dataclass
+class DataConfig:
+    """Preprocessed dataset (``dataset.json`` + ``cases/<id>.npz``) and patch sampling."""
+    root: str = ""
+    roi_size: List[int] = field(default_factory=lambda: [64, 128, 128])  # (D, H, W) training crop
+    batch_size: int = 2  # volumes drawn per step and rank; the step sees batch_size * num_samples patches
+    num_samples: int = 1  # patches cropped from each drawn volume
+    pos: float = 1.0  # foreground-centred : random crops = pos : neg
+    neg: float = 1.0
+    class_balanced: bool = True  # foreground crops pick a present class uniformly, then a voxel of it
+    cache: Literal["memory", "none"] = "memory"  # MONAI CacheDataset of the loaded cases, or load per draw
+    workers: int = 0  # DataLoader worker processes
+    val_fraction: float = 0.2  # share of the *training* cases held out for validation (seeded)
+    val_cases: Optional[List[str]] = None  # explicit validation case ids (overrides val_fraction)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class LossConfig:
+    name: Literal["dice_ce"] = "dice_ce"
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    include_background: bool = False  # Dice term over foreground classes only (nnU-Net)
+    batch_dice: bool = False  # False: per-sample Dice averaged (independent of how the batch is split over ranks)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 1e-2
+    momentum: float = 0.99  # SGD
+    nesterov: bool = True  # SGD
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    weight_decay: float = 3e-5
+    schedule: Literal["poly", "warmup_poly", "warmup_cosine", "constant"] = "poly"
+    poly_power: float = 0.9
+    warmup_epochs: float = 0.0  # linear warm-up from lr * warmup_start (warmup_* schedules)
+    warmup_start: float = 0.01
+    min_lr: float = 0.0  # floor of the cosine schedule
+    step_per: Literal["iter", "epoch"] = "iter"  # "epoch": lr constant within an epoch (nnFormer's poly)
+    grad_clip: Optional[float] = 12.0  # max global gradient norm; null: off
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1000
+    iters_per_epoch: int = 250
+    val_every: int = 50  # epochs between validations (and at the last epoch); 0: never
+    amp: Literal["none", "bf16", "fp16"] = "bf16"  # GPU only; CPU always runs float32
+    compile: bool = False  # torch.compile the network
+    seed: int = 12345
+    deterministic: bool = False  # torch.use_deterministic_algorithms; bit-exact resume on CPU
+    deep_supervision: List[float] = field(default_factory=list)  # loss weights, full resolution first; []: off
+    save_every_iters: int = 0  # also write checkpoints/last.pt every N iterations (0: only at epoch ends)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True  # tqdm bar per epoch (rank 0)
+    find_unused_parameters: bool = False  # DDP: networks with parameters outside the loss graph
+
+
+@dataclass
+class ValConfig:
+    """Validation: sliding-window inference over whole validation volumes, per-class Dice."""
+    overlap: float = 0.5
+    mirror: bool = False
+    sw_batch_size: int = 2
+    mode: Literal["gaussian", "constant"] = "gaussian"
+    roi_size: Optional[List[int]] = None  # default: data.roi_size
+    max_cases: int = 0  # 0: all validation cases
+
+
+@dataclass
+class Config:
+    name: str = ""  # default: the config file's stem
+    output: str = "runs/{name}"  # run folder; {name} is replaced
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.replace("{name}", self.name or "run"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------------------------
+def load_config(path, overrides: Optional[List[str]] = None) -> Config:
+    """Read a YAML config (following ``base:``), apply ``key=value`` overrides, check keys and types."""
+    path = Path(path)
+    raw = load_yaml_with_base(path)
+    raw.setdefault("name", path.stem)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return config_from_dict(raw, source=str(path))
+
+
+def load_yaml_with_base(path: Path, _seen: tuple = ()) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("config file not found", path)
+    if path.resolve() in _seen:
+        raise UserError("'base' chain loops back to this file", path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"not valid YAML{where} ({getattr(err, 'problem', None) or err})", path) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"a config must be a YAML mapping, got {type(data).__name__}", path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = base if isinstance(base, list) else [base]
+    merged: dict = {}
+    for b in bases:
+        if not isinstance(b, str):
+            raise UserError(f"'base' must be a file name (or a list of them), got {b!r}", path)
+        merged = deep_merge(merged, load_yaml_with_base(path.parent / b, _seen + (path.resolve(),)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply ``a.b.c=value`` to the raw mapping; the value is parsed as YAML (``1e-3``, ``[1,2]``, ``null``)."""
+    if "=" not in item:
+        raise UserError(f"--override {item!r}: expected key=value (e.g. optim.lr=3e-4)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    if not all(parts):
+        raise UserError(f"--override {item!r}: bad key {key!r}")
+    # check the path against the schema so typos are caught here, naming the override
+    cls: Any = Config
+    for i, part in enumerate(parts):
+        if cls is None:  # inside a free-form mapping (model.overrides)
+            break
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            prefix = ".".join(parts[:i])
+            raise UserError(f"--override {item!r}: unknown key {key!r}{_suggest(part, fields, prefix)}")
+        ftype = typing.get_type_hints(cls)[part]
+        cls = ftype if dataclasses.is_dataclass(ftype) else None
+        if cls is None and i < len(parts) - 1 and typing.get_origin(ftype) not in (dict, Dict):
+            raise UserError(f"--override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict, source: str = "<config>") -> Config:
+    """Build a :class:`Config` from a plain mapping, strictly (one-line UserError naming key and source)."""
+    return _build(Config, raw, "", source)
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# strict conversion
+# ----------------------------------------------------------------------------------------------------------------
+def _suggest(key: str, options, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(options), n=3, cutoff=0.5)
+    full = [f"{prefix}.{c}" if prefix else c for c in close]
+    if full:
+        return f" (did you mean {', '.join(full)}?)"
+    where = f"'{prefix}'" if prefix else "the top level"
+    return f" (known keys in {where}: {', '.join(options)})"
+
+
+def _build(cls, raw, prefix: str, source: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"'{prefix}' must be a mapping (section), got {_show(raw)}", source)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            raise UserError(f"unknown config key '{full}'{_suggest(str(key), names, prefix)}", source)
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            full = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _convert(hints[name], raw[name], full, source)
+    return cls(**kwargs)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " | ".join(_type_name(a) for a in args) + " | null"
+    if origin in (list, List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (dict, Dict):
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return (text[:60] + "...") if len(text) > 60 else text
+
+
+def _convert(tp, value, key: str, source: str):
+    def bad(extra: str = ""):
+        raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {_show(value)}{extra}", source)
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        for a in inner:
+            try:
+                return _convert(a, value, key, source)
+            except UserError:
+                continue
+        bad()
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and not isinstance(value, bool):
+            return value
+        if isinstance(value, bool) and "none" in choices and value is False:  # YAML `amp: no`/`off`
+            return "none"
+        bad()
+    if origin in (list, List):
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            bad()
+        return [_convert(inner, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            bad()
+        return copy.deepcopy(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        bad(" (use true/false)")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        bad()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                f = float(value)
+            except ValueError:
+                bad()
+            if math.isfinite(f):
+                return f
+        bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        bad()
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # programming error
+
+
+def validate_config(cfg: Config, source: str = "<config>") -> None:
+    """Value checks beyond types (ranges, lengths); one-line UserError naming the key."""
+    def need(cond, key, msg):
+        if not cond:
+            raise UserError(f"config key '{key}' {msg}", source)
+
+    need(bool(cfg.data.root), "data.root", "is required (the folder with dataset.json)")
+    need(len(cfg.data.roi_size) == 3 and all(s > 0 for s in cfg.data.roi_size), "data.roi_size",
+         f"must be 3 positive sizes (D, H, W), got {cfg.data.roi_size}")
+    need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    need(cfg.data.num_samples >= 1, "data.num_samples", "must be >= 1")
+    need(cfg.data.pos >= 0 and cfg.data.neg >= 0 and cfg.data.pos + cfg.data.neg > 0, "data.pos",
+         "and data.neg must be >= 0 and not both 0")
+    need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+    need(cfg.data.workers >= 0, "data.workers", "must be >= 0")
+    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(cfg.optim.grad_clip is None or cfg.optim.grad_clip > 0, "optim.grad_clip", "must be > 0 or null")
+    need(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
+    need(cfg.train.epochs >= 1, "train.epochs", "must be >= 1")
+    need(cfg.train.iters_per_epoch >= 1, "train.iters_per_epoch", "must be >= 1")
+    need(cfg.train.val_every >= 0, "train.val_every", "must be >= 0")
+    need(all(w >= 0 for w in cfg.train.deep_supervision), "train.deep_supervision", "weights must be >= 0")
+    need(0.0 <= cfg.val.overlap < 1.0, "val.overlap", "must be in [0, 1)")
+    need(len(cfg.data.augment.gamma_range) == 2, "data.augment.gamma_range", "must be two numbers")
+    need(len(cfg.data.augment.rotate_deg) == 3, "data.augment.rotate_deg", "must be 3 angles (D, H, W axes)")
+

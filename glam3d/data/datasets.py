@@ -1,0 +1,240 @@
+"""Preprocessed 3D datasets for training: manifest, validation split, cached cases, seeded patch draws.
+
+A preprocessed dataset is ``ROOT/dataset.json`` + ``ROOT/cases/<id>.npz`` (see ``docs/INTERNALS.md``). Only the
+manifest's ``training`` cases are ever read here; the validation split is carved from them (seeded) and
+``test`` cases are never touched.
+
+Determinism: a training patch is a pure function of ``(seed, epoch, draw index)``. Epoch ``e`` draws
+``iters_per_epoch * batch_size * world_size`` volumes in an order derived from ``(seed, e)`` (a concatenation
+of seeded permutations of the training cases, so every case is seen equally often), and the random transforms
+of draw ``g`` are seeded from ``(seed, e, g)``. Rank ``r`` of ``W`` takes, at step ``t``, the draws
+``t*B*W + r*B + [0, B)``: the union over ranks of one step is exactly what one process with batch ``B*W`` would
+draw. Nothing depends on the number of DataLoader workers, and an epoch can be replayed from any step.
+
+Usage::
+
+    manifest = read_manifest(root)
+    split = make_split(case_ids(manifest), val_fraction=0.2, val_cases=None, seed=0)
+    cache = CaseCache(case_entries(root, manifest, split["train"]))
+    ds = PatchDataset(cache, train_transforms(cfg.data), seed=0, batch_size=2, iters_per_epoch=250)
+    loader = DataLoader(ds, batch_size=2, sampler=EpochSampler(ds), collate_fn=collate_patches)
+"""
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..errors import UserError
+from .transforms import cached_transforms
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# manifest and split
+# ----------------------------------------------------------------------------------------------------------------
+def read_manifest(root) -> dict:
+    """Load and check ``ROOT/dataset.json`` (UserError naming the file on any problem)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError("dataset folder not found (config key data.root)", root)
+    path = root / "dataset.json"
+    if not path.is_file():
+        raise UserError("no dataset.json in this folder: not a preprocessed dataset "
+                        "(run glam3d-preprocess, then point data.root at its --out folder)", root)
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"not valid JSON ({err.msg} at line {err.lineno})", path) from None
+    if not isinstance(manifest, dict):
+        raise UserError("must be a JSON object", path)
+    for key in ("labels", "training"):
+        if key not in manifest:
+            raise UserError(f"missing key {key!r}", path)
+    if not isinstance(manifest["training"], list) or not manifest["training"]:
+        raise UserError("'training' lists no cases", path)
+    for i, entry in enumerate(manifest["training"]):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise UserError(f"training[{i}] needs 'image' and 'label'", path)
+    labels = manifest["labels"]
+    try:
+        idx = sorted(int(k) for k in labels)
+    except (TypeError, ValueError):
+        raise UserError("'labels' keys must be integer class indices", path) from None
+    if idx != list(range(len(idx))) or len(idx) < 2:
+        raise UserError(f"'labels' must be contiguous indices 0..K-1 with K >= 2, got {idx}", path)
+    return manifest
+
+
+def case_id(entry: dict) -> str:
+    return str(entry.get("id") or Path(entry["image"]).name.split(".")[0])
+
+
+def case_ids(manifest: dict) -> List[str]:
+    return [case_id(e) for e in manifest["training"]]
+
+
+def label_names(manifest: dict) -> List[str]:
+    """Class names by index (``labels`` of dataset.json), background first."""
+    labels = manifest["labels"]
+    return [str(labels[str(i)] if str(i) in labels else labels[i]) for i in range(len(labels))]
+
+
+def in_channels(manifest: dict) -> int:
+    return max(1, len(manifest.get("modality") or {"0": ""}))
+
+
+def make_split(ids: Sequence[str], val_fraction: float, val_cases: Optional[Sequence[str]], seed: int) -> dict:
+    """Train/validation split of the *training* case ids: ``val_cases`` if given, else a seeded
+    ``round(val_fraction * n)`` cases (at least 1 when ``val_fraction > 0``, always leaving one for training)."""
+    ids = [str(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        raise UserError("dataset.json: duplicate training case ids")
+    if val_cases is not None:
+        unknown = [c for c in val_cases if str(c) not in ids]
+        if unknown:
+            raise UserError(f"config key 'data.val_cases': {unknown[:3]} are not training cases of the dataset")
+        val = [str(c) for c in val_cases]
+    elif val_fraction > 0 and len(ids) > 1:
+        n_val = min(len(ids) - 1, max(1, int(round(val_fraction * len(ids)))))
+        order = np.random.default_rng([int(seed), 0x5B1]).permutation(sorted(ids))
+        val = sorted(str(c) for c in order[:n_val])
+    else:
+        val = []
+    train = [c for c in ids if c not in set(val)]
+    if not train:
+        raise UserError("the validation split leaves no training case (data.val_cases / data.val_fraction)")
+    return {"seed": int(seed), "train": train, "val": val}
+
+
+def case_entries(root, manifest: dict, ids: Sequence[str]) -> List[dict]:
+    """``[{"id", "image": abs path, "label": abs path}]`` for the given training ids (files must exist)."""
+    root = Path(root)
+    by_id = {case_id(e): e for e in manifest["training"]}
+    out = []
+    for cid in ids:
+        e = by_id[cid]
+        image, label = root / e["image"], root / e["label"]
+        for p in {image, label}:
+            if not p.is_file():
+                raise UserError(f"case {cid}: file listed in dataset.json is missing", p)
+        out.append({"id": cid, "image": str(image), "label": str(label)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cases and patches
+# ----------------------------------------------------------------------------------------------------------------
+class CaseCache:
+    """The loaded cases (image, label, foreground locations): a MONAI ``CacheDataset`` (``cache="memory"``, loaded
+    once, shared copy-on-write with DataLoader workers) or a plain ``Dataset`` (``cache="none"``, read per draw)."""
+
+    def __init__(self, entries: List[dict], cache: str = "memory", workers: int = 0,
+                 with_label_locations: bool = True):
+        from monai.data import CacheDataset, Dataset as MonaiDataset
+
+        self.entries = list(entries)
+        transform = cached_transforms(with_label_locations)
+        if cache == "memory":
+            self.ds = CacheDataset(self.entries, transform=transform, cache_rate=1.0,
+                                   num_workers=max(1, workers) if workers else None, copy_cache=False,
+                                   progress=False)
+        else:
+            self.ds = MonaiDataset(self.entries, transform=transform)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.ds[i]
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n_cases: int, n_draws: int) -> np.ndarray:
+    rng = np.random.default_rng([int(seed), int(epoch), 0xC0FFEE])
+    reps = math.ceil(n_draws / n_cases)
+    return np.concatenate([rng.permutation(n_cases) for _ in range(reps)])[:n_draws]
+
+
+class PatchDataset(Dataset):
+    """Seeded training patches. Index ``epoch * len_per_epoch + k`` (see :class:`EpochSampler`) -> dict with
+    ``image`` float32 ``(num_samples, C, *roi)`` and ``label`` uint8 ``(num_samples, 1, *roi)``."""
+
+    def __init__(self, cases: CaseCache, transform, *, seed: int, batch_size: int, iters_per_epoch: int,
+                 num_samples: int = 1, rank: int = 0, world_size: int = 1):
+        self.cases, self.transform = cases, transform
+        self.seed, self.batch_size, self.iters = int(seed), int(batch_size), int(iters_per_epoch)
+        self.num_samples, self.rank, self.world_size = int(num_samples), int(rank), int(world_size)
+        self.len_per_epoch = self.batch_size * self.iters
+
+    def __len__(self) -> int:  # per epoch
+        return self.len_per_epoch
+
+    def draw_index(self, k: int) -> int:
+        """Global draw index of this rank's ``k``-th item of an epoch."""
+        step, j = divmod(k, self.batch_size)
+        return step * self.batch_size * self.world_size + self.rank * self.batch_size + j
+
+    def __getitem__(self, index: int) -> dict:
+        epoch, k = divmod(int(index), self.len_per_epoch)
+        g = self.draw_index(k)
+        order = _epoch_order(self.seed, epoch, len(self.cases), self.len_per_epoch * self.world_size)
+        case = self.cases[int(order[g])]
+        self.transform.set_random_state(seed=_seed(self.seed, epoch, g, 0xD7A))
+        images, labels = [], []
+        for _ in range(self.num_samples):
+            out = self.transform(case)
+            images.append(out["image"])
+            labels.append(out["label"])
+        return {"image": torch.stack(images), "label": torch.stack(labels)}
+
+
+class EpochSampler(Sampler):
+    """Yields ``epoch * len(ds) + k`` for ``k`` from ``start`` (resume inside an epoch) to ``len(ds)``."""
+
+    def __init__(self, dataset: PatchDataset):
+        self.n = len(dataset)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+
+    def __iter__(self):
+        base = self.epoch * self.n
+        return iter(range(base + self.start, base + self.n))
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+def collate_patches(items: List[dict]) -> dict:
+    """Concatenate per-draw stacks: image ``(B * num_samples, C, *roi)``, label ``(B * num_samples, 1, *roi)``."""
+    return {"image": torch.cat([it["image"] for it in items]), "label": torch.cat([it["label"] for it in items])}
+
+
+def validation_volumes(entries: List[dict], cache: str = "memory", workers: int = 0) -> CaseCache:
+    """Whole validation volumes (no foreground locations)."""
+    return CaseCache(entries, cache=cache, workers=workers, with_label_locations=False)
+
+
+def check_label_range(cases: CaseCache, num_classes: int, source=None) -> None:
+    """UserError if a label value is outside ``0..num_classes-1`` (checked on cached cases only)."""
+    for i in range(len(cases)):
+        item = cases[i]
+        mx = int(item["label"].max())
+        if mx >= num_classes:
+            raise UserError(f"case {item['id']}: label value {mx} but dataset.json lists only {num_classes} "
+                            f"labels", source)
+
+
+__all__ = ["read_manifest", "case_ids", "label_names", "in_channels", "make_split", "case_entries", "CaseCache",
+           "PatchDataset", "EpochSampler", "collate_patches", "validation_volumes", "check_label_range"]

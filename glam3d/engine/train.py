@@ -1,0 +1,616 @@
+"""The training engine: one loop from a laptop CPU to many GPUs on many nodes.
+
+``train(cfg)`` trains any registered 3D segmentation network (or ``"package.module:factory"``) on a preprocessed
+dataset and returns a summary dict. The run folder (``cfg.output``) is self-describing::
+
+    RUN/config.yaml          the resolved config
+    RUN/split.json           training / validation case ids (carved from the training cases, seeded)
+    RUN/train.log            text log;  RUN/log.csv: one row per epoch;  RUN/curves.png: learning curves
+    RUN/checkpoints/last.pt  end of the latest epoch (or every train.save_every_iters iterations)
+    RUN/checkpoints/best.pt  best mean validation Dice
+
+Usage::
+
+    from glam3d.config import load_config
+    from glam3d.engine.train import train
+    summary = train(load_config("experiments/configs/phantom_glam_nnformer_tiny.yaml"))
+    summary["best_mean_dice"], summary["checkpoint_best"]
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the same call runs DistributedDataParallel: every rank draws its own
+share of each step's patches (see :mod:`glam3d.data.datasets`), gradients are averaged, validation cases are
+sharded and the Dice sums all-reduced, rank 0 writes the files.
+
+Resume (``resume=True``) reloads ``checkpoints/last.pt`` (model, optimiser, scheduler, scaler, RNG states,
+epoch/iteration) and replays the interrupted epoch from its start (or from the saved iteration); patches are a
+pure function of ``(seed, epoch, draw)``, so in deterministic CPU mode a resumed run ends with exactly the weights
+of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import Config, config_from_dict, config_to_dict, dump_config, load_config, validate_config
+from ..data import datasets as D
+from ..data.transforms import train_transforms
+from ..errors import UserError
+from ..utils.io import atomic_write_json, atomic_write_text
+from . import distributed as dist
+from .checkpoint import load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
+from .logging import RunLogger
+from .optim import build_optimizer, build_scheduler, clip_gradients
+
+RUN_FILES = ["config.yaml", "split.json", "train.log", "log.csv", "curves.png", "checkpoints", "tb"]
+HALT_ENV = "GLAM3D_TEST_HALT_AT"  # test hook "EPOCH:ITER" (1-based epoch, 0-based iteration): pause there
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _set_deterministic_algorithms(mode: bool, warn_only: bool, compile: bool) -> None:
+    # torch.use_deterministic_algorithms imports torch._inductor (seconds); only needed when compiling
+    if compile or "torch._inductor.config" in sys.modules or not hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
+
+
+@contextlib.contextmanager
+def numerics(deterministic: bool, compile: bool = False):
+    """Deterministic algorithms (ops without one warn) and cuDNN settings for the run; restored afterwards, so
+    calling :func:`train` leaves the process as it found it."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        _set_deterministic_algorithms(True, True, compile)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    else:
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        if torch.are_deterministic_algorithms_enabled() != saved[0] or saved[0]:
+            _set_deterministic_algorithms(saved[0], saved[1], compile)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+
+
+def build_network(mcfg, num_classes: int, in_channels: int) -> torch.nn.Module:
+    """A registered variant via ``build_model(name, num_classes=K, **overrides)`` (``in_channels`` added when the
+    dataset has a different channel count), or ``"package.module:factory"`` called with
+    ``num_classes, in_channels, **overrides``. Sets ``model.glam3d_spec`` so checkpoints can rebuild it."""
+    overrides = dict(mcfg.overrides)
+    overrides.setdefault("num_classes", num_classes)
+    if overrides["num_classes"] != num_classes:
+        raise UserError(f"config key 'model.overrides.num_classes' is {overrides['num_classes']} but the dataset "
+                        f"has {num_classes} labels")
+    name = mcfg.name
+    try:
+        if ":" in name:
+            mod_name, attr = name.split(":", 1)
+            try:
+                factory = getattr(importlib.import_module(mod_name), attr)
+            except (ImportError, AttributeError) as err:
+                raise UserError(f"config key 'model.name': cannot import {name!r} ({err})") from None
+            overrides.setdefault("in_channels", in_channels)
+            model = factory(**overrides)
+        else:
+            from ..models.registry import build_model
+
+            model = build_model(name, **overrides)
+            if getattr(model, "in_channels", in_channels) != in_channels and "in_channels" not in overrides:
+                overrides["in_channels"] = in_channels
+                model = build_model(name, **overrides)
+    except UserError:
+        raise
+    except (ValueError, TypeError, KeyError) as err:
+        raise UserError(f"config key 'model': cannot build {name!r} ({' '.join(str(err).split())})") from None
+    if not hasattr(model, "glam3d_spec") or ":" in name:
+        model.glam3d_spec = {"name": name, "kwargs": dict(overrides)}
+    return model
+
+
+def dice_ce_loss(lcfg):
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=lcfg.include_background,
+                      batch=lcfg.batch_dice, lambda_dice=lcfg.dice_weight, lambda_ce=lcfg.ce_weight)
+
+
+class DeepSupervisionLoss(torch.nn.Module):
+    """``sum_i w_i * loss(output_i, target resized (nearest) to output_i)``; a single tensor output uses ``loss``
+    alone. ``weights`` (full resolution first) may be shorter than the outputs: extra outputs are ignored."""
+
+    def __init__(self, base, weights):
+        super().__init__()
+        self.base, self.weights = base, [float(w) for w in weights]
+
+    def forward(self, outputs, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, torch.Tensor):
+            return self.base(outputs.float(), target)
+        outputs = list(outputs)
+        if not self.weights:
+            return self.base(outputs[0].float(), target)
+        total = outputs[0].new_zeros((), dtype=torch.float32)
+        for w, out in zip(self.weights, outputs):
+            if w == 0:
+                continue
+            t = target
+            if tuple(out.shape[2:]) != tuple(target.shape[2:]):
+                t = F.interpolate(target.float(), size=out.shape[2:], mode="nearest").to(target.dtype)
+            total = total + w * self.base(out.float(), t)
+        return total
+
+
+def per_class_dice(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dice of classes ``1..K-1`` for one case (float64, NaN where the class is absent from both)."""
+    out = torch.full((num_classes - 1,), float("nan"), dtype=torch.float64)
+    pred, truth = pred.reshape(-1).long(), truth.reshape(-1).long()
+    for c in range(1, num_classes):
+        p, t = pred == c, truth == c
+        ps, ts = int(p.sum()), int(t.sum())
+        if ps + ts:
+            out[c - 1] = 2.0 * int((p & t).sum()) / (ps + ts)
+    return out
+
+
+def _predict(model, image, vcfg, roi, device, amp):
+    try:
+        from .inference import predict_volume
+    except ImportError:  # pragma: no cover - inference module missing
+        predict_volume = None
+    if predict_volume is not None:
+        return predict_volume(model, image, roi_size=roi, overlap=vcfg.overlap, sw_batch_size=vcfg.sw_batch_size,
+                              mode=vcfg.mode, mirror=vcfg.mirror, device=device, amp=amp)
+    from monai.inferers import sliding_window_inference  # pragma: no cover
+
+    logits = sliding_window_inference(image[None].to(device), roi, vcfg.sw_batch_size, model,
+                                      overlap=vcfg.overlap, mode=vcfg.mode)
+    return logits.argmax(1)[0].to(torch.uint8).cpu()
+
+
+def _halt_hook(epoch: int, step: int, run_dir: Path) -> None:
+    """Test hook: with ``GLAM3D_TEST_HALT_AT=E:I`` write ``RUN/.halted`` at epoch E (1-based), iteration I, and
+    wait there (for the test to SIGKILL the process)."""
+    spec = os.environ.get(HALT_ENV)
+    if not spec:
+        return
+    e, i = (int(v) for v in spec.split(":"))
+    if epoch + 1 == e and step == i:
+        atomic_write_text(run_dir / ".halted", f"{e}:{i}\n")
+        while True:
+            time.sleep(0.5)
+
+
+def _load_cfg(cfg) -> Config:
+    if isinstance(cfg, Config):
+        return cfg
+    if isinstance(cfg, (str, Path)):
+        return load_config(cfg)
+    if isinstance(cfg, dict):
+        return config_from_dict(cfg)
+    raise TypeError(f"train() needs a Config, a dict or a YAML path, got {type(cfg).__name__}")
+
+
+def has_run(run_dir: Path) -> bool:
+    """A folder holds a run once it has a checkpoint (a start that died before its first epoch end does not
+    count: there is nothing to keep or resume)."""
+    return any((run_dir / "checkpoints" / n).is_file() for n in ("last.pt", "best.pt"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the engine
+# ----------------------------------------------------------------------------------------------------------------
+def train(cfg, *, resume: bool = False, overwrite: bool = False,
+          callback: Optional[Callable[[dict], None]] = None, console: bool = True) -> dict:
+    """Train per ``cfg`` (a :class:`~glam3d.config.Config`, a plain dict, or a YAML path).
+
+    Args:
+        resume: continue the run in ``cfg.output`` from ``checkpoints/last.pt`` (UserError if there is none).
+        overwrite: replace a previous run in ``cfg.output`` (otherwise refused with a UserError).
+        callback: called on rank 0 after every epoch with that epoch's log row (a dict).
+        console: also print log lines to stderr.
+
+    Returns:
+        ``{"run_dir", "epochs", "iterations", "best_mean_dice", "best_epoch", "last_val", "final_train_loss",
+        "checkpoint_last", "checkpoint_best", "time_s", "world_size", "device", "num_parameters"}``.
+    """
+    cfg = _load_cfg(cfg)
+    validate_config(cfg)
+    env = dist.setup(cfg.train.device)
+    try:
+        with numerics(cfg.train.deterministic, cfg.train.compile), torch.random.fork_rng(
+                devices=[env.device] if env.device.type == "cuda" else []):
+            return _Trainer(cfg, env, resume=resume, overwrite=overwrite, callback=callback,
+                            console=console).run()
+    finally:
+        dist.cleanup(env)
+
+
+class _Trainer:
+    def __init__(self, cfg: Config, env: dist.DistEnv, *, resume: bool, overwrite: bool, callback, console):
+        self.cfg, self.env, self.resume, self.overwrite = cfg, env, resume, overwrite
+        self.callback, self.console = callback, console
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        run_dir, last = self.run_dir, self.ckpt_dir / "last.pt"
+        if self.resume:
+            if not last.is_file():
+                raise UserError(f"--resume: nothing to resume in {run_dir} (no checkpoints/last.pt)")
+        elif has_run(run_dir):
+            if not self.overwrite:
+                raise UserError(f"{run_dir} already holds a training run; use --resume to continue it, "
+                                f"--overwrite to replace it, or --out for another folder")
+        dist.barrier(self.env)  # every rank has checked before rank 0 touches anything
+        if self.env.is_main:
+            ours = (run_dir / "config.yaml").is_file() and (run_dir / "split.json").is_file()
+            if not self.resume and (self.overwrite or ours):  # replace a previous run (or one that never saved)
+                for name in RUN_FILES:
+                    p = run_dir / name
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier(self.env)
+
+    def run(self) -> dict:
+        cfg, env = self.cfg, self.env
+        t_start = time.time()
+        manifest = D.read_manifest(cfg.data.root)  # before creating any file
+        self._prepare_run_dir()
+        resume_state = load_checkpoint(self.ckpt_dir / "last.pt") if self.resume else None
+        class_names = D.label_names(manifest)
+        K, C = len(class_names), D.in_channels(manifest)
+        self.K = K
+        log = RunLogger(self.run_dir, class_names[1:], enabled=env.is_main,
+                        resume_epoch=int(resume_state["epoch"]) if resume_state else None, console=self.console)
+        self.log = log
+        try:
+            return self._run(manifest, class_names, K, C, resume_state, t_start)
+        except BaseException as err:
+            if not isinstance(err, (UserError, KeyboardInterrupt)):
+                log.info(f"training failed: {type(err).__name__}: {err}")
+            raise
+        finally:
+            log.close()
+
+    def _run(self, manifest, class_names, K, C, resume_state, t_start) -> dict:
+        cfg, env, log = self.cfg, self.env, self.log
+        tc = cfg.train
+
+        # ---- split (kept from the run folder on resume) ------------------------------------------------------
+        split_path = self.run_dir / "split.json"
+        if self.resume and split_path.is_file():
+            import json
+
+            split = json.loads(split_path.read_text())
+        else:
+            split = D.make_split(D.case_ids(manifest), cfg.data.val_fraction, cfg.data.val_cases, tc.seed)
+        split["data_root"] = str(Path(cfg.data.root).resolve())
+        split["test_not_used"] = [D.case_id(e) for e in manifest.get("test", []) if isinstance(e, dict)]
+        if env.is_main:
+            atomic_write_json(split_path, split)
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+
+        # ---- numerics, model, optimiser -------------------------------------------------------------------------
+        seed_everything(tc.seed)  # identical initial weights on every rank
+        model = build_network(cfg.model, K, C)
+        if cfg.model.init_checkpoint and resume_state is None:
+            init = load_checkpoint(cfg.model.init_checkpoint)
+            load_model_weights(model, init["model"], path=cfg.model.init_checkpoint)
+        device = env.device
+        model.to(device)
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, tc.iters_per_epoch, tc.epochs)
+        amp = tc.amp if device.type == "cuda" else "none"
+        amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        n_params = sum(p.numel() for p in model.parameters())
+
+        start_epoch, start_step, global_it = 0, 0, 0
+        best, best_epoch, last_val = float("-inf"), 0, {}
+        partial = {"loss_sum": 0.0, "n": 0, "time": 0.0}
+        if resume_state is not None:
+            st = resume_state
+            ckpt = self.ckpt_dir / "last.pt"
+            if st.get("model_spec", {}).get("name") != model.glam3d_spec["name"]:
+                raise UserError(f"checkpoint was trained with network {st.get('model_spec', {}).get('name')!r}, "
+                                f"the config asks for {model.glam3d_spec['name']!r}", ckpt)
+            load_model_weights(model, st["model"], path=ckpt)
+            try:
+                optimizer.load_state_dict(st["optimizer"])
+                scheduler.load_state_dict(st["scheduler"])
+            except (ValueError, KeyError, RuntimeError) as err:
+                raise UserError(f"cannot restore the optimiser state ({err}); was optim changed?", ckpt) from None
+            if scaler is not None and st.get("scaler"):
+                scaler.load_state_dict(st["scaler"])
+            start_epoch, start_step = int(st["epoch"]), int(st.get("epoch_iteration", 0))
+            global_it = int(st["iteration"])
+            m = st.get("metrics", {})
+            best, best_epoch = float(m.get("best_mean_dice", float("-inf"))), int(m.get("best_epoch", 0))
+            last_val = dict(m.get("last_val", {}))
+            partial = dict(st.get("partial_epoch", partial)) if start_step else partial
+            ranks = st.get("rng_ranks")
+            if ranks is not None and len(ranks) == env.world_size:
+                set_rng_state(ranks[env.rank])
+            elif env.world_size == 1:
+                set_rng_state(st["rng"])
+            else:
+                log.warning("world size changed since the checkpoint: RNG streams reseeded")
+                seed_everything(tc.seed + 1000 * env.rank + start_epoch)
+            if start_epoch >= tc.epochs:
+                log.info(f"run already finished ({start_epoch} epochs); raise train.epochs to continue")
+        else:
+            seed_everything(tc.seed + 1000 * env.rank)  # per-rank streams (dropout, drop-path)
+
+        net = model
+        if env.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            find_unused = tc.find_unused_parameters
+            if not find_unused:
+                unused = _unused_parameters(model, C, cfg.data.roi_size, device, tc.deep_supervision)
+                if unused:
+                    log.info(f"{len(unused)} parameter tensors (e.g. {unused[0]}) get no gradient from the loss: "
+                             f"DDP runs with find_unused_parameters=True")
+                    find_unused = True
+            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=find_unused)
+        if tc.compile:
+            net = torch.compile(net)
+
+        # ---- data -----------------------------------------------------------------------------------------------
+        train_entries = D.case_entries(cfg.data.root, manifest, split["train"])
+        val_ids = split["val"][: cfg.val.max_cases] if cfg.val.max_cases else split["val"]
+        val_entries = D.case_entries(cfg.data.root, manifest, val_ids)[env.rank::env.world_size]
+        cases = D.CaseCache(train_entries, cache=cfg.data.cache, workers=cfg.data.workers)
+        if cfg.data.cache == "memory":
+            D.check_label_range(cases, K, Path(cfg.data.root) / "dataset.json")
+        ds = D.PatchDataset(cases, train_transforms(cfg.data), seed=tc.seed, batch_size=cfg.data.batch_size,
+                            iters_per_epoch=tc.iters_per_epoch, num_samples=cfg.data.num_samples,
+                            rank=env.rank, world_size=env.world_size)
+        sampler = D.EpochSampler(ds)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=D.collate_patches,
+            num_workers=cfg.data.workers, persistent_workers=cfg.data.workers > 0,
+            pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(tc.seed))
+        val_cases = D.validation_volumes(val_entries, cache=cfg.data.cache) if val_entries or split["val"] else None
+        loss_fn = DeepSupervisionLoss(dice_ce_loss(cfg.loss), tc.deep_supervision)
+
+        log.info(f"glam3d train: {model.glam3d_spec['name']} ({n_params / 1e6:.2f} M parameters) on {device}"
+                 f"{f' x {env.world_size} ranks ({env.backend})' if env.distributed else ''}; "
+                 f"{len(split['train'])} training / {len(split['val'])} validation cases of {cfg.data.root}; "
+                 f"{tc.epochs} epochs x {tc.iters_per_epoch} iterations x "
+                 f"{cfg.data.batch_size * cfg.data.num_samples * env.world_size} patches {list(cfg.data.roi_size)}; "
+                 f"amp {amp}; output {self.run_dir}")
+        if self.resume:
+            log.info(f"resuming from epoch {start_epoch + 1}, iteration {start_step} (step {global_it})")
+        if tc.amp != "none" and device.type != "cuda":
+            log.info(f"train.amp={tc.amp} applies on CUDA only: training in float32 on {device}")
+
+        # ---- loop -----------------------------------------------------------------------------------------------
+        patches_per_step = cfg.data.batch_size * cfg.data.num_samples
+        warned_ds = False
+        final_loss = float("nan")
+        for epoch in range(start_epoch, tc.epochs):
+            sampler.set_epoch(epoch, start_step * cfg.data.batch_size)
+            net.train()
+            loss_sum, n_seen, t_prev = float(partial["loss_sum"]), int(partial["n"]), float(partial["time"])
+            t0 = time.time()
+            bar = _progress(tc.iters_per_epoch, start_step, f"epoch {epoch + 1}/{tc.epochs}",
+                            enabled=env.is_main and tc.progress)
+            step = start_step
+            for step, batch in enumerate(loader, start=start_step):
+                _halt_hook(epoch, step, self.run_dir)
+                image = batch["image"].to(device, non_blocking=True)
+                label = batch["label"].to(device, non_blocking=True).long()
+                optimizer.zero_grad(set_to_none=True)
+                with (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()):
+                    out = net(image)
+                if not warned_ds:
+                    warned_ds = True
+                    self._check_output(out, K, tc.deep_supervision)
+                loss = loss_fn(out, label)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    clip_gradients(model.parameters(), cfg.optim.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    clip_gradients(model.parameters(), cfg.optim.grad_clip)
+                    optimizer.step()
+                scheduler.step()
+                global_it += 1
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
+                    log.warning(f"non-finite loss at epoch {epoch + 1} iteration {step}")
+                loss_sum += lv
+                n_seen += 1
+                if bar is not None:
+                    el = time.time() - t0
+                    bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}",
+                                    patch_s=f"{(step + 1 - start_step) * patches_per_step * env.world_size / max(el, 1e-9):.1f}",
+                                    refresh=False)
+                    bar.update(1)
+                if tc.save_every_iters and global_it % tc.save_every_iters == 0 and step + 1 < tc.iters_per_epoch:
+                    self._save("last.pt", model, optimizer, scheduler, scaler, epoch, step + 1, global_it,
+                               best, best_epoch, last_val, manifest,
+                               partial={"loss_sum": loss_sum, "n": n_seen, "time": t_prev + time.time() - t0})
+            if bar is not None:
+                bar.close()
+            epoch_time = t_prev + time.time() - t0
+            stats = dist.all_reduce_sum(torch.tensor([loss_sum, float(n_seen)], dtype=torch.float64), env)
+            train_loss = float(stats[0] / max(stats[1], 1))
+            final_loss = train_loss
+            n_steps = tc.iters_per_epoch
+            row = {"epoch": epoch + 1, "iteration": global_it, "lr": optimizer.param_groups[0]["lr"],
+                   "train_loss": train_loss, "epoch_time_s": epoch_time,
+                   "patches_per_s": (n_steps - start_step) * patches_per_step * env.world_size
+                   / max(time.time() - t0, 1e-9)}
+            val_due = val_cases is not None and tc.val_every > 0 and (
+                (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs)
+            improved = False
+            if val_due:
+                tv = time.time()
+                last_val = self._validate(model, val_cases, class_names, amp)
+                last_val["epoch"] = epoch + 1
+                row["val_mean_dice"] = last_val["mean_dice"]
+                for name in class_names[1:]:
+                    row[f"val_dice_{name}"] = last_val["dice"].get(name, float("nan"))
+                if math.isfinite(last_val["mean_dice"]) and last_val["mean_dice"] > best:
+                    best, best_epoch, improved = last_val["mean_dice"], epoch + 1, True
+                row["val_time_s"] = time.time() - tv
+            row["best_mean_dice"] = best if best_epoch else float("nan")
+            self._save("last.pt", model, optimizer, scheduler, scaler, epoch + 1, 0, global_it, best, best_epoch,
+                       last_val, manifest)
+            if improved and env.is_main:
+                shutil.copyfile(self.ckpt_dir / "last.pt", self.ckpt_dir / ".best.pt.tmp")
+                os.replace(self.ckpt_dir / ".best.pt.tmp", self.ckpt_dir / "best.pt")
+            msg = (f"epoch {epoch + 1}/{tc.epochs}  loss {train_loss:.4f}  lr {row['lr']:.2e}  "
+                   f"{epoch_time:.1f} s ({row['patches_per_s']:.1f} patches/s)")
+            if val_due:
+                msg += (f"  | val mean Dice {last_val['mean_dice']:.4f} (best {best:.4f} @ epoch {best_epoch})  "
+                        + " ".join(f"{k} {v:.3f}" for k, v in last_val["dice"].items()))
+            log.info(msg)
+            if env.is_main:
+                log.log_epoch(row)
+                if val_due or epoch + 1 == tc.epochs:
+                    log.plot()
+                if self.callback is not None:
+                    self.callback(dict(row))
+            start_step, partial = 0, {"loss_sum": 0.0, "n": 0, "time": 0.0}
+
+        dist.barrier(env)
+        summary = {
+            "run_dir": str(self.run_dir), "epochs": tc.epochs, "iterations": global_it,
+            "best_mean_dice": best if best_epoch else None, "best_epoch": best_epoch or None,
+            "last_val": last_val, "final_train_loss": final_loss,
+            "checkpoint_last": str(self.ckpt_dir / "last.pt"),
+            "checkpoint_best": str(self.ckpt_dir / "best.pt") if (self.ckpt_dir / "best.pt").exists() else None,
+            "time_s": time.time() - t_start, "world_size": env.world_size, "device": str(device),
+            "num_parameters": n_params, "rank": env.rank, "split": {"train": split["train"], "val": split["val"]},
+        }
+        log.info(f"done: {global_it} iterations in {summary['time_s']:.1f} s; best mean val Dice "
+                 f"{summary['best_mean_dice'] if summary['best_mean_dice'] is not None else 'n/a'}; "
+                 f"checkpoints in {self.ckpt_dir}")
+        return summary
+
+    # -- pieces ---------------------------------------------------------------------------------------------------
+    def _check_output(self, out, K: int, ds_weights) -> None:
+        first = out if isinstance(out, torch.Tensor) else out[0]
+        if first.shape[1] != K:
+            raise UserError(f"network {self.cfg.model.name!r} outputs {first.shape[1]} channels but the dataset has "
+                            f"{K} labels (model.overrides.num_classes?)")
+        n = 1 if isinstance(out, torch.Tensor) else len(out)
+        if ds_weights and n != len(ds_weights):
+            self.log.warning(f"train.deep_supervision has {len(ds_weights)} weights but the network returns {n} "
+                             f"output(s): using the first {min(n, len(ds_weights))}")
+
+    @torch.no_grad()
+    def _validate(self, model, val_cases, class_names, amp) -> dict:
+        cfg, env, K = self.cfg, self.env, self.K
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(K - 1, dtype=torch.float64)
+        counts = torch.zeros(K - 1, dtype=torch.float64)
+        roi = list(cfg.val.roi_size or cfg.data.roi_size)
+        per_case = {}
+        for i in range(len(val_cases)):
+            item = val_cases[i]
+            pred = _predict(model, item["image"].float(), cfg.val, roi, env.device, amp)
+            d = per_class_dice(pred.cpu(), item["label"][0], K)
+            per_case[item["id"]] = [None if math.isnan(v) else round(float(v), 6) for v in d]
+            ok = ~torch.isnan(d)
+            sums[ok] += d[ok]
+            counts[ok] += 1
+        both = dist.all_reduce_sum(torch.cat([sums, counts]), env)
+        sums, counts = both[: K - 1], both[K - 1:]
+        dice = {name: (float(sums[c] / counts[c]) if counts[c] > 0 else float("nan"))
+                for c, name in enumerate(class_names[1:])}
+        vals = [v for v in dice.values() if not math.isnan(v)]
+        model.train(was_training)
+        return {"mean_dice": float(np.mean(vals)) if vals else float("nan"), "dice": dice}
+
+    def _save(self, name, model, optimizer, scheduler, scaler, epoch, epoch_iteration, global_it, best, best_epoch,
+              last_val, manifest, partial=None) -> None:
+        env = self.env
+        rng = rng_state()
+        ranks = dist.all_gather_object(rng, env) if env.distributed else None
+        if not env.is_main:
+            return
+        state = {
+            "model_spec": dict(model.glam3d_spec),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": int(epoch), "epoch_iteration": int(epoch_iteration), "iteration": int(global_it),
+            "rng": rng,
+            "config": config_to_dict(self.cfg),
+            "plan": manifest.get("plan", {}),
+            "labels": manifest["labels"],
+            "metrics": {"best_mean_dice": best if best_epoch else float("-inf"), "best_epoch": best_epoch,
+                        "last_val": last_val},
+            "world_size": env.world_size,
+        }
+        if ranks is not None:
+            state["rng_ranks"] = ranks
+        if partial is not None:
+            state["partial_epoch"] = partial
+        save_checkpoint(self.ckpt_dir / name, state)
+
+
+def _unused_parameters(model, in_channels, roi, device, ds_weights) -> list:
+    """Names of trainable parameters that receive no gradient from a training forward/backward on a zero patch
+    (RNG states untouched, gradients cleared); DDP must know about them up front."""
+    devices = [device] if device.type == "cuda" else []
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # e.g. batch-norm running stats
+    with torch.random.fork_rng(devices=devices):
+        x = torch.zeros((1, in_channels, *roi), device=device)
+        model.train()
+        out = model(x)
+        outs = [out] if isinstance(out, torch.Tensor) else list(out)
+        if ds_weights:
+            outs = [o for o, w in zip(outs, ds_weights) if w != 0]
+        else:
+            outs = outs[:1]
+        sum(o.float().sum() for o in outs).backward()
+    names = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+    return names
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)

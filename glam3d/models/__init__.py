@@ -1,0 +1,14 @@
+"""Models: N-D window attention, GLAM layers, NLU, eq. 7 attention maps, networks and their registry.
+
+``build_model(name, **overrides)`` builds a registered variant (see :mod:`glam3d.models.registry`);
+``glam3d.models.complexity.model_table()`` lists them with parameters and MACs.
+"""
+from .attention_map import global_attention_map, map_from_recorded, recording, upsample_map
+from .glam import GLAMLayer, GlobalBlock, WindowBlock
+from .nlu import NLU
+from .registry import build_model, families, list_models, model_config
+from .window import WindowAttention, window_partition, window_reverse
+
+__all__ = ["GLAMLayer", "GlobalBlock", "WindowBlock", "WindowAttention", "window_partition", "window_reverse", "NLU",
+           "global_attention_map", "map_from_recorded", "recording", "upsample_map",
+           "build_model", "list_models", "families", "model_config"]

@@ -1,0 +1,128 @@
+"""Parameter and multiply-add counts of the registered networks.
+
+MACs are counted with :class:`torch.utils.flop_counter.FlopCounterMode` (``MACs = FLOPs / 2``), attention matmuls
+included. Counting runs on the ``meta`` device (shapes only, no arithmetic, no memory): a Synapse-size network
+takes about a second.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+__all__ = ["count_parameters", "count_macs", "count_macs_by_name", "model_table", "format_table"]
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (shared parameters counted once)."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        n += p.numel()
+    return n
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CUSTOM = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _CUSTOM[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
+
+
+def count_macs(model: nn.Module, input_shape: Sequence[int], training: bool = False) -> int:
+    """Multiply-adds of one forward pass of ``model`` on an input of ``input_shape`` (e.g. ``(1, 1, 64, 128, 128)``).
+
+    The model is run on the meta device through :func:`torch.func.functional_call` with meta copies of its
+    parameters and buffers (the model itself is not modified). ``training=False`` counts the eval-mode forward
+    (one output; no deep-supervision heads).
+    """
+    meta = {k: torch.empty_like(v, device="meta") for k, v in
+            list(model.named_parameters()) + list(model.named_buffers())}
+    x = torch.zeros(tuple(input_shape), device="meta")
+    was_training = model.training
+    model.train(training)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+            torch.func.functional_call(model, meta, (x,))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def _build_meta(name: str, **overrides) -> nn.Module:
+    """Build on the meta device (no memory, instant); fall back to the CPU for builders that need real data."""
+    from .registry import build_model
+    try:
+        with torch.device("meta"):
+            return build_model(name, **overrides)
+    except (NotImplementedError, RuntimeError):
+        return build_model(name, **overrides)
+
+
+def count_macs_by_name(name: str, input_shape: Sequence[int] | None = None, **overrides) -> int:
+    """MACs of a registered variant (built on the meta device) at ``input_shape`` (default: its crop, batch 1)."""
+    model = _build_meta(name, **overrides)
+    if input_shape is None:
+        input_shape = (1, model.in_channels, *model.default_crop)
+    return count_macs(model, input_shape)
+
+
+def model_table(names: Sequence[str] | None = None) -> List[Dict]:
+    """One row per registered variant (or per name in ``names``, full variant names or family names):
+    ``{"name", "family", "size", "crop", "params_M", "macs_G", "twin", "params_overhead_pct",
+    "macs_overhead_pct"}``; overheads are relative to the family's vanilla twin at the same size (None if none).
+    """
+    from .registry import families, list_models
+    all_names = list_models()
+    if names:
+        wanted = []
+        for n in names:
+            hits = [v for v in all_names if v == n or v.startswith(n + "_")]
+            if not hits:
+                raise ValueError(f"names: unknown model {n!r}; known: {', '.join(all_names)}")
+            wanted += [h for h in hits if h not in wanted]
+    else:
+        wanted = all_names
+    fams = families()
+    cache: Dict[str, tuple] = {}
+
+    def measure(variant: str) -> tuple:
+        if variant not in cache:
+            m = _build_meta(variant)
+            cache[variant] = (count_parameters(m), count_macs(m, (1, m.in_channels, *m.default_crop)),
+                              tuple(m.default_crop))
+        return cache[variant]
+
+    rows = []
+    for variant in wanted:
+        fam = next(f for f in sorted(fams, key=len, reverse=True) if variant.startswith(f + "_")
+                   and variant[len(f) + 1:] in fams[f].sizes)
+        size = variant[len(fam) + 1:]
+        params, macs, crop = measure(variant)
+        row = {"name": variant, "family": fam, "size": size, "crop": crop, "params_M": params / 1e6,
+               "macs_G": macs / 1e9, "twin": None, "params_overhead_pct": None, "macs_overhead_pct": None}
+        twin = fams[fam].twin
+        if twin and size in fams[twin].sizes:
+            tp, tm, _ = measure(f"{twin}_{size}")
+            row.update(twin=f"{twin}_{size}", params_overhead_pct=100.0 * (params - tp) / tp,
+                       macs_overhead_pct=100.0 * (macs - tm) / tm)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: List[Dict]) -> str:
+    """Plain-text table of :func:`model_table` rows."""
+    head = f"{'model':<26} {'crop':<14} {'params (M)':>11} {'MACs (G)':>10}  {'GLAM overhead vs twin':<30}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        crop = "x".join(str(c) for c in r["crop"])
+        over = "" if r["twin"] is None else (f"{r['params_overhead_pct']:+.2f}% params, "
+                                              f"{r['macs_overhead_pct']:+.2f}% MACs ({r['twin']})")
+        lines.append(f"{r['name']:<26} {crop:<14} {r['params_M']:>11.2f} {r['macs_G']:>10.2f}  {over}")
+    return "\n".join(lines)

@@ -1,0 +1,350 @@
+"""N-D window attention (2D and 3D), written once: the number of spatial axes follows from ``window_size``.
+
+Conventions (as in Swin / nnFormer / MONAI):
+
+* feature maps inside the blocks are channels-last ``(B, *S, C)`` with ``S = (H, W)`` or ``(D, H, W)``;
+* a map is padded at the end of every axis to a multiple of the window, optionally rolled by ``-shift``
+  (shifted windows), then cut into ``N_r`` windows of ``N_p = prod(window)`` tokens, ordered batch-major:
+  window tensor ``(B * N_r, N_p, C)``, windows of image ``b`` at rows ``b*N_r : (b+1)*N_r`` in raster order
+  of the window grid;
+* when the map is not larger than the window along an axis, the window is clipped to the map there and
+  that axis is not shifted (:func:`effective_window`);
+* optional *prefix* tokens (GLAM's global tokens) are prepended to every window: sequences of length
+  ``P + N_p``. Relative position bias and the shifted-window mask apply to window<->window pairs only;
+  prefix tokens see, and are seen by, every token of their window.
+
+Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` with the bias and the mask
+folded into one float ``attn_mask``. Relative-position indices and shift masks are built once per
+(window, table) / (padded shape, window, shift, device) and cached.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import linear
+
+__all__ = [
+    "MASK_VALUE", "effective_window", "pad_to_multiple", "window_partition", "window_reverse",
+    "relative_position_index", "shift_window_mask", "roll", "shifted_window_index", "WindowAttention",
+]
+
+#: additive value for masked (different-region) pairs in shifted windows (Swin / nnFormer use -100)
+MASK_VALUE = -100.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# geometry helpers
+# ----------------------------------------------------------------------------------------------------------
+def effective_window(spatial_shape: Sequence[int], window_size: Sequence[int],
+                     shift_size: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Clip a window to the map: ``(S, ws, shift) -> (ws', shift')``.
+
+    Along an axis where ``S[i] <= ws[i]`` the window becomes ``S[i]`` (one window covers the axis) and that
+    axis is not shifted, as in Swin / nnFormer / MONAI.
+    """
+    if len(spatial_shape) != len(window_size) or len(shift_size) != len(window_size):
+        raise ValueError(f"window_size={tuple(window_size)} does not match the {len(spatial_shape)} spatial "
+                         f"axes of the input {tuple(spatial_shape)}")
+    ws, sh = [], []
+    for s, w, t in zip(spatial_shape, window_size, shift_size):
+        if s <= w:
+            ws.append(int(s))
+            sh.append(0)
+        else:
+            ws.append(int(w))
+            sh.append(int(t))
+    return tuple(ws), tuple(sh)
+
+
+def padded_shape(spatial_shape: Sequence[int], window_size: Sequence[int]) -> Tuple[int, ...]:
+    """Smallest multiple of the window along each axis: ``S -> Sp``."""
+    return tuple(int(math.ceil(s / w)) * w for s, w in zip(spatial_shape, window_size))
+
+
+def pad_to_multiple(x: torch.Tensor, window_size: Sequence[int]) -> torch.Tensor:
+    """Zero-pad the end of every spatial axis of ``x (B, *S, C)`` to a multiple of the window: ``(B, *Sp, C)``."""
+    S = x.shape[1:-1]
+    pads = [(-s) % w for s, w in zip(S, window_size)]
+    if not any(pads):
+        return x
+    spec = [0, 0]  # channel axis (last)
+    for p in reversed(pads):
+        spec += [0, p]
+    return F.pad(x, spec)
+
+
+def roll(x: torch.Tensor, shift: Sequence[int], sign: int = -1) -> torch.Tensor:
+    """Cyclic shift of the spatial axes of ``x (B, *S, C)`` by ``sign * shift``; identity if no shift."""
+    if not any(shift):
+        return x
+    dims = tuple(i + 1 for i, t in enumerate(shift) if t)
+    shifts = tuple(sign * t for t in shift if t)
+    return torch.roll(x, shifts=shifts, dims=dims)
+
+
+def window_partition(x: torch.Tensor, window_size: Sequence[int]) -> torch.Tensor:
+    """``x (B, *Sp, C)`` with ``Sp`` a multiple of the window -> windows ``(B * N_r, N_p, C)``."""
+    B, *S, C = x.shape
+    d = len(window_size)
+    shape = [B]
+    for s, w in zip(S, window_size):
+        shape += [s // w, w]
+    x = x.view(*shape, C)
+    # (B, n0, w0, n1, w1, ..., C) -> (B, n0, n1, ..., w0, w1, ..., C)
+    perm = [0] + [1 + 2 * i for i in range(d)] + [2 + 2 * i for i in range(d)] + [2 * d + 1]
+    return x.permute(*perm).reshape(-1, math.prod(window_size), C)
+
+
+def window_reverse(windows: torch.Tensor, window_size: Sequence[int], spatial_shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B * N_r, N_p, C) -> (B, *Sp, C)`` for padded shape ``Sp``."""
+    d = len(window_size)
+    C = windows.shape[-1]
+    grid = [s // w for s, w in zip(spatial_shape, window_size)]
+    x = windows.view(-1, *grid, *window_size, C)
+    # (B, n0, n1, ..., w0, w1, ..., C) -> (B, n0, w0, n1, w1, ..., C)
+    perm = [0]
+    for i in range(d):
+        perm += [1 + i, 1 + d + i]
+    perm.append(2 * d + 1)
+    return x.permute(*perm).reshape(-1, *spatial_shape, C)
+
+
+def _normal_tensors(fn):
+    """Cached helpers build plain tensors even when first called under ``torch.inference_mode`` (an inference
+    tensor from the cache could not be used later in autograd)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@functools.lru_cache(maxsize=64)
+@_normal_tensors
+def _relative_position_index_cpu(window_size: Tuple[int, ...], table_window: Tuple[int, ...]) -> torch.Tensor:
+    coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in window_size], indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :]  # (d, N_p, N_p), in [-(w-1), w-1]
+    index = torch.zeros(rel.shape[1:], dtype=torch.long)
+    for i, tw in enumerate(table_window):
+        index = index * (2 * tw - 1) + rel[i] + tw - 1
+    return index
+
+
+@functools.lru_cache(maxsize=128)
+@_normal_tensors
+def relative_position_index(window_size: Tuple[int, ...], table_window: Tuple[int, ...] | None = None,
+                            device: torch.device | str = "cpu") -> torch.Tensor:
+    """Index ``(N_p, N_p)`` into a relative-position bias table of ``prod(2 * table_window - 1)`` rows.
+
+    ``window_size`` is the (possibly clipped) window actually used; ``table_window`` the window the table was
+    made for (default: the same). Row-major over the axes: ``sum_i (dx_i + tw_i - 1) * prod_{j>i} (2 tw_j - 1)``.
+    Cached per (window, table window, device).
+    """
+    table_window = tuple(window_size) if table_window is None else tuple(table_window)
+    if any(w > t for w, t in zip(window_size, table_window)):
+        raise ValueError(f"window_size={window_size} exceeds the bias table's window {table_window}")
+    return _relative_position_index_cpu(tuple(window_size), table_window).to(device)
+
+
+@functools.lru_cache(maxsize=128)
+@_normal_tensors
+def _shift_window_mask(padded: Tuple[int, ...], window_size: Tuple[int, ...], shift: Tuple[int, ...],
+                       device: torch.device) -> torch.Tensor:
+    # label every voxel of the padded (rolled) map by the region it came from, as Swin does
+    labels = torch.zeros(padded, dtype=torch.float32)
+    ax_labels = []
+    for s, w, t in zip(padded, window_size, shift):
+        lab = torch.zeros(s)
+        if t:
+            lab[s - w:s - t] = 1
+            lab[s - t:] = 2
+        ax_labels.append(lab)
+    for i, lab in enumerate(ax_labels):
+        shape = [1] * len(padded)
+        shape[i] = -1
+        labels = labels * 3 + lab.view(shape)
+    win = window_partition(labels[None, ..., None], window_size).squeeze(-1)  # (N_r, N_p)
+    diff = win[:, None, :] - win[:, :, None]
+    mask = torch.zeros_like(diff).masked_fill_(diff != 0, MASK_VALUE)
+    return mask.to(device)
+
+
+def shift_window_mask(padded: Sequence[int], window_size: Sequence[int], shift: Sequence[int],
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """Additive shifted-window mask ``(N_r, N_p, N_p)``: 0 within a region, ``MASK_VALUE`` across regions.
+
+    ``padded`` is the padded map shape (a multiple of the window). Cached per (shape, window, shift, device).
+    """
+    return _shift_window_mask(tuple(int(s) for s in padded), tuple(window_size), tuple(shift), torch.device(device))
+
+
+@functools.lru_cache(maxsize=128)
+@_normal_tensors
+def _shifted_window_index(padded: Tuple[int, ...], window_size: Tuple[int, ...], shift: Tuple[int, ...],
+                          device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    n = math.prod(padded)
+    flat = torch.arange(n).view(1, *padded, 1)
+    idx = window_partition(roll(flat, shift, -1), window_size).reshape(-1)
+    inv = torch.empty_like(idx)
+    inv[idx] = torch.arange(n)
+    return idx.to(device), inv.to(device)
+
+
+def shifted_window_index(padded: Sequence[int], window_size: Sequence[int], shift: Sequence[int],
+                         device: torch.device | str = "cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Roll + partition as one gather: ``(idx, inv)``, two ``(prod(Sp),)`` index vectors.
+
+    For ``x (B, *Sp, C)``: ``x.reshape(B, -1, C).index_select(1, idx)`` equals
+    ``window_partition(roll(x, shift, -1), ws)`` (viewed as ``(B, N_r * N_p, C)``), and ``inv`` undoes it:
+    ``w.reshape(B, -1, C).index_select(1, inv)`` equals ``roll(window_reverse(w, ws, Sp), shift, +1)``. One copy
+    instead of one per rolled axis plus one for the permutation. Cached per (shape, window, shift, device).
+    """
+    return _shifted_window_index(tuple(int(s) for s in padded), tuple(int(w) for w in window_size),
+                                 tuple(int(t) for t in shift), torch.device(device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------------------
+class WindowAttention(nn.Module):
+    """Multi-head attention inside windows, with relative position bias, for 2D and 3D windows.
+
+    Self-attention (default): ``q, k, v = qkv(x)``.
+    Cross-attention (``cross=True``, nnFormer's decoder "skip attention"): keys and values ``kv(context)``
+    from another tensor with the same window layout; queries are ``x`` itself (nnFormer does not project
+    them) unless ``q_proj=True``.
+
+    Args:
+        dim: channels ``C``.
+        num_heads: heads ``h``; must divide ``dim``.
+        window_size: nominal window (tuple, one entry per spatial axis): sizes the bias table
+            ``(prod(2 ws - 1), h)``; a smaller (clipped) window indexes into the same table.
+
+    Shapes: ``x (B_, P + N_p, C)``, ``context (B_, P + N_p, C)``, ``mask (N_r, N_p, N_p)`` with
+    ``B_ = B * N_r`` -> ``(B_, P + N_p, C)``.
+
+    Setting ``store_attn = True`` takes a slow, explicit path that keeps the softmax weights
+    ``(B_, h, L, L)`` in ``last_attn`` (used by :mod:`glam3d.models.attention_map`); otherwise SDPA.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: Sequence[int], qkv_bias: bool = True,
+                 cross: bool = False, q_proj: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.window_size = tuple(int(w) for w in window_size)
+        self.cross = cross
+        self.scale = (dim // num_heads) ** -0.5
+        n_rel = math.prod(2 * w - 1 for w in self.window_size)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(n_rel, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        if cross:
+            self.q = nn.Linear(dim, dim, bias=qkv_bias) if q_proj else None
+            self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.store_attn = False
+        self.last_attn: Optional[torch.Tensor] = None
+
+    def relative_position_bias(self, window_size: Sequence[int] | None = None) -> torch.Tensor:
+        """Bias ``(h, N_p, N_p)`` for the (possibly clipped) window actually used."""
+        ws = self.window_size if window_size is None else tuple(window_size)
+        idx = relative_position_index(ws, self.window_size, self.relative_position_bias_table.device)
+        n = idx.shape[0]
+        return self.relative_position_bias_table[idx.view(-1)].view(n, n, -1).permute(2, 0, 1)
+
+    #: without autograd, masks up to this size (bytes) are cached per module (larger ones: only the bias)
+    MASK_CACHE_BYTES = 32 * 2 ** 20
+
+    def attn_mask(self, batch_windows: int, window_size: Sequence[int], mask: Optional[torch.Tensor],
+                  num_prefix: int, dtype: torch.dtype) -> torch.Tensor:
+        """Float additive mask ``(1 | B_, h, P + N_p, P + N_p)``: bias (+ shift mask) on the window block.
+
+        Without autograd (inference) the bias, and the whole mask when small, are cached per (window, shift
+        mask, prefix, dtype) and rebuilt when the bias table changes (its version counter / storage).
+        """
+        table = self.relative_position_bias_table
+        if torch.is_grad_enabled() and table.requires_grad:
+            return self._build_attn_mask(batch_windows, window_size, mask, num_prefix, dtype, None)
+        cache = self.__dict__.setdefault("_mask_cache", {})
+        stamp = (table._version, table.data_ptr(), table.device, table.dtype)
+        if cache.get("stamp") != stamp:
+            cache.clear()
+            cache["stamp"] = stamp
+        ws = tuple(window_size)
+        key = (batch_windows if mask is not None else 0, ws,
+               None if mask is None else (mask.data_ptr(), tuple(mask.shape)), num_prefix, dtype)
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        bkey = ("bias", ws)
+        if bkey not in cache:
+            cache[bkey] = self.relative_position_bias(ws).detach().contiguous()
+        m = self._build_attn_mask(batch_windows, ws, mask, num_prefix, dtype, cache[bkey])
+        if m.numel() * m.element_size() <= self.MASK_CACHE_BYTES:
+            if len(cache) > 16:
+                cache.clear()
+                cache["stamp"] = stamp
+            cache[key] = m
+        return m
+
+    def _build_attn_mask(self, batch_windows, window_size, mask, num_prefix, dtype, bias) -> torch.Tensor:
+        if bias is None:
+            # contiguous: SDPA would otherwise copy the permuted gather (and adds would keep its layout)
+            bias = self.relative_position_bias(window_size).contiguous()  # (h, N_p, N_p)
+        if mask is None:
+            m = bias.unsqueeze(0)
+        else:
+            n_r = mask.shape[0]
+            m = bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)  # (N_r, h, N_p, N_p)
+            if batch_windows != n_r:
+                if batch_windows % n_r:
+                    raise ValueError(f"{batch_windows} windows is not a multiple of the mask's {n_r}")
+                m = m.unsqueeze(0).expand(batch_windows // n_r, *m.shape).reshape(batch_windows, *m.shape[1:])
+        if num_prefix:
+            m = F.pad(m, (num_prefix, 0, num_prefix, 0))
+        return m.to(dtype)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                window_size: Sequence[int] | None = None, mask: Optional[torch.Tensor] = None,
+                num_prefix: int = 0) -> torch.Tensor:
+        B_, L, C = x.shape
+        h = self.num_heads
+        E = C // h
+        if self.cross:
+            if context is None:
+                raise ValueError("context is required for cross-attention")
+            q = x if self.q is None else self.q(x)
+            q = q.view(B_, L, h, E).transpose(1, 2)
+            kv = self.kv(context).view(B_, context.shape[1], 2, h, E).permute(2, 0, 3, 1, 4)
+            k, v = kv[0], kv[1]
+        else:
+            qkv = linear(x, self.qkv).view(B_, L, 3, h, E).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        ws = self.window_size if window_size is None else tuple(window_size)
+        if math.prod(ws) + num_prefix != L:
+            raise ValueError(f"sequence length {L} != num_prefix {num_prefix} + window tokens {math.prod(ws)}")
+        attn_mask = self.attn_mask(B_, ws, mask, num_prefix, q.dtype)
+        drop = self.attn_drop if self.training else 0.0
+        if self.store_attn:
+            attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1) + attn_mask, dim=-1)
+            self.last_attn = attn.detach()
+            out = F.dropout(attn, drop, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        out = out.transpose(1, 2).reshape(B_, L, C)
+        return self.proj_drop(linear(out, self.proj))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, cross={self.cross}"

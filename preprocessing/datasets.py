@@ -1,0 +1,466 @@
+"""Raw dataset layouts (BTCV/Synapse, MSD / nnU-Net), case validation and the resumable multi-case run."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from glam3d.errors import UserError
+
+from .phantom import BTCV_LABELS
+
+# ----------------------------------------------------------------------------------------------- Synapse protocol
+SYNAPSE_TEST = ["0001", "0002", "0003", "0004", "0008", "0022", "0025", "0029", "0032", "0035", "0036", "0038"]
+SYNAPSE_TRAIN = ["0005", "0006", "0007", "0009", "0010", "0021", "0023", "0024", "0026", "0027", "0028", "0030",
+                 "0031", "0033", "0034", "0037", "0039", "0040"]
+# training index -> (BTCV label value, name), in the order papers print the organs
+SYNAPSE_ORGANS = [(8, "aorta"), (4, "gallbladder"), (3, "left kidney"), (2, "right kidney"), (6, "liver"),
+                  (11, "pancreas"), (1, "spleen"), (7, "stomach")]
+
+
+def synapse_labels(keep_all: bool):
+    """``(labels {"0": "background", ...}, label_values {index: original value})``."""
+    if keep_all:
+        items = [(v, BTCV_LABELS[v]) for v in range(1, 14)]
+    else:
+        items = SYNAPSE_ORGANS
+    labels = {"0": "background"}
+    values = {}
+    for i, (v, name) in enumerate(items, start=1):
+        labels[str(i)] = name
+        values[i] = v
+    return labels, values
+
+
+@dataclass
+class Case:
+    id: str
+    images: list                  # one path, or one per channel (nnU-Net _0000, _0001, ...)
+    label: Path | None
+    split: str                    # "training" | "test"
+    error: str | None = None      # a problem found while listing (missing label, not in split, ...)
+    extra: dict = field(default_factory=dict)
+
+
+def _nii_files(folder: Path):
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and re.search(r"\.nii(\.gz)?$", p.name))
+
+
+def _strip(name: str) -> str:
+    return re.sub(r"\.nii(\.gz)?$", "", name)
+
+
+def find_btcv_root(raw: Path) -> Path:
+    raw = Path(raw)
+    if not raw.is_dir():
+        raise UserError("is not a folder", raw)
+    for cand in (raw, raw / "RawData" / "Training", raw / "Training", raw / "RawData"):
+        if (cand / "img").is_dir():
+            return cand
+    raise UserError("no img/ folder found (expected DIR/img and DIR/label, or DIR/RawData/Training/img)", raw)
+
+
+def discover_synapse(raw: Path, unlisted: str = "error"):
+    """Cases of a BTCV folder with the Synapse split; returns ``(root, cases, warnings)``."""
+    root = find_btcv_root(raw)
+    imgs = _nii_files(root / "img")
+    labs = {}
+    for p in _nii_files(root / "label"):
+        m = re.search(r"(\d+)$", _strip(p.name))
+        if m:
+            labs[m.group(1).zfill(4)] = p
+    if not imgs:
+        raise UserError("no NIfTI images (*.nii.gz) found", root / "img")
+    cases, warnings, seen = [], [], set()
+    for p in imgs:
+        m = re.search(r"(\d+)$", _strip(p.name))
+        if not m:
+            warnings.append(f"{p}: cannot read a case number from the name (expected img00XX.nii.gz); ignored")
+            continue
+        cid = m.group(1).zfill(4)
+        seen.add(cid)
+        lab = labs.get(cid)
+        if cid in SYNAPSE_TRAIN:
+            split, err = "training", None
+        elif cid in SYNAPSE_TEST:
+            split, err = "test", None
+        elif unlisted == "skip":
+            warnings.append(f"{p}: case {cid} is in neither Synapse list; skipped (--unlisted skip)")
+            continue
+        elif unlisted in ("train", "test"):
+            split, err = ("training" if unlisted == "train" else "test"), None
+        else:
+            split, err = "training", (f"case {cid} is in neither the Synapse train (18) nor test (12) list; "
+                                      f"use --unlisted skip|train|test to include or skip such cases")
+        if lab is None and err is None:
+            err = f"no label file (expected {root / 'label' / ('label' + cid + '.nii.gz')})"
+        cases.append(Case(cid, [p], lab, split, error=err and f"{p}: {err}"))
+    for cid, p in sorted(labs.items()):
+        if cid not in seen:
+            warnings.append(f"{p}: label without an image; ignored")
+    return root, cases, warnings
+
+
+# ----------------------------------------------------------------------------------------------- MSD / nnU-Net
+def read_msd_json(ds: Path) -> dict:
+    path = ds / "dataset.json"
+    if not path.is_file():
+        raise UserError("no dataset.json (an MSD / nnU-Net dataset folder has dataset.json, imagesTr/, labelsTr/)",
+                        ds)
+    try:
+        meta = json.loads(path.read_text())
+    except Exception as exc:
+        raise UserError(f"not valid JSON ({exc})", path) from None
+    if not isinstance(meta, dict) or "labels" not in meta:
+        raise UserError("has no 'labels' entry", path)
+    return meta
+
+
+def msd_label_map(meta: dict, path) -> dict:
+    """``{value: name}`` from MSD (``{"0": "background"}``) or nnU-Net v2 (``{"background": 0}``) labels."""
+    labels = meta["labels"]
+    out = {}
+    try:
+        for k, v in labels.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):      # nnU-Net v2: name -> value
+                out[int(v)] = str(k)
+            elif isinstance(v, list):
+                raise UserError(f"label {k!r} is a region (list of values); regions are not supported", path)
+            else:
+                out[int(k)] = str(v)
+    except (TypeError, ValueError):
+        raise UserError("'labels' must map values to names (MSD) or names to values (nnU-Net v2)", path) from None
+    out.setdefault(0, "background")
+    return dict(sorted(out.items()))
+
+
+def msd_modalities(meta: dict) -> dict:
+    mod = meta.get("modality") or meta.get("channel_names") or {"0": "CT"}
+    return {str(k): str(v) for k, v in sorted(mod.items(), key=lambda kv: int(kv[0]))}
+
+
+def discover_msd(ds: Path):
+    """Cases of an MSD (``imagesTr/<case>.nii.gz``, maybe 4D) or nnU-Net v2 (``imagesTr/<case>_0000.nii.gz``)
+    folder; returns ``(meta, cases, warnings)``. imagesTr -> training, imagesTs -> test (no labels)."""
+    ds = Path(ds)
+    if not ds.is_dir():
+        raise UserError("is not a folder", ds)
+    meta = read_msd_json(ds)
+    nmod = len(msd_modalities(meta))
+    cases, warnings = [], []
+    labels = {_strip(p.name): p for p in _nii_files(ds / "labelsTr")}
+    for sub, split in (("imagesTr", "training"), ("imagesTs", "test")):
+        groups: dict[str, list] = {}
+        for p in _nii_files(ds / sub):
+            stem = _strip(p.name)
+            m = re.match(r"^(.*)_(\d{4})$", stem)
+            cid, ch = (m.group(1), int(m.group(2))) if m else (stem, 0)
+            groups.setdefault(cid, []).append((ch, p))
+        for cid, files in sorted(groups.items()):
+            files.sort()
+            paths = [p for _, p in files]
+            err = None
+            chans = [c for c, _ in files]
+            if len(paths) > 1 and chans != list(range(len(paths))):
+                err = f"{paths[0]}: channel files {chans} are not numbered 0000..{len(paths) - 1:04d}"
+            elif len(paths) > 1 and len(paths) != nmod:
+                err = f"{paths[0]}: {len(paths)} channel files but dataset.json declares {nmod} modalities"
+            lab = labels.pop(cid, None) if split == "training" else None
+            if split == "training" and lab is None and err is None:
+                err = f"{paths[0]}: no label file (expected {ds / 'labelsTr' / (cid + '.nii.gz')})"
+            cases.append(Case(cid, paths, lab, split, error=err))
+    for cid, p in labels.items():
+        warnings.append(f"{p}: label without an image; ignored")
+    if not cases:
+        raise UserError("no NIfTI images found in imagesTr/ or imagesTs/", ds)
+    return meta, cases, warnings
+
+
+# ----------------------------------------------------------------------------------------------- reading and checks
+def load_nifti(path: Path):
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("file not found", path)
+    try:
+        img = nib.load(str(path))
+        _ = img.affine
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"not a readable NIfTI file ({msg})", path) from None
+    return img
+
+
+def read_image(case: Case, allow_channels: bool):
+    """``(first nibabel image, voxels (X, Y, Z, C) float32)``; channel files must share their geometry."""
+    from .pipeline import read_voxels
+
+    first = load_nifti(case.images[0])
+    vols = [read_voxels(first, case.images[0], allow_channels=allow_channels)]
+    for p in case.images[1:]:
+        img = load_nifti(p)
+        check_geometry(first, img, case.images[0], p)
+        vols.append(read_voxels(img, p, allow_channels=False))
+    data = vols[0] if len(vols) == 1 else np.concatenate(vols, axis=3)
+    return first, data
+
+
+def check_geometry(img, other, img_path, other_path):
+    if tuple(img.shape[:3]) != tuple(other.shape[:3]):
+        raise UserError(f"shape {tuple(other.shape[:3])} does not match the image's {tuple(img.shape[:3])} "
+                        f"({Path(img_path).name})", other_path)
+    if not np.allclose(img.affine, other.affine, rtol=1e-4, atol=1e-3):
+        d = float(np.abs(np.asarray(img.affine) - np.asarray(other.affine)).max())
+        raise UserError(f"affine differs from the image's ({Path(img_path).name}) by up to {d:.4g} mm",
+                        other_path)
+
+
+def read_label(path: Path, image, image_path, declared) -> np.ndarray:
+    """Label voxels (X, Y, Z) int32, checked against the image geometry and the declared label values."""
+    lab_img = load_nifti(path)
+    if len(lab_img.shape) > 3 and not all(s == 1 for s in lab_img.shape[3:]):
+        raise UserError(f"expected a 3D label map, got shape {lab_img.shape}", path)
+    check_geometry(image, lab_img, image_path, path)
+    try:
+        raw = np.asarray(lab_img.dataobj)
+    except Exception as exc:
+        raise UserError(f"cannot read the voxel data ({type(exc).__name__}: {exc})", path) from None
+    raw = raw.reshape(raw.shape[:3])
+    if raw.dtype.kind == "f":
+        if not np.isfinite(raw).all():
+            raise UserError("label map contains NaN/inf", path)
+        rounded = np.rint(raw)
+        if not np.array_equal(rounded, raw):
+            raise UserError("label map has non-integer values", path)
+        raw = rounded
+    lab = raw.astype(np.int32)
+    values = np.unique(lab)
+    bad = sorted(set(values.tolist()) - set(declared))
+    if bad:
+        shown = ", ".join(str(v) for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        raise UserError(f"label values {shown} are not in the declared set "
+                        f"{min(declared)}..{max(declared)}", path)
+    return lab
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def _fingerprint(paths) -> str:
+    h = hashlib.sha1()
+    for p in paths:
+        p = Path(p)
+        try:
+            st = p.stat()
+            h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}|missing\n".encode())
+    return h.hexdigest()
+
+
+def median_spacing(cases, orientation: str):
+    """Median (sz, sy, sx) over the training cases' headers (all cases if none is readable), after reorientation."""
+    import nibabel as nib
+
+    from .pipeline import voxel_sizes
+
+    def spacings(selected):
+        out = []
+        for c in selected:
+            try:
+                img = nib.load(str(c.images[0]))
+                tr, _ = _orient(img.affine, orientation)
+                aff = np.asarray(img.affine) @ nib.orientations.inv_ornt_aff(tr, img.shape[:3])
+                out.append(voxel_sizes(aff)[::-1])
+            except Exception:
+                continue
+        return out
+
+    sps = spacings([c for c in cases if not c.error and c.split == "training"]) or spacings(cases)
+    if not sps:
+        raise UserError("no readable image to compute the median spacing from; give --spacing")
+    return [float(v) for v in np.median(np.array(sps), axis=0)]
+
+
+def _orient(affine, orientation):
+    from .pipeline import _orientation_transform
+
+    return _orientation_transform(affine, orientation)
+
+
+def foreground_intensity_stats(cases, declared, out: Path, nch: int, allow_channels: bool, log=print):
+    """nnU-Net CT statistics over the training cases' foreground (label > 0): per channel 0.5/99.5 percentiles,
+    mean and std (10,000 sampled voxels per case). Cached in ``OUT/.cache/intensity_stats.json``."""
+    train = [c for c in cases if c.split == "training" and c.label is not None and not c.error]
+    files = [p for c in train for p in c.images] + [c.label for c in train]
+    key = _fingerprint(files)
+    cache = out / ".cache" / "intensity_stats.json"
+    if cache.is_file():
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("key") == key and len(cached["channels"]) == nch:
+                return cached["channels"]
+        except Exception:
+            pass
+    rng = np.random.default_rng(0)
+    samples = [[] for _ in range(nch)]
+    used = 0
+    for c in train:
+        try:
+            img, data = read_image(c, allow_channels)
+            lab = read_label(c.label, img, c.images[0], declared)
+        except UserError:
+            continue   # reported when the case itself is processed
+        fg = lab > 0
+        if not fg.any() or data.shape[3] != nch:
+            continue
+        for ch in range(nch):
+            v = data[..., ch][fg]
+            samples[ch].append(rng.choice(v, size=min(10000, v.size), replace=False))
+        used += 1
+    if not used:
+        raise UserError("--intensity nnunet needs at least one readable training case with foreground labels")
+    chans = []
+    for ch in range(nch):
+        v = np.concatenate(samples[ch]).astype(np.float64)
+        chans.append({"lower": float(np.percentile(v, 0.5)), "upper": float(np.percentile(v, 99.5)),
+                      "mean": float(v.mean()), "std": float(v.std()), "num_cases": used})
+    from glam3d.utils.io import atomic_write_json
+
+    atomic_write_json(cache, {"key": key, "channels": chans})
+    log(f"intensity statistics over {used} training cases' foreground: "
+        + "; ".join(f"ch{i} [{c['lower']:.1f}, {c['upper']:.1f}] mean {c['mean']:.1f} std {c['std']:.1f}"
+                    for i, c in enumerate(chans)))
+    return chans
+
+
+# ----------------------------------------------------------------------------------------------- one case
+def plan_hash(plan: dict) -> str:
+    return hashlib.sha1(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def case_output(out: Path, cid: str) -> Path:
+    return out / "cases" / f"{cid}.npz"
+
+
+def read_finished(npz: Path, phash: str):
+    """Meta of a finished case whose plan matches, else None."""
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            if str(z["plan_hash"]) != phash:
+                return None
+            return json.loads(str(z["meta"]))
+    except Exception:
+        return None
+
+
+def process_case(task: dict) -> dict:
+    """Worker: preprocess one case and write ``cases/<id>.npz`` atomically. Never raises for user errors."""
+    _limit_threads()
+    from glam3d.utils.io import atomic_save_npz
+
+    from .pipeline import preprocess_label, preprocess_scan
+
+    case: Case = task["case"]
+    t0 = time.time()
+    res = {"id": case.id, "split": case.split, "status": "failed", "meta": None, "error": None, "seconds": 0.0}
+    npz = Path(task["npz"])
+    try:
+        if case.error:
+            raise UserError(case.error)
+        if npz.exists() and not task["overwrite"]:
+            meta = read_finished(npz, task["plan_hash"])
+            if meta is not None:
+                res.update(status="skipped", meta=meta)
+                return res
+        img, data = read_image(case, task["allow_channels"])
+        lab = None
+        if case.label is not None:
+            lab = read_label(case.label, img, case.images[0], task["declared"])
+        arr, meta = preprocess_scan(img, task["plan"], _data=data)
+        meta["source_image"] = str(case.images[0]) if len(case.images) == 1 else [str(p) for p in case.images]
+        meta["source_label"] = str(case.label) if case.label is not None else None
+        arrays = {"image": arr, "meta": np.array(json.dumps(meta)), "plan_hash": np.array(task["plan_hash"])}
+        if lab is not None:
+            arrays["label"] = preprocess_label(lab, img.affine, meta, task["plan"])
+        atomic_save_npz(npz, **arrays)
+        res.update(status="done", meta=meta)
+    except UserError as exc:
+        res["error"] = str(exc)
+        if task.get("debug"):
+            import traceback
+
+            res["traceback"] = traceback.format_exc()
+    except Exception as exc:  # an unexpected failure on one case must not stop the others
+        import traceback
+
+        res["error"] = f"{case.images[0]}: unexpected {type(exc).__name__}: {exc}".replace("\n", " ")
+        res["traceback"] = traceback.format_exc()
+    finally:
+        res["seconds"] = time.time() - t0
+    return res
+
+
+def _limit_threads():
+    n = os.environ.get("OMP_NUM_THREADS")
+    try:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(n) if n and n.isdigit() else 1)
+    except Exception:
+        pass
+
+
+def run_pool(func, tasks, workers: int, desc: str, strict: bool = False, quiet: bool = False, on_result=None):
+    """Run ``func`` over ``tasks`` (in-process, or a process pool when ``workers`` > 1), tqdm progress; ``on_result(res)`` per result.
+    With ``strict``, stops at the first failed result (remaining work cancelled) and raises its UserError."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc=desc, unit="case", file=sys.stderr, disable=quiet or None, leave=False)
+    results = []
+
+    def handle(res):
+        results.append(res)
+        bar.update(1)
+        if on_result:
+            on_result(res, bar)
+        if strict and res.get("status") == "failed":
+            raise UserError(f"{res['error']} (--strict: stopping)")
+
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            for t in tasks:
+                handle(func(t))
+        else:
+            import concurrent.futures as cf
+            import multiprocessing as mp
+
+            if sys.platform.startswith("linux"):
+                # fork: workers inherit the (slow, ~several seconds) MONAI/torch import; nothing has started
+                # threads in this process yet (no tensor operations run here), so forking is safe
+                import monai.transforms  # noqa: F401
+
+                ctx = mp.get_context("fork")
+            else:
+                ctx = mp.get_context("spawn")
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+                futs = [ex.submit(func, t) for t in tasks]
+                try:
+                    for f in cf.as_completed(futs):
+                        handle(f.result())
+                except BaseException:
+                    for f in futs:
+                        f.cancel()
+                    raise
+    finally:
+        bar.close()
+    return results

@@ -1,0 +1,72 @@
+"""`glam3d bench --quick`: runs end to end with the tiny models and prints/writes the full table.
+
+No timing assertions (machines differ, CI is shared); only that every row, column, ratio and target is there.
+"""
+import json
+
+import pytest
+import torch
+
+from glam3d.bench import QUICK_MODELS, TARGETS, BenchConfig, _tables, format_report, run_bench, to_markdown
+from glam3d.cli import main
+
+torch.set_num_threads(1)
+
+pytest.importorskip("einops")  # SwinUNETR
+
+
+@pytest.fixture(scope="module")
+def quick_result():
+    cfg = BenchConfig(quick=True, repeats=1, train_repeats=1, threads=1, matmul_size=256,
+                      sw_volume=(32, 64, 96), scaling_volumes=[(32, 64, 64), (64, 64, 64), (96, 64, 64)],
+                      long_ct_volumes=[(32, 64, 64), (96, 64, 64)])
+    return run_bench(cfg)
+
+
+def test_rows_and_columns(quick_result):
+    res = quick_result
+    assert [r["model"] for r in res["rows"]] == QUICK_MODELS
+    for r in res["rows"]:
+        for key in ("params_M", "macs_G", "forward_s", "gflops", "peak_fraction", "sw_voxels_per_s",
+                    "sw_peak_rss"):
+            assert r.get(key) is not None and r[key] > 0, (r["model"], key, r.get("sw"))
+    assert res["matmul_peak_gflops"] > 0
+    assert len(res["scaling"]) == 3 and len(res["long_ct"]) == 2
+    for r in res["scaling"] + res["long_ct"]:
+        assert "error" not in r, r
+        assert r["seconds"] > 0 and r["peak_rss"] > r["rss_before"] > 0
+    assert res["train"]["seconds"] > 0 and res["train"]["batch"] == 2
+    tiny = res["ratios"]["tiny"]
+    for k in ("glam_over_nnformer_forward", "glam_over_nnformer_sw", "glam_over_swin_unetr_sw"):
+        assert tiny[k] is not None and tiny[k] > 0
+    assert {t["target"] for t in res["targets"]} == set(TARGETS)
+    assert all(t["status"] in ("PASS", "FAIL", "n/a") for t in res["targets"])
+    json.dumps(res)  # serialisable
+
+
+def test_report_text_and_markdown(quick_result):
+    text = format_report(quick_result)
+    for word in ["params (M)", "MACs (G)", "fwd (s)", "GFLOP/s", "% peak", "SW vox/s", "peak RSS (GB)", "ratios",
+                 "growth with the volume", "long CT", "training step", "targets"] + QUICK_MODELS:
+        assert word in text, word
+    assert any(s in text for s in ("PASS", "FAIL"))
+    md = to_markdown(quick_result)
+    assert md.count("| glam_nnformer_tiny |") >= 1
+    for _, head, body in _tables(quick_result):
+        assert all(len(r) == len(head) for r in body)
+
+
+def test_cli_quick_writes_files(tmp_path, capsys):
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    rc = main(["bench", "--quick", "--models", "nnformer_tiny", "--sections", "forward", "--repeats", "1",
+               "--threads", "1", "--no-progress", "--json", str(out_json), "--markdown", str(out_md)])
+    assert rc == 0
+    res = json.loads(out_json.read_text())
+    assert [r["model"] for r in res["rows"]] == ["nnformer_tiny"]
+    assert "nnformer_tiny" in out_md.read_text()
+    assert "nnformer_tiny" in capsys.readouterr().out
+
+
+def test_cli_bad_option():
+    assert main(["bench", "--quick", "--repeats", "0"]) == 2
+    assert main(["bench", "--quick", "--models", "nosuchnet"]) == 2

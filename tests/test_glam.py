@@ -1,0 +1,306 @@
+"""GLAMLayer: vanilla equivalence (N_g = 0), locality / full-range interaction, shapes, batch isolation, errors."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glam3d.models import GLAMLayer
+
+torch.set_num_threads(1)
+
+CASES = [  # (window, map)
+    ((4, 4), (8, 12)),
+    ((2, 2, 2), (4, 4, 6)),
+]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# independent reference: a Swin / nnFormer window block written with loops over windows and token pairs
+# ------------------------------------------------------------------------------------------------------------
+def _ref_bias(table, ws):
+    """(h, N_p, N_p) relative position bias from explicit coordinate pairs."""
+    coords = list(itertools.product(*[range(w) for w in ws]))
+    n = len(coords)
+    bias = torch.empty(table.shape[1], n, n)
+    for a, ca in enumerate(coords):
+        for b, cb in enumerate(coords):
+            idx = 0
+            for i, w in enumerate(ws):
+                idx = idx * (2 * w - 1) + (ca[i] - cb[i] + w - 1)
+            bias[:, a, b] = table[idx]
+    return bias, coords
+
+
+def _ref_block(blk, x, shift):
+    """x (B, *S, C) -> (B, *S, C), a plain (shifted) window block, no global tokens."""
+    B, *S, C = x.shape
+    d = len(S)
+    ws = [min(w, s) for w, s in zip(blk.window_size, S)]
+    sh = [(w // 2 if (shift and s > w) else 0) for w, s in zip(blk.window_size, S)]
+    Sp = [math.ceil(s / w) * w for s, w in zip(S, ws)]
+    xn = blk.norm1(x)
+    xp = torch.zeros(B, *Sp, C)
+    xp[(slice(None),) + tuple(slice(0, s) for s in S)] = xn
+    xp = torch.roll(xp, [-t for t in sh], dims=list(range(1, d + 1)))
+
+    def region(i, p):  # region label of padded/rolled index p along axis i
+        if sh[i] == 0:
+            return 0
+        return 0 if p < Sp[i] - ws[i] else (1 if p < Sp[i] - sh[i] else 2)
+
+    bias, coords = _ref_bias(blk.attn.relative_position_bias_table, ws)
+    h = blk.attn.num_heads
+    E = C // h
+    out = torch.zeros_like(xp)
+    for b in range(B):
+        for origin in itertools.product(*[range(0, s, w) for s, w in zip(Sp, ws)]):
+            pos = [tuple(o + c for o, c in zip(origin, cc)) for cc in coords]
+            tok = torch.stack([xp[(b,) + p] for p in pos])  # (N_p, C)
+            q, k, v = blk.attn.qkv(tok).split(C, dim=-1)
+            res = []
+            for hh in range(h):
+                sl = slice(hh * E, (hh + 1) * E)
+                logits = (q[:, sl] @ k[:, sl].T) * E ** -0.5 + bias[hh]
+                for a, pa in enumerate(pos):
+                    for c, pc in enumerate(pos):
+                        if any(region(i, pa[i]) != region(i, pc[i]) for i in range(d)):
+                            logits[a, c] = logits[a, c] - 100.0
+                res.append(torch.softmax(logits, -1) @ v[:, sl])
+            o = blk.attn.proj(torch.cat(res, -1))
+            for a, p in enumerate(pos):
+                out[(b,) + p] = o[a]
+    out = torch.roll(out, sh, dims=list(range(1, d + 1)))[(slice(None),) + tuple(slice(0, s) for s in S)]
+    x = x + out
+    return x + blk.mlp(blk.norm2(x))
+
+
+@pytest.mark.parametrize("ws,S", CASES + [((4, 4), (7, 9)), ((2, 4, 4), (3, 5, 6))])
+def test_zero_global_tokens_is_vanilla_window_layer(ws, S):
+    torch.manual_seed(0)
+    layer = GLAMLayer(8, 3, 2, ws, num_global_tokens=0).eval()
+    names = [n for n, _ in layer.named_parameters()]
+    assert not any("global" in n or "gmsa" in n for n in names)
+    x = torch.randn(2, 8, *S)
+    with torch.no_grad():
+        y = layer(x)
+        r = x.movedim(1, -1)
+        for i, blk in enumerate(layer.blocks):
+            r = _ref_block(blk, r, shift=(i % 2 == 1))
+    torch.testing.assert_close(y, r.movedim(-1, 1), atol=1e-5, rtol=1e-4)
+
+
+def _grad_between(layer, S, out_pos, in_pos):
+    x = torch.randn(1, layer.dim, *S, requires_grad=True)
+    y = layer(x)
+    y[(0, slice(None)) + out_pos].sum().backward()
+    return x.grad[(0, slice(None)) + in_pos].abs().sum().item()
+
+
+@pytest.mark.parametrize("ws,S", CASES)
+@pytest.mark.parametrize("depth", [1, 3])
+def test_no_gmsa_no_shift_is_local(ws, S, depth):
+    torch.manual_seed(0)
+    layer = GLAMLayer(8, depth, 2, ws, num_global_tokens=3, gmsa=False, shift=False)
+    corner = tuple(0 for _ in S)
+    far = tuple(s - 1 for s in S)
+    assert _grad_between(layer, S, corner, far) == 0.0
+    same = tuple(w - 1 for w in ws)  # same window as the corner
+    assert _grad_between(layer, S, corner, same) > 0.0
+
+
+@pytest.mark.parametrize("ws,S", CASES)
+def test_gmsa_gives_full_range_interaction(ws, S):
+    torch.manual_seed(0)
+    layer = GLAMLayer(8, 2, 2, ws, num_global_tokens=3, gmsa=True, shift=False)
+    corner = tuple(0 for _ in S)
+    far = tuple(s - 1 for s in S)
+    assert _grad_between(layer, S, corner, far) > 0.0
+
+
+@pytest.mark.parametrize("ws,S", CASES + [((4, 4), (7, 9)), ((2, 4, 4), (3, 5, 7))])
+@pytest.mark.parametrize("options", [{}, {"global_pos_embed": True, "global_clamp": True}])
+def test_shapes_padding_and_batch_isolation(ws, S, options):
+    torch.manual_seed(0)
+    layer = GLAMLayer(8, 2, 2, ws, num_global_tokens=4, input_resolution=S, **options).eval()
+    x = torch.randn(3, 8, *S)
+    y, g = layer(x, return_global=True)
+    assert y.shape == x.shape
+    n_r = math.prod(math.ceil(s / min(w, s)) for s, w in zip(S, ws))
+    assert g.shape == (3, n_r * 4, 8)
+    x2 = x.clone()
+    x2[0] += torch.randn_like(x2[0])
+    y2, g2 = layer(x2, return_global=True)
+    assert torch.equal(y2[1:], y[1:]) or torch.allclose(y2[1:], y[1:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(g2[1:], g[1:], atol=1e-6, rtol=0)
+    assert not torch.allclose(y2[0], y[0])
+    if options.get("global_clamp"):
+        assert g.abs().max() <= 1.0
+
+
+def test_small_map_single_window():
+    layer = GLAMLayer(8, 2, 2, (8, 8, 8), num_global_tokens=2)
+    y, g = layer(torch.randn(1, 8, 4, 4, 4), return_global=True)
+    assert y.shape == (1, 8, 4, 4, 4) and g.shape == (1, 2, 8)
+
+
+def test_cross_attention_layer():
+    torch.manual_seed(0)
+    layer = GLAMLayer(8, 2, 2, (2, 2, 2), num_global_tokens=2, cross_attention=True)
+    x, c = torch.randn(2, 8, 4, 4, 4), torch.randn(2, 8, 4, 4, 4)
+    y = layer(x, c)
+    assert y.shape == x.shape
+    assert not torch.allclose(y, layer(x, c + 1))
+    with pytest.raises(ValueError, match="context"):
+        layer(x)
+
+
+def test_drop_path_list_and_training_mode():
+    layer = GLAMLayer(8, 2, 2, (2, 2), num_global_tokens=2, drop_path=[0.0, 0.5]).train()
+    y = layer(torch.randn(2, 8, 4, 4))
+    y.sum().backward()
+    assert layer.global_tokens.grad is not None
+
+
+@pytest.mark.parametrize("kwargs,arg", [
+    (dict(dim=10, depth=1, num_heads=3, window_size=(2, 2)), "num_heads"),
+    (dict(dim=8, depth=1, num_heads=2, window_size=4), "spatial_dims"),
+    (dict(dim=8, depth=1, num_heads=2, window_size=(2, 2, 2, 2)), "window_size"),
+    (dict(dim=8, depth=1, num_heads=2, window_size=(0, 2)), "window_size"),
+    (dict(dim=8, depth=1, num_heads=2, window_size=(2, 2), spatial_dims=3), "spatial_dims"),
+    (dict(dim=8, depth=2, num_heads=2, window_size=(2, 2), drop_path=[0.1]), "drop_path"),
+    (dict(dim=8, depth=1, num_heads=2, window_size=(2, 2), global_pos_embed=True), "input_resolution"),
+])
+def test_bad_arguments(kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        GLAMLayer(**kwargs)
+
+
+def test_bad_input():
+    layer = GLAMLayer(8, 1, 2, (2, 2, 2))
+    with pytest.raises(ValueError, match="x"):
+        layer(torch.randn(1, 8, 4, 4))
+    with pytest.raises(ValueError, match="dim"):
+        layer(torch.randn(1, 6, 4, 4, 4))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# eq. 7 effective global attention map, against brute force
+# ------------------------------------------------------------------------------------------------------------
+def _brute_force_map(layer, x, query, block):
+    """Recompute W-MSA and G-MSA weights of `block` from its captured inputs with loops; return (*S) map."""
+    captured = {}
+    blk, gblk = layer.blocks[block], layer.gmsa[block]
+    h1 = blk.register_forward_pre_hook(lambda m, a: captured.__setitem__("blk", a))
+    h2 = gblk.register_forward_pre_hook(lambda m, a: captured.__setitem__("g", a))
+    with torch.no_grad():
+        layer(x)
+    h1.remove()
+    h2.remove()
+    xb, g = captured["blk"][0][:1], captured["blk"][1][:1]  # image 0: (1, *S, C), (1, N_r, N_g, C)
+    gin = captured["g"][0][:1]                              # (1, N_r*N_g, C)
+    B_, *S, C = xb.shape
+    d = len(S)
+    n_g = g.shape[2]
+    ws = [min(w, s) for w, s in zip(blk.window_size, S)]
+    sh = [(w // 2 if (blk.shift and s > w) else 0) for w, s in zip(blk.window_size, S)]
+    Sp = [math.ceil(s / w) * w for s, w in zip(S, ws)]
+    h = blk.attn.num_heads
+    E = C // h
+    bias, coords = _ref_bias(blk.attn.relative_position_bias_table, ws)
+    with torch.no_grad():
+        xn = blk.norm1(xb)
+        gn = blk.norm1(g)
+        xp = torch.zeros(1, *Sp, C)
+        xp[(slice(None),) + tuple(slice(0, s) for s in S)] = xn
+
+        def region(i, p):
+            if sh[i] == 0:
+                return 0
+            return 0 if p < Sp[i] - ws[i] else (1 if p < Sp[i] - sh[i] else 2)
+
+        A, where = [], {}
+        origins = list(itertools.product(*[range(0, s, w) for s, w in zip(Sp, ws)]))
+        for r, origin in enumerate(origins):
+            pos = [tuple(o + c for o, c in zip(origin, cc)) for cc in coords]  # rolled frame
+            orig = [tuple((p + t) % sp for p, t, sp in zip(pp, sh, Sp)) for pp in pos]  # map frame
+            for i, o in enumerate(orig):
+                where[o] = (r, i)
+            tok = torch.cat([gn[0, r], torch.stack([xp[(0,) + o] for o in orig])])
+            q, k, v = blk.attn.qkv(tok).split(C, dim=-1)
+            heads = []
+            for hh in range(h):
+                sl = slice(hh * E, (hh + 1) * E)
+                logits = (q[:, sl] @ k[:, sl].T) * E ** -0.5
+                for a, pa in enumerate(pos):
+                    for c, pc in enumerate(pos):
+                        logits[n_g + a, n_g + c] += bias[hh, a, c]
+                        if any(region(ii, pa[ii]) != region(ii, pc[ii]) for ii in range(d)):
+                            logits[n_g + a, n_g + c] -= 100.0
+                heads.append(torch.softmax(logits, -1))
+            A.append(torch.stack(heads).mean(0))
+        t = gblk.attn.qkv(gblk.norm1(gin))[0]
+        q, k, _ = t.split(C, dim=-1)
+        Bm = torch.stack([torch.softmax((q[:, s] @ k[:, s].T) * E ** -0.5, -1)
+                          for s in [slice(hh * E, (hh + 1) * E) for hh in range(gblk.attn.num_heads)]]).mean(0)
+    r, tq = where[tuple(query)]
+    alpha = A[r][n_g + tq, :n_g]
+    out = torch.zeros(*S)
+    for p in itertools.product(*[range(s) for s in S]):
+        r2, i = where[p]
+        out[p] = sum(alpha[kk] * Bm[r * n_g + kk, r2 * n_g + j] * A[r2][j, n_g + i]
+                     for kk in range(n_g) for j in range(n_g))
+    return out, A, Bm, r, alpha
+
+
+@pytest.mark.parametrize("ws,S,block,query", [((2, 2), (4, 6), 1, (1, 4)), ((2, 2), (5, 5), 0, (4, 0)),
+                                              ((2, 2, 2), (4, 4, 3), 1, (3, 0, 2))])
+def test_eq7_map_matches_brute_force(ws, S, block, query):
+    from glam3d.models.attention_map import global_attention_map, map_from_recorded, recording
+    torch.manual_seed(0)
+    layer = GLAMLayer(8, 2, 2, ws, num_global_tokens=2).eval()
+    x = torch.randn(2, 8, *S)
+    m = global_attention_map(layer, x, query, block=block)
+    assert m.shape == tuple(S) and (m >= 0).all()
+    ref, A, Bm, r, alpha = _brute_force_map(layer, x, query, block)
+    torch.testing.assert_close(m, ref, atol=1e-5, rtol=1e-4)
+    # total: sum_k alpha_k sum_{r',j} b (1 - attention of global token j to global tokens); padding tokens
+    # (cropped from the map) take their share, so the identity is checked on maps without padding
+    n_g = 2
+    n_r = len(A)
+    tot = sum(alpha[k] * Bm[r * n_g + k, r2 * n_g + j] * (1 - A[r2][j, :n_g].sum())
+              for k in range(n_g) for r2 in range(n_r) for j in range(n_g))
+    if all(s_ % w == 0 for s_, w in zip(S, ws)):
+        torch.testing.assert_close(m.sum(), tot, atol=1e-5, rtol=1e-4)
+    assert m.sum() <= alpha.sum() + 1e-6
+    mn = global_attention_map(layer, x, query, block=block, normalize=True, weighting="uniform")
+    torch.testing.assert_close(mn.sum(), torch.tensor(1.0))
+    # recording leaves the fast path on afterwards
+    assert not layer.blocks[block].attn.store_attn
+    with recording(layer, block):
+        layer(x)
+    torch.testing.assert_close(map_from_recorded(layer, query, block, image=0), m)
+
+
+def test_eq7_bad_arguments():
+    from glam3d.models.attention_map import global_attention_map
+    layer = GLAMLayer(8, 2, 2, (2, 2), num_global_tokens=0)
+    with pytest.raises(ValueError, match="num_global_tokens"):
+        global_attention_map(layer, torch.randn(1, 8, 4, 4), (0, 0))
+    layer = GLAMLayer(8, 2, 2, (2, 2), num_global_tokens=2)
+    with pytest.raises(ValueError, match="query"):
+        global_attention_map(layer, torch.randn(1, 8, 4, 4), (0, 9))
+    with pytest.raises(ValueError, match="block"):
+        global_attention_map(layer, torch.randn(1, 8, 4, 4), (0, 0), block=5)
+
+
+def test_last_gmsa_off_has_no_dead_parameters():
+    layer = GLAMLayer(8, 2, 2, (2, 2), num_global_tokens=2, last_gmsa=False)
+    assert len(layer.gmsa) == 1
+    layer(torch.randn(1, 8, 4, 4)).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    from glam3d.models.attention_map import global_attention_map
+    assert global_attention_map(layer, torch.randn(1, 8, 4, 4), (0, 0), block=0).shape == (4, 4)
+    with pytest.raises(ValueError, match="block"):
+        global_attention_map(layer, torch.randn(1, 8, 4, 4), (0, 0), block=1)

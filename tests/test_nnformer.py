@@ -1,0 +1,150 @@
+"""nnFormer / GLAM-nnFormer networks, SwinUNETR baseline, complexity table and `glam3d models`."""
+import argparse
+
+import pytest
+import torch
+
+from glam3d.models import build_model, list_models
+from glam3d.models.complexity import count_macs, count_macs_by_name, count_parameters, format_table, model_table
+
+torch.set_num_threads(1)
+
+
+def _meta(name, **kw):
+    with torch.device("meta"):
+        return build_model(name, **kw)
+
+
+def test_registry_names():
+    names = list_models()
+    for n in ["nnformer_synapse", "nnformer_tiny", "glam_nnformer_synapse", "glam_nnformer_tiny",
+              "swin_unetr_synapse", "swin_unetr_tiny"]:
+        assert n in names
+
+
+def test_nnformer_synapse_params_and_macs():
+    """Official Synapse nnFormer: 149.5 M parameters (the deployed, single-head network) and 211.5 G MACs."""
+    m = _meta("nnformer_synapse")
+    assert (m.spatial_dims, m.in_channels, m.num_classes, m.default_crop) == (3, 1, 14, (64, 128, 128))
+    assert m.deep_supervision
+    n_ds = count_parameters(m)
+    n = count_parameters(_meta("nnformer_synapse", deep_supervision=False))
+    assert abs(n / 149.5e6 - 1) < 0.02, n
+    assert abs(n_ds / 149.5e6 - 1) < 0.02, n_ds  # + the two extra deep-supervision heads
+    macs = count_macs(m, (1, 1, 64, 128, 128))
+    assert abs(macs / 211.5e9 - 1) < 0.03, macs
+    assert m.glam3d_spec == {"name": "nnformer_synapse", "kwargs": {}}
+
+
+def test_glam_nnformer_synapse_builds():
+    m = _meta("glam_nnformer_synapse")
+    # stages 3-4 (8^3 map / window 8, 4^3 / 4) are one window: no global tokens there
+    assert m.num_global_tokens == [10, 10, 0, 0]
+    assert m.single_window == [False, False, True, True]
+    # G-MSA adds parameters; NLU has fewer than the transposed-conv patch expanding it replaces
+    assert count_parameters(_meta("glam_nnformer_synapse", nlu=False)) > count_parameters(_meta("nnformer_synapse"))
+    assert count_parameters(m) < count_parameters(_meta("glam_nnformer_synapse", nlu=False))
+
+
+@pytest.mark.parametrize("name", ["nnformer_tiny", "glam_nnformer_tiny"])
+def test_tiny_forward_backward(name):
+    torch.manual_seed(0)
+    m = build_model(name)
+    assert m.default_crop == (32, 64, 64) and m.num_classes == 9
+    x = torch.randn(2, 1, *m.default_crop)
+    m.train()
+    outs = m(x)
+    assert isinstance(outs, list) and len(outs) == 3
+    assert [tuple(o.shape) for o in outs] == [(2, 9, 32, 64, 64), (2, 9, 16, 32, 32), (2, 9, 8, 16, 16)]
+    sum(o.mean() for o in outs).backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+    m.eval()
+    with torch.no_grad():
+        y = m(x[:1])
+    assert y.shape == (1, 9, 32, 64, 64)
+    m2 = build_model(name, deep_supervision=False).train()
+    with torch.no_grad():
+        assert m2(x[:1]).shape == (1, 9, 32, 64, 64)
+
+
+def test_glam_switches():
+    base = count_parameters(build_model("nnformer_tiny"))
+    vanilla_twin = build_model("glam_nnformer_tiny", num_global_tokens=0, nlu=False)
+    assert count_parameters(vanilla_twin) == base
+    assert set(vanilla_twin.state_dict()) == set(build_model("nnformer_tiny").state_dict())
+    full = build_model("glam_nnformer_tiny")
+    no_nlu = build_model("glam_nnformer_tiny", nlu=False)
+    no_gmsa = build_model("glam_nnformer_tiny", gmsa=False, nlu=False)
+    assert any(".nlu." in k for k in full.state_dict()) and not any(".nlu." in k for k in no_nlu.state_dict())
+    assert any(".gmsa." in k for k in no_nlu.state_dict()) and not any(".gmsa." in k for k in no_gmsa.state_dict())
+    assert any("global_tokens" in k for k in no_gmsa.state_dict())
+    assert count_parameters(no_gmsa) < count_parameters(no_nlu)
+    x = torch.randn(1, 1, 32, 64, 64)
+    with torch.no_grad():
+        for m in (no_nlu.eval(), no_gmsa.eval()):
+            assert m(x).shape == (1, 9, 32, 64, 64)
+    per_stage = build_model("glam_nnformer_tiny", num_global_tokens=[4, 2, 0, 0], global_pos_embed=True,
+                            global_clamp=True)
+    assert per_stage.stages[0].num_global_tokens == 4 and per_stage.dec_stages[1].num_global_tokens == 2
+    with torch.no_grad():
+        assert per_stage.eval()(x).shape == (1, 9, 32, 64, 64)
+
+
+def test_vanilla_twin_equals_nnformer_output():
+    torch.manual_seed(0)
+    a = build_model("nnformer_tiny").eval()
+    b = build_model("glam_nnformer_tiny", num_global_tokens=0, nlu=False).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 1, 32, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))
+
+
+def test_bad_inputs_and_arguments():
+    m = build_model("nnformer_tiny").eval()
+    with pytest.raises(ValueError, match="x"):
+        m(torch.randn(1, 1, 30, 64, 64))
+    with pytest.raises(ValueError, match="x"):
+        m(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="in_channels"):
+        m(torch.randn(1, 2, 32, 64, 64))
+    with pytest.raises(ValueError, match="num_heads"):
+        build_model("nnformer_tiny", num_heads=(5, 4, 8, 16))
+    with pytest.raises(ValueError, match="crop_size"):
+        build_model("nnformer_tiny", crop_size=(30, 64, 64))
+    with pytest.raises(ValueError, match="window_size"):
+        build_model("nnformer_tiny", window_size=(4, 4, 4))
+    with pytest.raises(ValueError, match="nlu"):
+        build_model("nnformer_tiny", nlu=True)
+
+
+def test_other_input_sizes():
+    m = build_model("glam_nnformer_tiny", global_pos_embed=True).eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 1, 16, 64, 96)).shape == (1, 9, 16, 64, 96)
+
+
+def test_swin_unetr_tiny():
+    pytest.importorskip("einops")
+    m = build_model("swin_unetr_tiny").eval()
+    assert not m.deep_supervision and m.default_crop == (32, 64, 64)
+    with torch.no_grad():
+        assert m(torch.randn(1, 1, 32, 64, 64)).shape == (1, 9, 32, 64, 64)
+    with pytest.raises(ValueError, match="x"):
+        m(torch.randn(1, 1, 32, 64, 48))
+
+
+def test_model_table_and_command(capsys):
+    rows = model_table(["nnformer_tiny", "glam_nnformer_tiny"])
+    assert [r["name"] for r in rows] == ["nnformer_tiny", "glam_nnformer_tiny"]
+    assert rows[0]["twin"] is None and rows[1]["twin"] == "nnformer_tiny"
+    assert rows[1]["params_overhead_pct"] != 0 and rows[1]["macs_overhead_pct"] > 0
+    assert rows[0]["macs_G"] == pytest.approx(count_macs_by_name("nnformer_tiny") / 1e9)
+    assert "glam_nnformer_tiny" in format_table(rows)
+    with pytest.raises(ValueError, match="names"):
+        model_table(["nope"])
+    from glam3d.commands import models as cmd
+    parser = argparse.ArgumentParser()
+    cmd.add_parser(parser.add_subparsers())
+    assert cmd.run(parser.parse_args(["models", "--names", "nnformer_tiny"])) == 0
+    assert "nnformer_tiny" in capsys.readouterr().out

@@ -1,0 +1,252 @@
+"""glam3d predict: geometry round trip (RAS / LPS / oblique), label values, skip/overwrite, refusals, DICOM."""
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from glam3d import cli
+from glam3d.cli import main
+from glam3d.engine.checkpoint import save_checkpoint
+from glam3d.models import registry
+
+pipeline = pytest.importorskip("preprocessing.pipeline")
+
+# training index -> raw label value (Synapse ids): 1 aorta (8), 2 liver (6), 3 spleen (1)
+LABEL_VALUES = {1: 8, 2: 6, 3: 1}
+HU = {0: 0.0, 1: 95.0, 2: 155.0, 3: 215.0}  # body 0 HU; organ i at -125 + 400 * (0.4 + 0.15 i)
+
+
+class Oracle(torch.nn.Module):
+    """Reads the class off the (transunet-normalised) intensity: a train-free model with known answers."""
+    in_channels, num_classes, spatial_dims, default_crop = 1, 4, 3, (16, 16, 16)
+
+    def forward(self, x):
+        cls = torch.clamp(torch.round((x[:, 0] - 0.4) / 0.15), 0, 3).long()
+        cls[x[:, 0] < 0.43] = 0  # midway between body (0.31) and aorta (0.55)
+        return 10.0 * torch.nn.functional.one_hot(cls, 4).permute(0, 4, 1, 2, 3).float()
+
+
+if "testoracle" not in registry._FAMILIES:
+    registry.register_family("testoracle", lambda **kw: Oracle(), {"base": {}})
+
+
+@pytest.fixture(autouse=True)
+def _isolated_registry(monkeypatch):
+    monkeypatch.setattr(registry, "_ensure_loaded", lambda: None)  # don't depend on other networks importing
+    # the CLI with only the commands under test (the others are built elsewhere)
+    monkeypatch.setattr(cli, "COMMANDS", {"predict": "predict", "evaluate": "evaluate", "show": "show"})
+
+
+def _rot(deg):
+    a = math.radians(deg)
+    return np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+
+
+def make_scan(orientation, shape=(36, 32, 20), spacing=(1.5, 1.5, 3.0)):
+    """Phantom scan + truth with blobs at fixed *world* positions, stored in the given orientation."""
+    # canonical RAS grid
+    ras = np.eye(4)
+    ras[:3, :3] = np.diag(spacing)
+    ras[:3, 3] = [-shape[0] * spacing[0] / 2, -shape[1] * spacing[1] / 2, -shape[2] * spacing[2] / 2]
+    lab = np.zeros(shape, np.uint8)
+    body = np.zeros(shape, bool)
+    body[3:-3, 3:-3, :] = True
+    lab[6:14, 8:20, 4:12] = 2          # liver (index 2), patient's right... anterior-ish
+    lab[22:30, 10:18, 6:14] = 3        # spleen
+    lab[15:21, 19:25, 2:18] = 1        # aorta: a tube along z
+    img = np.where(body, 0.0, -1000.0).astype(np.float32)
+    for i, hu in HU.items():
+        if i:
+            img[lab == i] = hu
+    raw = np.zeros_like(lab)
+    for i, v in LABEL_VALUES.items():
+        raw[lab == i] = v
+    if orientation == "RAS":
+        aff = ras
+        return nib.Nifti1Image(img, aff), nib.Nifti1Image(raw, aff), raw
+    if orientation == "LPS":  # flip x and y in storage: same world content
+        aff = ras.copy()
+        aff[:, 0] *= -1
+        aff[:, 1] *= -1
+        aff[:3, 3] = ras[:3, :3] @ [shape[0] - 1, shape[1] - 1, 0] + ras[:3, 3]
+        img2, raw2 = img[::-1, ::-1].copy(), raw[::-1, ::-1].copy()
+        return nib.Nifti1Image(img2, aff), nib.Nifti1Image(raw2, aff), raw2
+    # oblique: axes permuted (z stored first) and rotated 12 degrees about z
+    img2, raw2 = np.ascontiguousarray(img.transpose(2, 0, 1)), np.ascontiguousarray(raw.transpose(2, 0, 1))
+    aff = np.eye(4)
+    aff[:3, :3] = _rot(12) @ ras[:3, :3][:, [2, 0, 1]]
+    aff[:3, 3] = ras[:3, 3]
+    return nib.Nifti1Image(img2, aff), nib.Nifti1Image(raw2, aff), raw2
+
+
+def write_checkpoint(path, target_spacing):
+    plan = pipeline.make_plan(target_spacing, {"scheme": "transunet"}, LABEL_VALUES, crop_to_body=True)
+    state = {"model_spec": {"name": "testoracle_base", "kwargs": {}}, "model": {}, "plan": plan,
+             "labels": {"0": "background", "1": "aorta", "2": "liver", "3": "spleen"},
+             "config": {"val": {"roi_size": [16, 16, 16], "overlap": 0.5}, "train": {"seed": 7}}}
+    save_checkpoint(path, state)
+    return path
+
+
+def dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS", "oblique"])
+def test_geometry_round_trip_exact(tmp_path, orientation, capsys):
+    img, lab, raw = make_scan(orientation)
+    nib.save(img, tmp_path / "img0001.nii.gz")
+    # the plan's spacing equals the scan's (sz, sy, sx): no resampling, so the round trip is exact
+    ck = write_checkpoint(tmp_path / "ck.pt", [3.0, 1.5, 1.5])
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(ck), "--input", str(tmp_path / "img0001.nii.gz"),
+                 "--output", str(out), "--quiet"]) == 0
+    seg = nib.load(out / "img0001.nii.gz")
+    assert seg.shape == img.shape
+    assert np.allclose(seg.affine, img.affine, atol=1e-6)
+    pred = np.asanyarray(seg.dataobj)
+    assert set(np.unique(pred)) == {0, 1, 6, 8}  # Synapse ids, not training indices
+    assert np.array_equal(pred, raw)
+    man = json.loads((out / "predictions.json").read_text())
+    assert len(man["checkpoint"]["sha256"]) == 64 and man["seed"] == 7
+    assert man["cases"]["img0001"]["status"] == "written"
+    assert "1 written, 0 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "oblique"])
+def test_geometry_round_trip_resampled(tmp_path, orientation):
+    img, lab, raw = make_scan(orientation)
+    nib.save(img, tmp_path / "scan.nii")
+    ck = write_checkpoint(tmp_path / "ck.pt", [2.0, 1.2, 1.1])  # resampling both ways
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(ck), "--input", str(tmp_path), "--output", str(out),
+                 "--quiet", "--probabilities"]) == 0
+    seg = nib.load(out / "scan.nii.gz")
+    assert seg.shape == img.shape and np.allclose(seg.affine, img.affine, atol=1e-6)
+    pred = np.asanyarray(seg.dataobj)
+    # organs land where the truth is: every organ's interior (truth eroded by one voxel) is predicted as that
+    # organ, and the foreground agrees. (Linear resampling of the intensities makes organ rims pass through other
+    # organs' intensity bins, so rims are not compared label by label.)
+    from scipy import ndimage
+    for v in (8, 6, 1):
+        core = ndimage.binary_erosion(raw == v)
+        assert (pred[core] == v).mean() > 0.98, v
+    assert dice(pred > 0, raw > 0) > 0.9
+    probs = nib.load(out / "scan_probabilities.nii.gz")
+    assert probs.shape == img.shape + (4,)
+    assert np.allclose(probs.affine, img.affine, atol=1e-6)
+    p = np.asanyarray(probs.dataobj)
+    assert np.allclose(p.sum(-1), 1, atol=1e-3)
+
+
+def test_skip_existing_and_overwrite(tmp_path, capsys):
+    img, _, raw = make_scan("RAS")
+    nib.save(img, tmp_path / "a.nii.gz")
+    ck = write_checkpoint(tmp_path / "ck.pt", [3.0, 1.5, 1.5])
+    out = tmp_path / "pred"
+    out.mkdir()
+    sentinel = nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine)
+    nib.save(sentinel, out / "a.nii.gz")
+    args = ["predict", "--checkpoint", str(ck), "--input", str(tmp_path / "a.nii.gz"), "--output", str(out),
+            "--quiet"]
+    assert main(args) == 0
+    assert "0 written, 1 skipped" in capsys.readouterr().out
+    assert not np.asanyarray(nib.load(out / "a.nii.gz").dataobj).any()  # kept
+    assert main(args + ["--overwrite"]) == 0
+    assert np.array_equal(np.asanyarray(nib.load(out / "a.nii.gz").dataobj), raw)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_refusals(tmp_path, capsys):
+    img, _, _ = make_scan("RAS")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nib.save(img, scans / "a.nii.gz")
+    ck = write_checkpoint(tmp_path / "ck.pt", [3.0, 1.5, 1.5])
+    # output folder = input folder: the output a.nii.gz would replace the input
+    assert main(["predict", "--checkpoint", str(ck), "--input", str(scans), "--output", str(scans)]) == 2
+    assert "input" in capsys.readouterr().err
+    # output file would be an input given explicitly from another folder
+    other = tmp_path / "other"
+    other.mkdir()
+    nib.save(img, other / "a.nii.gz")
+    assert main(["predict", "--checkpoint", str(ck), "--input", str(other / "a.nii.gz"), str(scans / "a.nii.gz"),
+                 "--output", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    # a corrupt input: one line naming it, nothing written
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "b.nii.gz").write_bytes(b"not a nifti")
+    nib.save(img, bad / "a.nii.gz")
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(ck), "--input", str(bad), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "b.nii.gz" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())
+    # missing input, missing checkpoint
+    assert main(["predict", "--checkpoint", str(ck), "--input", str(tmp_path / "nope.nii.gz"),
+                 "--output", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(tmp_path / "none.pt"), "--input", str(scans),
+                 "--output", str(out)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_shard_over_ranks(tmp_path, monkeypatch):
+    img, _, _ = make_scan("RAS", shape=(20, 20, 8))
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(3):
+        nib.save(img, scans / f"c{i}.nii.gz")
+    ck = write_checkpoint(tmp_path / "ck.pt", [3.0, 1.5, 1.5])
+    out = tmp_path / "pred"
+    for rank in (1, 0):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        assert main(["predict", "--checkpoint", str(ck), "--input", str(scans), "--output", str(out), "--quiet",
+                     "--device", "cpu"]) == 0
+        written = sorted(p.name for p in out.glob("c*.nii.gz"))
+        assert written == (["c1.nii.gz"] if rank == 1 else ["c0.nii.gz", "c1.nii.gz", "c2.nii.gz"])
+    man = json.loads((out / "predictions.json").read_text())
+    assert sorted(man["cases"]) == ["c0", "c1", "c2"]
+
+
+def test_dicom_series_lps_to_ras(tmp_path):
+    import SimpleITK as sitk
+
+    from glam3d.commands.predict import collect_cases, read_dicom_series
+
+    arr = (np.arange(6 * 7 * 5).reshape(5, 7, 6) % 200).astype(np.int16)  # (z, y, x)
+    vol = sitk.GetImageFromArray(arr)
+    vol.SetSpacing((0.8, 0.9, 2.5))
+    vol.SetOrigin((-10.0, 20.0, 30.0))
+    d = tmp_path / "series"
+    d.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    uid = "1.2.826.0.1.3680043.2.1125.1.1"
+    for k in range(vol.GetDepth()):
+        sl = vol[:, :, k]
+        for tag, val in (("0010|0010", "Phantom"), ("0020|000d", uid + ".1"), ("0020|000e", uid + ".2"),
+                         ("0008|0060", "CT"), ("0020|0013", str(k + 1)),
+                         ("0020|0032", "\\".join(map(str, vol.TransformIndexToPhysicalPoint((0, 0, k))))),
+                         ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "0.9\\0.8"),
+                         ("0018|0050", "2.5")):
+            sl.SetMetaData(tag, val)
+        writer.SetFileName(str(d / f"{k:03d}.dcm"))
+        writer.Execute(sl)
+    cases = collect_cases([str(d)])
+    assert len(cases) == 1 and cases[0].kind == "dicom" and cases[0].name == "series"
+    img = read_dicom_series(d, cases[0].series_id)
+    assert img.shape == (6, 7, 5)
+    data = np.asanyarray(img.dataobj)
+    for ijk in [(0, 0, 0), (5, 6, 4), (2, 3, 1)]:
+        lps = np.asarray(vol.TransformIndexToPhysicalPoint(tuple(int(v) for v in ijk)))
+        ras = img.affine @ np.r_[ijk, 1]
+        assert np.allclose(ras[:3], lps * [-1, -1, 1], atol=1e-4)
+        assert data[ijk] == arr[ijk[2], ijk[1], ijk[0]]

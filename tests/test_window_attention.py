@@ -1,0 +1,106 @@
+"""N-D window helpers and WindowAttention (2D and 3D)."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from glam3d.models.window import (MASK_VALUE, WindowAttention, effective_window, pad_to_multiple,
+                                  relative_position_index, shift_window_mask, window_partition, window_reverse)
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("shape,ws", [((8, 12), (4, 4)), ((4, 8, 6), (2, 4, 3))])
+def test_partition_roundtrip_and_order(shape, ws):
+    x = torch.randn(2, *shape, 5)
+    w = window_partition(x, ws)
+    n_r = math.prod(s // k for s, k in zip(shape, ws))
+    assert w.shape == (2 * n_r, math.prod(ws), 5)
+    assert torch.equal(window_reverse(w, ws, shape), x)
+    # window 0 of image 1 is the first corner block of image 1, raster order inside
+    corner = x[(1,) + tuple(slice(0, k) for k in ws)].reshape(-1, 5)
+    assert torch.equal(w[n_r], corner)
+
+
+def test_pad_and_effective_window():
+    x = torch.randn(1, 5, 7, 3)
+    assert pad_to_multiple(x, (4, 4)).shape == (1, 8, 8, 3)
+    assert effective_window((3, 16), (4, 4), (2, 2)) == ((3, 4), (0, 2))
+    with pytest.raises(ValueError, match="window_size"):
+        effective_window((3, 16, 16), (4, 4), (2, 2))
+
+
+def _swin_mask_2d(H, W, w, s):
+    """Swin's original slice-based mask (2D) for comparison."""
+    img = torch.zeros(1, H, W, 1)
+    cnt = 0
+    sl = (slice(0, -w), slice(-w, -s), slice(-s, None))
+    for h in sl:
+        for ww in sl:
+            img[:, h, ww, :] = cnt
+            cnt += 1
+    mw = window_partition(img, (w, w)).squeeze(-1)
+    m = mw.unsqueeze(1) - mw.unsqueeze(2)
+    return m.masked_fill(m != 0, MASK_VALUE).masked_fill(m == 0, 0.0)
+
+
+def test_shift_mask_matches_swin_and_is_cached():
+    m = shift_window_mask((8, 12), (4, 4), (2, 2))
+    assert torch.equal(m, _swin_mask_2d(8, 12, 4, 2))
+    assert shift_window_mask((8, 12), (4, 4), (2, 2)) is m  # cached
+    m3 = shift_window_mask((4, 4, 4), (2, 2, 2), (1, 1, 1))
+    assert m3.shape == (8, 8, 8)
+    assert (m3[0] == 0).all() and (m3[-1] != 0).any()
+
+
+def test_relative_position_index_2d_matches_swin():
+    w = (3, 4)
+    coords = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).clone()
+    rel[:, :, 0] += w[0] - 1
+    rel[:, :, 1] += w[1] - 1
+    rel[:, :, 0] *= 2 * w[1] - 1
+    assert torch.equal(relative_position_index(w), rel.sum(-1))
+    assert relative_position_index(w) is relative_position_index(w)
+    # a clipped window indexes into the nominal table and stays in range
+    idx = relative_position_index((2, 2, 2), (4, 4, 4))
+    assert idx.max() < 7 ** 3 and idx.unique().numel() == 27
+
+
+@pytest.mark.parametrize("ws", [(2, 3), (2, 2, 2)])
+@pytest.mark.parametrize("prefix", [0, 2])
+def test_sdpa_matches_explicit_path(ws, prefix):
+    torch.manual_seed(0)
+    attn = WindowAttention(8, 2, ws)
+    n_p = math.prod(ws)
+    x = torch.randn(6, prefix + n_p, 8)
+    mask = torch.zeros(3, n_p, n_p)
+    mask[1, 0, 1:] = MASK_VALUE
+    fast = attn(x, window_size=ws, mask=mask, num_prefix=prefix)
+    attn.store_attn = True
+    slow = attn(x, window_size=ws, mask=mask, num_prefix=prefix)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    a = attn.last_attn  # (6, h, L, L)
+    if prefix:
+        # global tokens are never masked: attention to them is positive everywhere
+        assert (a[..., :prefix] > 0).all()
+    # masked pairs of window 1 (and of window 4 = image 1, window 1) get ~0 weight
+    assert a[1, :, prefix, prefix + 1:].max() < 1e-30 and a[4, :, prefix, prefix + 1:].max() < 1e-30
+
+
+def test_cross_attention_uses_context_for_keys():
+    torch.manual_seed(0)
+    attn = WindowAttention(8, 2, (2, 2), cross=True)
+    assert not hasattr(attn, "qkv") and attn.q is None
+    x, c = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    y1 = attn(x, c, (2, 2))
+    y2 = attn(x, c + 1.0, (2, 2))
+    assert not torch.allclose(y1, y2)
+    with pytest.raises(ValueError, match="context"):
+        attn(x)
+
+
+def test_bad_heads():
+    with pytest.raises(ValueError, match="num_heads"):
+        WindowAttention(10, 3, (2, 2))
