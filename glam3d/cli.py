@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from . import __version__
-from .errors import UserError
+from .errors import run_command
 
 # command name -> module under glam3d.commands
 COMMANDS = {
@@ -41,17 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args._run(args) or 0)
-    except UserError as err:
-        if getattr(args, "debug", False):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
+    return run_command(args._run, args)
 
 if __name__ == "__main__":
     sys.exit(main())

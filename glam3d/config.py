@@ -8,6 +8,16 @@ A config file is a YAML mapping whose sections mirror :class:`Config`::
     optim: {name: adamw, lr: 1.0e-3, schedule: warmup_cosine, warmup_epochs: 1}
     train: {epochs: 20, iters_per_epoch: 50, val_every: 5, amp: none}
 
+2D natural-image configs (ADE20K, Cityscapes, the synthetic set) select their ``data:`` section with
+``data.dataset: ade20k | cityscapes | synthetic`` (:class:`Data2DConfig`; absent or ``preprocessed``: the 3D
+:class:`DataConfig`); ``cfg.task`` is then ``"2d"`` and ``loss.name`` defaults to ``ce``::
+
+    base: ade20k_recipe.yaml
+    model: {name: glam_swin_upernet_tiny, pretrained: pretrained/swin_tiny_patch4_window7_224.pth}
+    data: {dataset: ade20k, root: data/ade20k, crop_size: [512, 512]}
+    train: {deep_supervision: [1.0, 0.4]}          # UperNet (main, aux) loss weights
+    val: {inference: whole}                        # or slide (val.roi_size, val.overlap)
+
 ``base`` files are merged key by key (mappings recursively, everything else replaced). Unknown keys (with close
 matches suggested) and wrong types raise :class:`~glam3d.errors.UserError` with one line naming the key and the
 file. ``--override a.b=value`` values are YAML scalars (``optim.lr=3e-4``, ``data.roi_size=[32,64,64]``).
@@ -43,6 +53,7 @@ class ModelConfig:
     name: str = "glam_nnformer_tiny"
     overrides: Dict[str, Any] = field(default_factory=dict)  # kwargs for build_model (num_global_tokens, gmsa, ...)
     init_checkpoint: Optional[str] = None  # start from these weights (same architecture), e.g. pre-training
+    pretrained: Optional[str] = None  # ImageNet Swin checkpoint for the backbone (models.pretrained)
 
 
 @dataclass
@@ -66,7 +77,8 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    """Preprocessed dataset (``dataset.json`` + ``cases/<id>.npz``) and patch sampling."""
+    """3D: preprocessed dataset (``dataset.json`` + ``cases/<id>.npz``) and patch sampling."""
+    dataset: Literal["preprocessed"] = "preprocessed"  # a 2D dataset name selects Data2DConfig instead
     root: str = ""
     roi_size: List[int] = field(default_factory=lambda: [64, 128, 128])  # (D, H, W) training crop
     batch_size: int = 2  # volumes drawn per step and rank; the step sees batch_size * num_samples patches
@@ -82,8 +94,48 @@ class DataConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """``data.dataset: synthetic``: the set :func:`glam3d.data.natural.make_synthetic_ade20k` writes under root."""
+    num_train: int = 32
+    num_val: int = 8
+    size: List[int] = field(default_factory=lambda: [96, 128])  # (H, W)
+    num_classes: int = 5
+    seed: int = 0
+
+
+DATASETS_2D = ("ade20k", "cityscapes", "synthetic")
+_DATA2D_PER_DATASET = ("crop_size", "img_scale", "test_scale", "cat_max_ratio")  # defaults differ per dataset
+
+
+@dataclass
+class Data2DConfig:
+    """2D natural images (:mod:`glam3d.data.natural`), selected by ``data.dataset: ade20k | cityscapes |
+    synthetic``. ``crop_size``, ``img_scale``, ``test_scale`` and ``cat_max_ratio`` left out take the dataset's
+    defaults (``natural.DATA_DEFAULTS``: ADE20K 512² crops / short side 512, Cityscapes 769² / full size)."""
+    dataset: Literal["ade20k", "cityscapes", "synthetic"] = "ade20k"
+    root: str = ""  # ADE20K: folder holding ADEChallengeData2016/; Cityscapes: leftImg8bit/ + gtFine/
+    crop_size: List[int] = field(default_factory=lambda: [512, 512])  # (H, W) training crop
+    img_scale: Optional[List[int]] = field(default_factory=lambda: [2048, 512])  # (long, short) rescale base
+    ratio_range: List[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale factor range
+    cat_max_ratio: float = 0.75  # re-draw crops where one class covers more than this fraction
+    flip_prob: float = 0.5  # horizontal flip
+    photometric: bool = True  # brightness / contrast / saturation / hue distortion
+    mean: List[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # 0..255 RGB
+    std: List[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    test_scale: Optional[List[int]] = field(default_factory=lambda: [2048, 512])  # validation resize; null: none
+    num_classes: Optional[int] = None  # optional check against the dataset
+    train_split: Optional[str] = None  # default training / train
+    val_split: Optional[str] = None  # default validation / val
+    reduce_zero_label: bool = True  # ADE20K layout: file value 0 -> ignored, v -> v - 1
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    batch_size: int = 2  # images per step and rank
+    workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
 class LossConfig:
-    name: Literal["dice_ce"] = "dice_ce"
+    name: Literal["dice_ce", "ce"] = "dice_ce"  # 2D configs default to ce (cross-entropy)
+    ignore_index: int = 255  # ce: label value left out of the loss (2D: unlabelled pixels)
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     include_background: bool = False  # Dice term over foreground classes only (nnU-Net)
@@ -105,6 +157,9 @@ class OptimConfig:
     min_lr: float = 0.0  # floor of the cosine schedule
     step_per: Literal["iter", "epoch"] = "iter"  # "epoch": lr constant within an epoch (nnFormer's poly)
     grad_clip: Optional[float] = 12.0  # max global gradient norm; null: off
+    # parameter-name substrings kept out of weight decay (mmseg's decay_mult=0), e.g. [norm,
+    # relative_position_bias_table, global_tokens, global_pos_embed]; adamw also exempts every 1-D parameter
+    no_weight_decay: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -121,17 +176,20 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True  # tqdm bar per epoch (rank 0)
     find_unused_parameters: bool = False  # DDP: networks with parameters outside the loss graph
+    sync_bn: bool = True  # 2D under DDP on CUDA: BatchNorm -> SyncBatchNorm (mmseg)
 
 
 @dataclass
 class ValConfig:
-    """Validation: sliding-window inference over whole validation volumes, per-class Dice."""
+    """Validation. 3D: sliding-window inference over whole validation volumes, per-class Dice. 2D: ``inference``
+    whole image or sliding windows (``roi_size``, ``overlap``; constant blend), mIoU over the validation set."""
     overlap: float = 0.5
-    mirror: bool = False
+    mirror: bool = False  # 2D: horizontal flip added
     sw_batch_size: int = 2
-    mode: Literal["gaussian", "constant"] = "gaussian"
-    roi_size: Optional[List[int]] = None  # default: data.roi_size
-    max_cases: int = 0  # 0: all validation cases
+    mode: Literal["gaussian", "constant"] = "gaussian"  # 3D blend
+    roi_size: Optional[List[int]] = None  # default: data.roi_size (3D) / data.crop_size (2D)
+    max_cases: int = 0  # 0: all validation cases (2D: images)
+    inference: Literal["whole", "slide"] = "whole"  # 2D only (3D always slides windows)
 
 
 @dataclass
@@ -139,7 +197,7 @@ class Config:
     name: str = ""  # default: the config file's stem
     output: str = "runs/{name}"  # run folder; {name} is replaced
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Union[DataConfig, Data2DConfig] = field(default_factory=DataConfig)  # chosen by data.dataset
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -148,6 +206,48 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.output.replace("{name}", self.name or "run"))
+
+    @property
+    def task(self) -> str:
+        """``"2d"`` for a natural-image dataset (``data.dataset`` ade20k / cityscapes / synthetic), else ``"3d"``."""
+        return "2d" if isinstance(self.data, Data2DConfig) else "3d"
+
+
+def data_schema(raw_data) -> type:
+    """The ``data:`` dataclass a raw section asks for: :class:`Data2DConfig` when ``dataset`` names a 2D set,
+    :class:`DataConfig` when it is absent or ``preprocessed``."""
+    if isinstance(raw_data, dict) and raw_data.get("dataset") in DATASETS_2D:
+        return Data2DConfig
+    return DataConfig
+
+
+def _check_dataset_name(raw_data, source: str) -> None:
+    if not isinstance(raw_data, dict) or "dataset" not in raw_data:
+        return
+    value, known = raw_data["dataset"], ("preprocessed",) + DATASETS_2D
+    if value not in known:
+        close = difflib.get_close_matches(str(value), known, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"config key 'data.dataset' must be one of {', '.join(known)}, got {_show(value)}{hint}",
+                        source)
+
+
+def _with_task_defaults(raw: dict, source: str) -> dict:
+    """2D configs: per-dataset data defaults and ``loss.name: ce`` unless given."""
+    if not isinstance(raw, dict):
+        return raw
+    _check_dataset_name(raw.get("data"), source)
+    if data_schema(raw.get("data")) is not Data2DConfig:
+        return raw
+    from .data.natural import DATA_DEFAULTS  # lazy: pulls in torch / PIL
+
+    raw = dict(raw)
+    defaults = DATA_DEFAULTS[raw["data"]["dataset"]]
+    raw["data"] = {**{k: copy.deepcopy(defaults[k]) for k in _DATA2D_PER_DATASET if k in defaults}, **raw["data"]}
+    loss = raw.get("loss")
+    if loss is None or (isinstance(loss, dict) and "name" not in loss):
+        raw["loss"] = {**(loss or {}), "name": "ce"}
+    return raw
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,6 +324,12 @@ def apply_override(raw: dict, item: str) -> None:
             prefix = ".".join(parts[:i])
             raise UserError(f"--override {item!r}: unknown key {key!r}{_suggest(part, fields, prefix)}")
         ftype = typing.get_type_hints(cls)[part]
+        if cls is Config and part == "data":  # 3D or 2D section, per the data.dataset set so far
+            ftype = data_schema(raw.get("data"))
+            other = DataConfig if ftype is Data2DConfig else Data2DConfig
+            if i + 1 < len(parts) and parts[i + 1] not in {f.name for f in dataclasses.fields(ftype)} and \
+                    parts[i + 1] in {f.name for f in dataclasses.fields(other)}:
+                ftype = other  # e.g. data.dataset=... comes later in the list; the final build checks it
         cls = ftype if dataclasses.is_dataclass(ftype) else None
         if cls is None and i < len(parts) - 1 and typing.get_origin(ftype) not in (dict, Dict):
             raise UserError(f"--override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
@@ -237,7 +343,7 @@ def apply_override(raw: dict, item: str) -> None:
 
 def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     """Build a :class:`Config` from a plain mapping, strictly (one-line UserError naming key and source)."""
-    return _build(Config, raw, "", source)
+    return _build(Config, _with_task_defaults(raw, source), "", source)
 
 
 def config_to_dict(cfg) -> dict:
@@ -275,7 +381,8 @@ def _build(cls, raw, prefix: str, source: str):
     for name in names:
         if name in raw:
             full = f"{prefix}.{name}" if prefix else name
-            kwargs[name] = _convert(hints[name], raw[name], full, source)
+            tp = data_schema(raw[name]) if (cls is Config and name == "data") else hints[name]
+            kwargs[name] = _convert(tp, raw[name], full, source)
     return cls(**kwargs)
 
 
@@ -376,14 +483,20 @@ def validate_config(cfg: Config, source: str = "<config>") -> None:
         if not cond:
             raise UserError(f"config key '{key}' {msg}", source)
 
-    need(bool(cfg.data.root), "data.root", "is required (the folder with dataset.json)")
-    need(len(cfg.data.roi_size) == 3 and all(s > 0 for s in cfg.data.roi_size), "data.roi_size",
-         f"must be 3 positive sizes (D, H, W), got {cfg.data.roi_size}")
+    if cfg.task == "2d":
+        _validate_data_2d(cfg, need)
+    else:
+        need(bool(cfg.data.root), "data.root", "is required (the folder with dataset.json)")
+        need(len(cfg.data.roi_size) == 3 and all(s > 0 for s in cfg.data.roi_size), "data.roi_size",
+             f"must be 3 positive sizes (D, H, W), got {cfg.data.roi_size}")
+        need(cfg.data.num_samples >= 1, "data.num_samples", "must be >= 1")
+        need(cfg.data.pos >= 0 and cfg.data.neg >= 0 and cfg.data.pos + cfg.data.neg > 0, "data.pos",
+             "and data.neg must be >= 0 and not both 0")
+        need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+        need(len(cfg.data.augment.gamma_range) == 2, "data.augment.gamma_range", "must be two numbers")
+        need(len(cfg.data.augment.rotate_deg) == 3, "data.augment.rotate_deg", "must be 3 angles (D, H, W axes)")
+        need(cfg.val.roi_size is None or len(cfg.val.roi_size) == 3, "val.roi_size", "must be 3 sizes (D, H, W)")
     need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
-    need(cfg.data.num_samples >= 1, "data.num_samples", "must be >= 1")
-    need(cfg.data.pos >= 0 and cfg.data.neg >= 0 and cfg.data.pos + cfg.data.neg > 0, "data.pos",
-         "and data.neg must be >= 0 and not both 0")
-    need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
     need(cfg.data.workers >= 0, "data.workers", "must be >= 0")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(cfg.optim.grad_clip is None or cfg.optim.grad_clip > 0, "optim.grad_clip", "must be > 0 or null")
@@ -393,6 +506,27 @@ def validate_config(cfg: Config, source: str = "<config>") -> None:
     need(cfg.train.val_every >= 0, "train.val_every", "must be >= 0")
     need(all(w >= 0 for w in cfg.train.deep_supervision), "train.deep_supervision", "weights must be >= 0")
     need(0.0 <= cfg.val.overlap < 1.0, "val.overlap", "must be in [0, 1)")
-    need(len(cfg.data.augment.gamma_range) == 2, "data.augment.gamma_range", "must be two numbers")
-    need(len(cfg.data.augment.rotate_deg) == 3, "data.augment.rotate_deg", "must be 3 angles (D, H, W axes)")
+
+
+def _validate_data_2d(cfg: Config, need) -> None:
+    d = cfg.data
+
+    def size2(v, positive=True):
+        return v is not None and len(v) == 2 and all((x > 0) if positive else True for x in v)
+
+    need(bool(d.root), "data.root", "is required (the dataset folder)")
+    need(size2(d.crop_size), "data.crop_size", f"must be 2 positive sizes (H, W), got {d.crop_size}")
+    need(d.img_scale is None or size2(d.img_scale), "data.img_scale", "must be null or [long, short] > 0")
+    need(d.test_scale is None or size2(d.test_scale), "data.test_scale", "must be null or [long, short] > 0")
+    need(len(d.ratio_range) == 2 and 0 < d.ratio_range[0] <= d.ratio_range[1], "data.ratio_range",
+         f"must be [low, high] with 0 < low <= high, got {d.ratio_range}")
+    need(0 < d.cat_max_ratio <= 1, "data.cat_max_ratio", "must be in (0, 1]")
+    need(0 <= d.flip_prob <= 1, "data.flip_prob", "must be in [0, 1]")
+    need(len(d.mean) == 3 and len(d.std) == 3 and all(v > 0 for v in d.std), "data.mean",
+         "and data.std must be 3 values (RGB, std > 0)")
+    need(d.num_classes is None or d.num_classes >= 1, "data.num_classes", "must be >= 1 or null")
+    need(size2(d.synthetic.size) and min(d.synthetic.size) >= 16, "data.synthetic.size", "must be [H, W] >= 16")
+    need(2 <= d.synthetic.num_classes <= 150, "data.synthetic.num_classes", "must be in 2..150")
+    need(cfg.loss.name == "ce", "loss.name", "must be ce for 2D data (cross-entropy with loss.ignore_index)")
+    need(cfg.val.roi_size is None or size2(cfg.val.roi_size), "val.roi_size", "must be 2 sizes (H, W) for 2D")
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from glam3d.errors import UserError
+from glam3d.errors import UserError, run_command
 
 
 def _common(p):
@@ -147,22 +147,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"phantom": _phantom, "synapse": _process, "msd": _process, "inspect": _inspect}[args.command]
-    try:
-        return int(handler(args) or 0)
-    except UserError as err:
-        if getattr(args, "debug", False):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:          # e.g. `glam3d-preprocess inspect DIR | head`
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted (finished cases are kept; run again to resume)", file=sys.stderr)
-        return 130
-
+    return run_command(handler, args, interrupted="interrupted (finished cases are kept; run again to resume)")
 
 if __name__ == "__main__":
     sys.exit(main())

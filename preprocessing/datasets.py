@@ -199,6 +199,9 @@ def load_nifti(path: Path):
     except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"not a readable NIfTI file ({msg})", path) from None
+    from .pipeline import check_stored_pixdims
+
+    check_stored_pixdims(path)
     return img
 
 
@@ -271,7 +274,7 @@ def median_spacing(cases, orientation: str):
     """Median (sz, sy, sx) over the training cases' headers (all cases if none is readable), after reorientation."""
     import nibabel as nib
 
-    from .pipeline import voxel_sizes
+    from .pipeline import check_spacing, voxel_sizes
 
     def spacings(selected):
         out = []
@@ -280,7 +283,9 @@ def median_spacing(cases, orientation: str):
                 img = nib.load(str(c.images[0]))
                 tr, _ = _orient(img.affine, orientation)
                 aff = np.asarray(img.affine) @ nib.orientations.inv_ornt_aff(tr, img.shape[:3])
-                out.append(voxel_sizes(aff)[::-1])
+                sp = voxel_sizes(aff)[::-1]
+                check_spacing(sp)  # a case with an absurd header must not skew the others' target spacing
+                out.append(sp)
             except Exception:
                 continue
         return out

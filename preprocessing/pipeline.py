@@ -219,6 +219,43 @@ def _target_shape(shape, spacing, target):
     return [max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target)]
 
 
+# voxel sizes outside this range (mm) are header errors (pixdim 0, or metres/microns mistaken for mm), not scans
+SPACING_RANGE_MM = (1e-3, 1e3)
+MAX_RESAMPLED_VOXELS = 2 ** 30   # 4 GiB of float32 per channel
+
+
+def check_stored_pixdims(path) -> None:
+    """nibabel silently turns a stored pixdim of 0 into 1 mm when it reads a header; when the affine comes from
+    the pixdims (sform_code 0), such a file would be processed with a made-up voxel size. Read the stored header
+    unchecked and refuse it (one-line :class:`UserError`)."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path), "rb") as fh:
+            raw = fh.read(348)
+        if len(raw) < 348:
+            return  # nibabel's own reader reports short files
+        hdr = nib.Nifti1Header(raw, check=False) if raw[344:348] in (b"n+1\0", b"ni1\0") else None
+    except Exception:
+        return
+    if hdr is None:
+        return
+    if int(hdr["sform_code"]) == 0:
+        pix = [float(v) for v in hdr["pixdim"][1:4]]
+        if not all(math.isfinite(v) and v != 0 for v in pix):
+            raise UserError(f"the header's voxel size (pixdim) is {' x '.join(f'{v:g}' for v in pix)} mm and "
+                            f"there is no sform: the scan's geometry is unknown", path)
+
+
+def check_spacing(spacing, name=None) -> None:
+    """One-line :class:`UserError` for absurd voxel sizes (0, negative, NaN, > 1 m, < 1 µm)."""
+    lo, hi = SPACING_RANGE_MM
+    sp = [float(v) for v in spacing]
+    if not all(math.isfinite(v) and lo <= v <= hi for v in sp):
+        raise UserError(f"implausible voxel size {' x '.join(f'{v:.4g}' for v in sp)} mm in the header "
+                        f"(expected {lo:g}..{hi:g} mm per axis; check pixdim / the affine)", name)
+
+
 # --------------------------------------------------------------------------------------------- public API
 def preprocess_scan(image: nib.Nifti1Image, plan: dict, *, _data=None):
     """Preprocess one scan as the plan says.
@@ -235,7 +272,14 @@ def preprocess_scan(image: nib.Nifti1Image, plan: dict, *, _data=None):
     if data.shape[3] != nch:
         raise UserError(f"the plan expects {nch} channel(s), the image has {data.shape[3]}", name)
     affine = np.asarray(image.affine, float)
+    if not np.all(np.isfinite(affine)):
+        raise UserError("the NIfTI header has a non-finite affine", name)
+    check_spacing(voxel_sizes(affine), name)
     arr, spacing = _oriented_channels_first(data, affine, plan)
+    tshape = _target_shape(arr.shape[1:], spacing, plan["target_spacing"])
+    if math.prod(tshape) > MAX_RESAMPLED_VOXELS:
+        raise UserError(f"resampling to {plan['target_spacing']} mm would give {tshape} voxels (more than "
+                        f"{MAX_RESAMPLED_VOXELS}); check the header's voxel size", name)
     bbox = body_bbox(arr, spacing, plan)
     crop = arr[(slice(None),) + tuple(slice(a, b) for a, b in bbox)]
     crop = normalise(np.ascontiguousarray(crop), plan["intensity"])

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from glam3d.errors import UserError
-from glam3d.utils.io import atomic_write_json
+from glam3d.utils.io import atomic_write_json, sweep_stale_temps
 
 from . import datasets as D
 from .pipeline import make_plan
@@ -83,6 +83,8 @@ def _run(*, name, description, inp, out, cases, warnings, labels, label_values, 
         _log(f"target spacing (median of the training cases, sz sy sx): "
              f"{' '.join(f'{v:.3f}' for v in spacing)} mm", quiet)
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "cases", out / ".cache"):  # leftovers of a killed run (live writers' are kept)
+        sweep_stale_temps(folder)
     if intensity == "nnunet":
         chans = D.foreground_intensity_stats(cases, declared, out, nch, allow_channels,
                                              log=lambda m: _log(m, quiet))
@@ -140,7 +142,7 @@ def _run(*, name, description, inp, out, cases, warnings, labels, label_values, 
     _log(f"{name}: {len(results)} cases: {done} preprocessed, {skipped} already done (skipped), {len(failed)} failed"
          f"; {len(training)} training / {len(test)} test in {out / 'dataset.json'} "
          f"({summary['seconds']:.1f} s{per_case})",
-         quiet and not failed)
+         quiet)  # --quiet: the error lines only
     if failed:
-        _log(f"{len(failed)} case(s) failed (errors above); they are not in dataset.json", False)
+        _log(f"{len(failed)} case(s) failed (errors above); they are not in dataset.json", quiet)
     return summary

@@ -12,6 +12,7 @@ Under ``torchrun`` (``WORLD_SIZE > 1``) rank r takes cases r, r + world, … on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -32,6 +33,9 @@ examples:
   glam3d predict --checkpoint best.pt --input scan.nii.gz dicom_series/ --output preds/ --mirror --amp bf16
   torchrun --nproc_per_node 4 -m glam3d predict --checkpoint best.pt --input scans/ --output preds/
 An existing output is kept (reported as skipped) unless --overwrite; outputs are written atomically.
+Problems found up front (unreadable headers, a bad checkpoint, output = input) stop the run before anything is
+written; a scan that fails while being read or preprocessed is reported in one line, the other scans are still
+written, and the exit code is 2.
 """
 
 MANIFEST = "predictions.json"
@@ -215,6 +219,9 @@ def _check_readable(case: Case) -> None:
         raise UserError(f"expected a 3D scan, got shape {shape}", case.source)
     if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
         raise UserError("the NIfTI header has no valid affine (orientation unknown)", case.source)
+    check = getattr(_pipeline(), "check_stored_pixdims", None)
+    if check is not None:
+        check(case.source)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint
@@ -291,7 +298,7 @@ def run(args) -> int:
     from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
     from ..engine.inference import predict_volume, resolve_amp
     from ..metrics.report import code_version
-    from ..utils.io import atomic_path, atomic_write_json
+    from ..utils.io import atomic_path, atomic_write_json, sweep_stale_temps
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
@@ -354,6 +361,7 @@ def run(args) -> int:
     }
     prev = _read_manifest(out_dir / MANIFEST)
 
+    sweep_stale_temps(out_dir)  # temporary files of a killed earlier run (live writers' files are kept)
     results = []
     t_all = time.time()
     for i, case in enumerate(mine):
@@ -370,13 +378,14 @@ def run(args) -> int:
             results.append((case.name, "skipped", 0.0, ""))
             continue
         t0 = time.time()
-        image = load_case(case)
         try:
-            arr, meta = pipeline.preprocess_scan(image, plan)
-        except UserError:
-            raise
-        except (ValueError, RuntimeError) as err:
-            raise UserError(f"cannot preprocess this scan ({err})", case.source) from None
+            image, arr, meta = _prepare(case, pipeline, plan)
+        except UserError as err:  # this scan only: report it, go on with the others, exit 2 at the end
+            print(f"error: {err}", file=sys.stderr)
+            entry.update({"status": "failed", "error": str(err)})
+            manifest["cases"][case.name] = entry
+            results.append((case.name, "failed", time.time() - t0, str(err)))
+            continue
         x = torch.as_tensor(np.ascontiguousarray(arr), dtype=torch.float32)
         if in_ch is not None and x.shape[0] != in_ch:
             raise UserError(f"scan has {x.shape[0]} channels after preprocessing, the network expects {in_ch}",
@@ -409,7 +418,21 @@ def run(args) -> int:
 
     _write_manifest(out_dir, manifest, prev, world, rank, atomic_write_json)
     _print_summary(results, time.time() - t_all, out_dir, world, rank)
-    return 0
+    return 2 if any(r[1] == "failed" for r in results) else 0
+
+
+def _prepare(case: Case, pipeline, plan):
+    """Read and preprocess one scan: ``(image, array, meta)``; problems with the scan are :class:`UserError`."""
+    image = load_case(case)
+    try:
+        arr, meta = pipeline.preprocess_scan(image, plan)
+    except UserError as err:
+        if err.path is None and str(case.source) not in str(err):
+            raise UserError(str(err), case.source) from None
+        raise
+    except (ValueError, RuntimeError, MemoryError) as err:
+        raise UserError(f"cannot preprocess this scan ({err})", case.source) from None
+    return image, arr, meta
 
 
 def _probability_image(probs, image):
@@ -446,26 +469,51 @@ def _write_manifest(out_dir: Path, manifest: dict, prev: dict, world: int, rank:
     """Merge with the previous manifest's cases (kept outputs stay described) and write it. Multi-rank runs:
     each rank writes ``predictions.rank<r>.json``; the rank that finds all of them merges ``predictions.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if world <= 1:
-        cases = dict(prev.get("cases", {}))
-        cases.update(manifest["cases"])
-        writer(out_dir / MANIFEST, {**manifest, "cases": cases})
+    # several predict processes may share the folder: read-merge-write under an exclusive lock, re-reading the
+    # manifest inside it so no process drops cases another one recorded meanwhile
+    with _locked(out_dir):
+        prev = _read_manifest(out_dir / MANIFEST) or prev
+        if world <= 1:
+            cases = dict(prev.get("cases", {}))
+            cases.update(manifest["cases"])
+            writer(out_dir / MANIFEST, {**manifest, "cases": cases})
+            return
+        writer(out_dir / f"predictions.rank{rank}.json", manifest)
+        parts = [out_dir / f"predictions.rank{r}.json" for r in range(world)]
+        if all(p.is_file() for p in parts):
+            cases = dict(prev.get("cases", {}))
+            for p in parts:
+                cases.update(_read_manifest(p).get("cases", {}))
+            writer(out_dir / MANIFEST, {**manifest, "cases": cases})
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """Exclusive ``fcntl.flock`` on the folder itself (no lock file is left behind; a no-op where flock is
+    unavailable)."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # pragma: no cover - Windows
+        yield
         return
-    writer(out_dir / f"predictions.rank{rank}.json", manifest)
-    parts = [out_dir / f"predictions.rank{r}.json" for r in range(world)]
-    if all(p.is_file() for p in parts):
-        cases = dict(prev.get("cases", {}))
-        for p in parts:
-            cases.update(_read_manifest(p).get("cases", {}))
-        writer(out_dir / MANIFEST, {**manifest, "cases": cases})
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _print_summary(results, seconds, out_dir, world, rank) -> None:
     tag = f"[rank {rank}/{world}] " if world > 1 else ""
     written = [r for r in results if r[1] == "written"]
     skipped = [r for r in results if r[1] == "skipped"]
+    failed = [r for r in results if r[1] == "failed"]
     for name, status, dt, note in results:
-        extra = f"{dt:6.1f}s  {note}" if status == "written" else "output exists, kept (use --overwrite)"
+        extra = {"written": f"{dt:6.1f}s  {note}", "skipped": "output exists, kept (use --overwrite)",
+                 "failed": "see the error above"}[status]
         print(f"{tag}{name:<28} {status:<8} {extra}")
-    print(f"{tag}{len(written)} written, {len(skipped)} skipped, {len(results)} cases in {seconds:.1f}s "
-          f"-> {out_dir}", file=sys.stdout)
+    print(f"{tag}{len(written)} written, {len(skipped)} skipped, "
+          + (f"{len(failed)} failed, " if failed else "")
+          + f"{len(results)} cases in {seconds:.1f}s -> {out_dir}", file=sys.stdout)

@@ -71,30 +71,24 @@ def run(args) -> int:
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if summary.get("rank", 0) != 0:
         return 0
-    best = summary.get("best_mean_dice")
-    print(f"run folder: {summary['run_dir']}  best mean val Dice: "
-          f"{'n/a' if best is None else f'{best:.4f}'}  checkpoint: {summary['checkpoint_best'] or summary['checkpoint_last']}")
+    if summary.get("task") == "2d":
+        what, best = "best val mIoU", summary.get("best_miou")
+    else:
+        what, best = "best mean val Dice", summary.get("best_mean_dice")
+    print(f"run folder: {summary['run_dir']}  {what}: {'n/a' if best is None else f'{best:.4f}'}  "
+          f"checkpoint: {summary['checkpoint_best'] or summary['checkpoint_last']}")
     return 0
 
 
 def main(argv=None) -> int:
     """Stand-alone entry (``python -m glam3d.commands.train``), same behaviour as ``glam3d train``."""
-    from ..errors import UserError
+    from ..errors import run_command
 
     p = argparse.ArgumentParser(prog="glam3d train", description=HELP)
     _add_arguments(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = p.parse_args(argv)
-    try:
-        return int(run(args) or 0)
-    except UserError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(run, args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ Usage::
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 from functools import lru_cache
@@ -140,18 +142,36 @@ class CaseCache:
 
         self.entries = list(entries)
         transform = cached_transforms(with_label_locations)
-        if cache == "memory":
-            self.ds = CacheDataset(self.entries, transform=transform, cache_rate=1.0,
-                                   num_workers=max(1, workers) if workers else None, copy_cache=False,
-                                   progress=False)
-        else:
-            self.ds = MonaiDataset(self.entries, transform=transform)
+        with _user_errors():
+            if cache == "memory":
+                self.ds = CacheDataset(self.entries, transform=transform, cache_rate=1.0,
+                                       num_workers=max(1, workers) if workers else None, copy_cache=False,
+                                       progress=False)
+            else:
+                self.ds = MonaiDataset(self.entries, transform=transform)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, i: int) -> dict:
-        return self.ds[i]
+        with _user_errors():
+            return self.ds[i]
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """MONAI wraps an exception raised inside a transform in ``RuntimeError("applying transform ...")``; surface
+    a :class:`UserError` (a bad case file) as itself, so the CLI prints its one line instead of a traceback."""
+    try:
+        yield
+    except RuntimeError as err:
+        cause, seen = err, set()
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, UserError):
+                raise cause from None
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        raise
 
 
 def _seed(*parts: int) -> int:

@@ -17,6 +17,8 @@ import math
 from typing import Dict, Sequence
 
 import numpy as np
+import zipfile
+
 import torch
 from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandFlipd,
                               RandGaussianNoised, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd,
@@ -30,17 +32,17 @@ MAX_FG_LOCATIONS = 10_000  # per class, as nnU-Net samples its class locations
 def load_case_arrays(image_path, label_path=None):
     """Read one preprocessed case: image float32 (C, D, H, W), label uint8 (D, H, W) or None."""
     try:
-        with np.load(image_path) as z:
+        with np.load(image_path, allow_pickle=False) as z:
             image = np.asarray(z["image"], dtype=np.float32)
             label = np.asarray(z["label"], dtype=np.uint8) if (label_path in (None, image_path) and
                                                              "label" in z.files) else None
         if label is None and label_path not in (None, image_path):
-            with np.load(label_path) as z:
+            with np.load(label_path, allow_pickle=False) as z:
                 label = np.asarray(z["label"], dtype=np.uint8)
     except FileNotFoundError:
         raise UserError("case file not found (re-run glam3d-preprocess?)", image_path) from None
-    except (KeyError, ValueError, OSError) as err:
-        raise UserError(f"cannot read preprocessed case ({err})", image_path) from None
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # incl. pickled objects refused
+        raise UserError(f"cannot read preprocessed case ({' '.join(str(err).split())})", image_path) from None
     if image.ndim == 3:
         image = image[None]
     if image.ndim != 4:

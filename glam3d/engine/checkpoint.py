@@ -9,9 +9,10 @@ Only ``format``, ``model_spec`` and ``model`` are required; the engine fills the
 """
 from __future__ import annotations
 
+import os
 import pickle
 import random
-import zipfile
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,24 @@ def save_checkpoint(path, state: dict, keep_previous: bool = False) -> None:
     path = Path(path)
     state = dict(state)
     state.setdefault("format", FORMAT)
-    if keep_previous and path.exists():
-        path.replace(path.with_name(path.name + ".prev"))
+    if keep_previous and path.is_file():
+        _keep_copy(path, path.with_name(path.name + ".prev"))
     atomic_torch_save(state, path)
+
+
+def _keep_copy(path: Path, prev: Path) -> None:
+    """Make ``prev`` a copy of ``path`` atomically while ``path`` stays in place (a kill at any moment leaves a
+    loadable ``path``): hard link (or copy) to a temporary name, then rename onto ``prev``."""
+    import shutil
+
+    from ..utils.io import atomic_path
+
+    with atomic_path(prev, suffix="") as tmp:
+        tmp.unlink()
+        try:
+            os.link(path, tmp)
+        except OSError:  # no hard links on this filesystem
+            shutil.copyfile(path, tmp)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -44,16 +60,37 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UserError("checkpoint is empty (0 bytes)", path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
-        raise UserError(f"refused to load checkpoint: it contains objects other than tensors and plain data "
-                        f"(weights_only load failed: {first[:200]})", path) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"checkpoint is truncated or corrupt ({first[:200]})", path) from None
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types for foreign/corrupt files
+        cls = UnsafeCheckpoint if _is_code(err) else UserError
+        raise cls(describe_load_error(err), path) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise UserError(f"not a glam3d checkpoint (expected format {FORMAT!r})", path)
     return state
+
+
+class UnsafeCheckpoint(UserError):
+    """The file's pickle asks to import/call code: refused (never run); not a mere corruption."""
+
+
+def _is_code(err: BaseException) -> bool:
+    return isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err)
+
+
+def describe_load_error(err: BaseException) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``: code in the pickle (refused, never run) vs a file
+    that is not a checkpoint or is truncated. Never repeats torch's advice to retry with ``weights_only=False``."""
+    text = str(err)
+    if _is_code(err):
+        m = re.search(r"unsupported GLOBAL (\S+)", text)
+        what = m.group(1) if m else "a Python object"
+        return (f"refused to load: the file asks to import and call {what}, code that glam3d never runs "
+                f"(a checkpoint holds only tensors and plain data; nothing was executed)")
+    m = re.search(r"(Unsupported operand \S+|invalid load key[^\n]*|[^\n]*truncat[^\n]*|[^\n]*zip archive[^\n]*)",
+                  text)
+    detail = m.group(1).strip() if m else (text.strip().splitlines()[0] if text.strip() else "")
+    if "Weights only load failed" in detail or "weights_only" in detail:
+        detail = ""
+    return f"not a checkpoint, or truncated/corrupt ({type(err).__name__}{': ' + detail[:160] if detail else ''})"
 
 
 def model_from_checkpoint(state: dict, path=None, strict: bool = True):

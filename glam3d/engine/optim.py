@@ -2,6 +2,9 @@
 
 - ``sgd``: nnFormer / nnU-Net (lr 1e-2, momentum 0.99, Nesterov, weight decay 3e-5 on every parameter).
 - ``adamw``: betas from the config; no weight decay on biases, norms and other 1-D parameters.
+- ``optim.no_weight_decay`` (either optimiser): parameter-name substrings also kept out of weight decay, as
+  mmseg's Swin recipe does (``norm``, ``relative_position_bias_table``, ``absolute_pos_embed``); the 2D recipes
+  add GLAM's ``global_tokens`` / ``global_pos_embed``.
 
 Schedules (a factor on ``optim.lr`` as a function of the optimiser step ``t`` out of ``T = epochs × iters``)::
 
@@ -20,14 +23,27 @@ import math
 import torch
 
 
+def no_weight_decay(name: str, param: torch.Tensor, keys, one_d: bool) -> bool:
+    """Whether a parameter is kept out of weight decay: its name contains one of ``keys`` (``optim.no_weight_decay``,
+    e.g. ``norm``, ``relative_position_bias_table``, ``global_tokens``, ``global_pos_embed``) or, with ``one_d``,
+    it is a 1-D tensor (biases, norm scales)."""
+    return (one_d and param.ndim < 2) or any(k in name for k in keys)
+
+
 def build_optimizer(model: torch.nn.Module, ocfg) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    keys = list(getattr(ocfg, "no_weight_decay", None) or [])
     if ocfg.name == "sgd":
-        return torch.optim.SGD([p for _, p in params], lr=ocfg.lr, momentum=ocfg.momentum,
-                               nesterov=ocfg.nesterov and ocfg.momentum > 0, weight_decay=ocfg.weight_decay)
+        sgd = dict(lr=ocfg.lr, momentum=ocfg.momentum, nesterov=ocfg.nesterov and ocfg.momentum > 0)
+        if not keys:
+            return torch.optim.SGD([p for _, p in params], weight_decay=ocfg.weight_decay, **sgd)
+        groups = [{"params": [p for n, p in params if not no_weight_decay(n, p, keys, False)],
+                   "weight_decay": ocfg.weight_decay},
+                  {"params": [p for n, p in params if no_weight_decay(n, p, keys, False)], "weight_decay": 0.0}]
+        return torch.optim.SGD([g for g in groups if g["params"]], **sgd)
     if ocfg.name == "adamw":
-        decay = [p for n, p in params if p.ndim >= 2]
-        no_decay = [p for n, p in params if p.ndim < 2]
+        decay = [p for n, p in params if not no_weight_decay(n, p, keys, True)]
+        no_decay = [p for n, p in params if no_weight_decay(n, p, keys, True)]
         groups = [{"params": decay, "weight_decay": ocfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=ocfg.lr, betas=tuple(ocfg.betas))

@@ -24,6 +24,17 @@ Resume (``resume=True``) reloads ``checkpoints/last.pt`` (model, optimiser, sche
 epoch/iteration) and replays the interrupted epoch from its start (or from the saved iteration); patches are a
 pure function of ``(seed, epoch, draw)``, so in deterministic CPU mode a resumed run ends with exactly the weights
 of an uninterrupted one.
+
+2D natural-image configs (``data.dataset: ade20k | cityscapes | synthetic``, ``cfg.task == "2d"``) go through the
+same loop, optimiser, schedule, checkpoints, resume and DDP: images come from
+:func:`glam3d.data.natural.build_2d_datasets`, each step's images are a seeded per-epoch permutation sharded over
+the ranks with augmentations seeded by ``(seed, epoch, draw)`` (:class:`ImageDraws`); the loss is cross-entropy
+(``loss.ignore_index``, 255) over the network's outputs weighted by ``train.deep_supervision`` (UperNet's
+``(main, aux)``: ``[1.0, 0.4]``); ``model.pretrained`` loads an ImageNet Swin checkpoint into the backbone
+(new / unused keys logged); BatchNorm becomes SyncBatchNorm under DDP on CUDA (``train.sync_bn``); validation is
+:func:`glam3d.metrics.miou.evaluate_segmentation` (``val.inference`` whole | slide) with the confusion matrix summed
+over ranks, logged as mIoU and per-class IoU (``log.csv`` columns ``val_mIoU``, ``val_iou_<class>``; full tables
+in ``RUN/val/miou_epochNNNN.{md,csv,json}``), and ``checkpoints/best.pt`` is the best mIoU.
 """
 from __future__ import annotations
 
@@ -45,13 +56,16 @@ from ..config import Config, config_from_dict, config_to_dict, dump_config, load
 from ..data import datasets as D
 from ..data.transforms import train_transforms
 from ..errors import UserError
-from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.io import atomic_write_json, atomic_write_text, sweep_stale_temps
 from . import distributed as dist
-from .checkpoint import load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (UnsafeCheckpoint, load_checkpoint, load_model_weights, rng_state, save_checkpoint,
+                         set_rng_state)
 from .logging import RunLogger
 from .optim import build_optimizer, build_scheduler, clip_gradients
 
-RUN_FILES = ["config.yaml", "split.json", "train.log", "log.csv", "curves.png", "checkpoints", "tb"]
+RUN_FILES = ["config.yaml", "split.json", "train.log", "log.csv", "curves.png", "checkpoints", "tb", "val"]
+LOG_COLUMNS_2D = ["epoch", "iteration", "lr", "train_loss", "epoch_time_s", "images_per_s", "val_mIoU", "val_mAcc",
+                  "val_aAcc", "best_mIoU"]  # per-class val_iou_<name> columns go before best_mIoU
 HALT_ENV = "GLAM3D_TEST_HALT_AT"  # test hook "EPOCH:ITER" (1-based epoch, 0-based iteration): pause there
 
 
@@ -161,6 +175,95 @@ class DeepSupervisionLoss(torch.nn.Module):
         return total
 
 
+class CrossEntropy(torch.nn.Module):
+    """Cross-entropy averaged over the pixels/voxels whose label is not ``ignore_index`` (0 when there are none);
+    a label with a channel axis (3D ``(B, 1, *S)``) is squeezed."""
+
+    def __init__(self, ignore_index: int = 255):
+        super().__init__()
+        self.ignore_index = int(ignore_index)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.ndim == logits.ndim:
+            target = target[:, 0]
+        target = target.long()
+        total = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="sum")
+        return total / (target != self.ignore_index).sum().clamp_min(1)
+
+
+class WeightedOutputsLoss(torch.nn.Module):
+    """2D: ``sum_i w_i * loss(output_i, label)`` over a network's outputs (UperNet's ``(main, aux)``, both full
+    size; an output of another size is resized bilinearly to the label's). ``weights`` ``[]``: the first output
+    only; extra outputs beyond the weights are ignored."""
+
+    def __init__(self, base, weights):
+        super().__init__()
+        self.base, self.weights = base, [float(w) for w in weights] or [1.0]
+
+    def forward(self, outputs, target: torch.Tensor) -> torch.Tensor:
+        outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+        total = outputs[0].new_zeros((), dtype=torch.float32)
+        for w, out in zip(self.weights, outputs):
+            if w == 0:
+                continue
+            if tuple(out.shape[-2:]) != tuple(target.shape[-2:]):
+                out = F.interpolate(out.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+            total = total + w * self.base(out, target)
+        return total
+
+
+def build_loss(cfg: Config) -> torch.nn.Module:
+    """The training loss of ``cfg``: ``loss.name`` (dice_ce | ce) wrapped for deep supervision (3D) or weighted
+    multi-output heads (2D)."""
+    base = CrossEntropy(cfg.loss.ignore_index) if cfg.loss.name == "ce" else dice_ce_loss(cfg.loss)
+    if cfg.task == "2d":
+        return WeightedOutputsLoss(base, cfg.train.deep_supervision)
+    return DeepSupervisionLoss(base, cfg.train.deep_supervision)
+
+
+class ImageDraws(torch.utils.data.Dataset):
+    """Seeded 2D training draws (the counterpart of :class:`glam3d.data.datasets.PatchDataset`).
+
+    Index ``epoch * len + k`` (see :class:`~glam3d.data.datasets.EpochSampler`) is this rank's ``k``-th draw of
+    the epoch. Every epoch walks a permutation of the images seeded by ``(seed, epoch)``, shared by all ranks;
+    step ``s`` takes draws ``s*B*W .. (s+1)*B*W - 1`` and rank ``r`` the ``B`` of them from ``(s*W + r)*B``
+    (``B`` = batch size per rank, ``W`` = world size), so W ranks see what one process with ``B*W`` images per
+    step sees. The augmentation of a draw runs under ``torch.manual_seed(f(seed, epoch, draw))`` inside a forked
+    RNG: it does not depend on the worker count, and the global RNG (dropout, drop-path) is left alone.
+    """
+
+    def __init__(self, dataset, *, seed: int, batch_size: int, iters_per_epoch: int, rank: int = 0,
+                 world_size: int = 1):
+        if len(dataset) == 0:
+            raise UserError("the 2D training set has no images")
+        self.dataset = dataset
+        self.seed, self.batch_size, self.iters = int(seed), int(batch_size), int(iters_per_epoch)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.len_per_epoch = self.batch_size * self.iters
+
+    def __len__(self) -> int:  # per epoch
+        return self.len_per_epoch
+
+    def draw_index(self, k: int) -> int:
+        step, j = divmod(k, self.batch_size)
+        return step * self.batch_size * self.world_size + self.rank * self.batch_size + j
+
+    def image_index(self, epoch: int, k: int) -> int:
+        order = D._epoch_order(self.seed, epoch, len(self.dataset), self.len_per_epoch * self.world_size)
+        return int(order[self.draw_index(k)])
+
+    def __getitem__(self, index: int) -> dict:
+        epoch, k = divmod(int(index), self.len_per_epoch)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(D._seed(self.seed, epoch, self.draw_index(k), 0x2D))
+            item = self.dataset[self.image_index(epoch, k)]
+        return {"image": item["image"], "label": item["label"]}
+
+
+def collate_images(items) -> dict:
+    return {"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items])}
+
+
 def per_class_dice(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Dice of classes ``1..K-1`` for one case (float64, NaN where the class is absent from both)."""
     out = torch.full((num_classes - 1,), float("nan"), dtype=torch.float64)
@@ -257,7 +360,7 @@ class _Trainer:
     def _prepare_run_dir(self) -> None:
         run_dir, last = self.run_dir, self.ckpt_dir / "last.pt"
         if self.resume:
-            if not last.is_file():
+            if not last.is_file() and not last.with_name("last.pt.prev").is_file():
                 raise UserError(f"--resume: nothing to resume in {run_dir} (no checkpoints/last.pt)")
         elif has_run(run_dir):
             if not self.overwrite:
@@ -274,20 +377,52 @@ class _Trainer:
                     elif p.exists():
                         p.unlink()
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (run_dir, self.ckpt_dir):  # leftovers of a killed writer
+                sweep_stale_temps(folder)
         dist.barrier(self.env)
+
+    def _load_resume_state(self):
+        """``(state, warning or None)`` from ``checkpoints/last.pt``; when that file is missing, truncated or corrupt
+        (e.g. the disk filled up), fall back to ``last.pt.prev`` (the checkpoint before it) with a one-line
+        warning. Both bad: the UserError about ``last.pt``."""
+        self.resume_path = last = self.ckpt_dir / "last.pt"
+        prev = last.with_name("last.pt.prev")
+        try:
+            return load_checkpoint(last), None
+        except UnsafeCheckpoint:
+            raise  # code planted in the run folder: stop, do not quietly carry on from another file
+        except UserError as err:
+            if not prev.is_file():
+                raise
+            first = err
+        try:
+            state = load_checkpoint(prev)
+        except UserError:
+            raise first from None
+        self.resume_path = prev
+        return state, f"{first}; resuming from the previous checkpoint {prev} instead"
 
     def run(self) -> dict:
         cfg, env = self.cfg, self.env
         t_start = time.time()
-        manifest = D.read_manifest(cfg.data.root)  # before creating any file
+        self.is2d = cfg.task == "2d"
+        if self.is2d:
+            manifest = self._build_2d_data()  # before creating any file
+        else:
+            manifest = D.read_manifest(cfg.data.root)  # before creating any file
         self._prepare_run_dir()
-        resume_state = load_checkpoint(self.ckpt_dir / "last.pt") if self.resume else None
+        resume_state, resume_note = self._load_resume_state() if self.resume else (None, None)
         class_names = D.label_names(manifest)
         K, C = len(class_names), D.in_channels(manifest)
         self.K = K
-        log = RunLogger(self.run_dir, class_names[1:], enabled=env.is_main,
+        log = RunLogger(self.run_dir, [] if self.is2d else class_names[1:], enabled=env.is_main,
                         resume_epoch=int(resume_state["epoch"]) if resume_state else None, console=self.console)
+        if self.is2d:  # mIoU and per-class IoU columns instead of Dice
+            log.columns = LOG_COLUMNS_2D[:-1] + [f"val_iou_{n}" for n in class_names] + LOG_COLUMNS_2D[-1:]
+        self.best_key = "best_miou" if self.is2d else "best_mean_dice"
         self.log = log
+        if resume_note:
+            log.warning(resume_note)
         try:
             return self._run(manifest, class_names, K, C, resume_state, t_start)
         except BaseException as err:
@@ -303,25 +438,43 @@ class _Trainer:
 
         # ---- split (kept from the run folder on resume) ------------------------------------------------------
         split_path = self.run_dir / "split.json"
-        if self.resume and split_path.is_file():
+        if self.is2d:  # the dataset's own training / validation splits
+            split = {"task": "2d", "dataset": cfg.data.dataset, "train": [], "val": [],
+                     "num_train": len(self.train_ds), "num_val": len(self.val_ds),
+                     "data_root": str(Path(cfg.data.root).resolve())}
+            if env.is_main:
+                atomic_write_json(split_path, split)
+                atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+        elif self.resume and split_path.is_file():
             import json
 
             split = json.loads(split_path.read_text())
         else:
             split = D.make_split(D.case_ids(manifest), cfg.data.val_fraction, cfg.data.val_cases, tc.seed)
-        split["data_root"] = str(Path(cfg.data.root).resolve())
-        split["test_not_used"] = [D.case_id(e) for e in manifest.get("test", []) if isinstance(e, dict)]
-        if env.is_main:
-            atomic_write_json(split_path, split)
-            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+        if not self.is2d:
+            split["data_root"] = str(Path(cfg.data.root).resolve())
+            split["test_not_used"] = [D.case_id(e) for e in manifest.get("test", []) if isinstance(e, dict)]
+            if env.is_main:
+                atomic_write_json(split_path, split)
+                atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
 
         # ---- numerics, model, optimiser -------------------------------------------------------------------------
         seed_everything(tc.seed)  # identical initial weights on every rank
         model = build_network(cfg.model, K, C)
+        if cfg.model.pretrained and resume_state is None:  # ImageNet backbone (then init_checkpoint, if any)
+            from ..models.pretrained import load_pretrained
+
+            report = load_pretrained(model, cfg.model.pretrained, verbose=False)
+            for line in report.summary().splitlines():
+                log.info(line)
         if cfg.model.init_checkpoint and resume_state is None:
             init = load_checkpoint(cfg.model.init_checkpoint)
             load_model_weights(model, init["model"], path=cfg.model.init_checkpoint)
         device = env.device
+        if self.is2d and env.distributed and tc.sync_bn and device.type == "cuda":
+            if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters, same keys
+                log.info("BatchNorm layers converted to SyncBatchNorm")
         model.to(device)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, tc.iters_per_epoch, tc.epochs)
@@ -335,7 +488,7 @@ class _Trainer:
         partial = {"loss_sum": 0.0, "n": 0, "time": 0.0}
         if resume_state is not None:
             st = resume_state
-            ckpt = self.ckpt_dir / "last.pt"
+            ckpt = self.resume_path
             if st.get("model_spec", {}).get("name") != model.glam3d_spec["name"]:
                 raise UserError(f"checkpoint was trained with network {st.get('model_spec', {}).get('name')!r}, "
                                 f"the config asks for {model.glam3d_spec['name']!r}", ckpt)
@@ -350,7 +503,7 @@ class _Trainer:
             start_epoch, start_step = int(st["epoch"]), int(st.get("epoch_iteration", 0))
             global_it = int(st["iteration"])
             m = st.get("metrics", {})
-            best, best_epoch = float(m.get("best_mean_dice", float("-inf"))), int(m.get("best_epoch", 0))
+            best, best_epoch = float(m.get(self.best_key, float("-inf"))), int(m.get("best_epoch", 0))
             last_val = dict(m.get("last_val", {}))
             partial = dict(st.get("partial_epoch", partial)) if start_step else partial
             ranks = st.get("rng_ranks")
@@ -372,7 +525,8 @@ class _Trainer:
 
             find_unused = tc.find_unused_parameters
             if not find_unused:
-                unused = _unused_parameters(model, C, cfg.data.roi_size, device, tc.deep_supervision)
+                unused = _unused_parameters(model, C, cfg.data.crop_size if self.is2d else cfg.data.roi_size, device,
+                                            tc.deep_supervision, batch=2 if self.is2d else 1)
                 if unused:
                     log.info(f"{len(unused)} parameter tensors (e.g. {unused[0]}) get no gradient from the loss: "
                              f"DDP runs with find_unused_parameters=True")
@@ -383,36 +537,52 @@ class _Trainer:
             net = torch.compile(net)
 
         # ---- data -----------------------------------------------------------------------------------------------
-        train_entries = D.case_entries(cfg.data.root, manifest, split["train"])
-        val_ids = split["val"][: cfg.val.max_cases] if cfg.val.max_cases else split["val"]
-        val_entries = D.case_entries(cfg.data.root, manifest, val_ids)[env.rank::env.world_size]
-        cases = D.CaseCache(train_entries, cache=cfg.data.cache, workers=cfg.data.workers)
-        if cfg.data.cache == "memory":
-            D.check_label_range(cases, K, Path(cfg.data.root) / "dataset.json")
-        ds = D.PatchDataset(cases, train_transforms(cfg.data), seed=tc.seed, batch_size=cfg.data.batch_size,
-                            iters_per_epoch=tc.iters_per_epoch, num_samples=cfg.data.num_samples,
-                            rank=env.rank, world_size=env.world_size)
+        if self.is2d:
+            ds = ImageDraws(self.train_ds, seed=tc.seed, batch_size=cfg.data.batch_size,
+                            iters_per_epoch=tc.iters_per_epoch, rank=env.rank, world_size=env.world_size)
+            collate = collate_images
+            val_cases = self.val_ds if len(self.val_ds) else None
+        else:
+            train_entries = D.case_entries(cfg.data.root, manifest, split["train"])
+            val_ids = split["val"][: cfg.val.max_cases] if cfg.val.max_cases else split["val"]
+            val_entries = D.case_entries(cfg.data.root, manifest, val_ids)[env.rank::env.world_size]
+            cases = D.CaseCache(train_entries, cache=cfg.data.cache, workers=cfg.data.workers)
+            if cfg.data.cache == "memory":
+                D.check_label_range(cases, K, Path(cfg.data.root) / "dataset.json")
+            ds = D.PatchDataset(cases, train_transforms(cfg.data), seed=tc.seed, batch_size=cfg.data.batch_size,
+                                iters_per_epoch=tc.iters_per_epoch, num_samples=cfg.data.num_samples,
+                                rank=env.rank, world_size=env.world_size)
+            collate = D.collate_patches
+            val_cases = D.validation_volumes(val_entries, cache=cfg.data.cache) if val_entries or split["val"] else None
         sampler = D.EpochSampler(ds)
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=D.collate_patches,
+            ds, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate,
             num_workers=cfg.data.workers, persistent_workers=cfg.data.workers > 0,
             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(tc.seed))
-        val_cases = D.validation_volumes(val_entries, cache=cfg.data.cache) if val_entries or split["val"] else None
-        loss_fn = DeepSupervisionLoss(dice_ce_loss(cfg.loss), tc.deep_supervision)
+        loss_fn = build_loss(cfg)
 
-        log.info(f"glam3d train: {model.glam3d_spec['name']} ({n_params / 1e6:.2f} M parameters) on {device}"
-                 f"{f' x {env.world_size} ranks ({env.backend})' if env.distributed else ''}; "
-                 f"{len(split['train'])} training / {len(split['val'])} validation cases of {cfg.data.root}; "
-                 f"{tc.epochs} epochs x {tc.iters_per_epoch} iterations x "
-                 f"{cfg.data.batch_size * cfg.data.num_samples * env.world_size} patches {list(cfg.data.roi_size)}; "
-                 f"amp {amp}; output {self.run_dir}")
+        if self.is2d:
+            log.info(f"glam3d train: {model.glam3d_spec['name']} ({n_params / 1e6:.2f} M parameters) on {device}"
+                     f"{f' x {env.world_size} ranks ({env.backend})' if env.distributed else ''}; "
+                     f"{cfg.data.dataset} at {cfg.data.root}: {len(self.train_ds)} training / {len(self.val_ds)} "
+                     f"validation images, {K} classes; {tc.epochs} epochs x {tc.iters_per_epoch} iterations x "
+                     f"{cfg.data.batch_size * env.world_size} crops {list(cfg.data.crop_size)}; loss ce "
+                     f"{list(tc.deep_supervision) or [1.0]}; val {cfg.val.inference}; amp {amp}; "
+                     f"output {self.run_dir}")
+        else:
+            log.info(f"glam3d train: {model.glam3d_spec['name']} ({n_params / 1e6:.2f} M parameters) on {device}"
+                     f"{f' x {env.world_size} ranks ({env.backend})' if env.distributed else ''}; "
+                     f"{len(split['train'])} training / {len(split['val'])} validation cases of {cfg.data.root}; "
+                     f"{tc.epochs} epochs x {tc.iters_per_epoch} iterations x "
+                     f"{cfg.data.batch_size * cfg.data.num_samples * env.world_size} patches "
+                     f"{list(cfg.data.roi_size)}; amp {amp}; output {self.run_dir}")
         if self.resume:
             log.info(f"resuming from epoch {start_epoch + 1}, iteration {start_step} (step {global_it})")
         if tc.amp != "none" and device.type != "cuda":
             log.info(f"train.amp={tc.amp} applies on CUDA only: training in float32 on {device}")
 
         # ---- loop -----------------------------------------------------------------------------------------------
-        patches_per_step = cfg.data.batch_size * cfg.data.num_samples
+        patches_per_step = cfg.data.batch_size * (1 if self.is2d else cfg.data.num_samples)
         warned_ds = False
         final_loss = float("nan")
         for epoch in range(start_epoch, tc.epochs):
@@ -472,10 +642,20 @@ class _Trainer:
                    "train_loss": train_loss, "epoch_time_s": epoch_time,
                    "patches_per_s": (n_steps - start_step) * patches_per_step * env.world_size
                    / max(time.time() - t0, 1e-9)}
+            if self.is2d:
+                row["images_per_s"] = row["patches_per_s"]
             val_due = val_cases is not None and tc.val_every > 0 and (
                 (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs)
             improved = False
-            if val_due:
+            if val_due and self.is2d:
+                tv = time.time()
+                last_val = self._validate_2d(model, val_cases, class_names, amp, epoch + 1)
+                row.update({"val_mIoU": last_val["mIoU"], "val_mAcc": last_val["mAcc"], "val_aAcc": last_val["aAcc"]})
+                row.update({f"val_iou_{n}": v for n, v in last_val["iou"].items()})
+                if math.isfinite(last_val["mIoU"]) and last_val["mIoU"] > best:
+                    best, best_epoch, improved = last_val["mIoU"], epoch + 1, True
+                row["val_time_s"] = time.time() - tv
+            elif val_due:
                 tv = time.time()
                 last_val = self._validate(model, val_cases, class_names, amp)
                 last_val["epoch"] = epoch + 1
@@ -485,21 +665,26 @@ class _Trainer:
                 if math.isfinite(last_val["mean_dice"]) and last_val["mean_dice"] > best:
                     best, best_epoch, improved = last_val["mean_dice"], epoch + 1, True
                 row["val_time_s"] = time.time() - tv
-            row["best_mean_dice"] = best if best_epoch else float("nan")
+            row["best_mIoU" if self.is2d else "best_mean_dice"] = best if best_epoch else float("nan")
             self._save("last.pt", model, optimizer, scheduler, scaler, epoch + 1, 0, global_it, best, best_epoch,
                        last_val, manifest)
             if improved and env.is_main:
                 shutil.copyfile(self.ckpt_dir / "last.pt", self.ckpt_dir / ".best.pt.tmp")
                 os.replace(self.ckpt_dir / ".best.pt.tmp", self.ckpt_dir / "best.pt")
             msg = (f"epoch {epoch + 1}/{tc.epochs}  loss {train_loss:.4f}  lr {row['lr']:.2e}  "
-                   f"{epoch_time:.1f} s ({row['patches_per_s']:.1f} patches/s)")
-            if val_due:
+                   f"{epoch_time:.1f} s ({row['patches_per_s']:.1f} "
+                   f"{'images' if self.is2d else 'patches'}/s)")
+            if val_due and self.is2d:
+                msg += (f"  | val mIoU {100 * last_val['mIoU']:.2f} mAcc {100 * last_val['mAcc']:.2f} aAcc "
+                        f"{100 * last_val['aAcc']:.2f} (best mIoU {100 * best:.2f} @ epoch {best_epoch})  IoU: "
+                        + " ".join(f"{k} {100 * v:.1f}" for k, v in last_val["iou"].items()))
+            elif val_due:
                 msg += (f"  | val mean Dice {last_val['mean_dice']:.4f} (best {best:.4f} @ epoch {best_epoch})  "
                         + " ".join(f"{k} {v:.3f}" for k, v in last_val["dice"].items()))
             log.info(msg)
             if env.is_main:
                 log.log_epoch(row)
-                if val_due or epoch + 1 == tc.epochs:
+                if (val_due or epoch + 1 == tc.epochs) and not self.is2d:  # curves.png plots Dice (3D)
                     log.plot()
                 if self.callback is not None:
                     self.callback(dict(row))
@@ -515,12 +700,71 @@ class _Trainer:
             "time_s": time.time() - t_start, "world_size": env.world_size, "device": str(device),
             "num_parameters": n_params, "rank": env.rank, "split": {"train": split["train"], "val": split["val"]},
         }
+        if self.is2d:
+            summary.update({"task": "2d", "best_mean_dice": None, "best_miou": best if best_epoch else None,
+                            "split": {"num_train": len(self.train_ds), "num_val": len(self.val_ds)}})
+            log.info(f"done: {global_it} iterations in {summary['time_s']:.1f} s; best val mIoU "
+                     f"{f'{100 * best:.2f} (epoch {best_epoch})' if best_epoch else 'n/a'}; "
+                     f"checkpoints in {self.ckpt_dir}")
+            return summary
         log.info(f"done: {global_it} iterations in {summary['time_s']:.1f} s; best mean val Dice "
                  f"{summary['best_mean_dice'] if summary['best_mean_dice'] is not None else 'n/a'}; "
                  f"checkpoints in {self.ckpt_dir}")
         return summary
 
     # -- pieces ---------------------------------------------------------------------------------------------------
+    def _build_2d_data(self) -> dict:
+        """Build ``self.train_ds`` / ``self.val_ds`` (:func:`glam3d.data.natural.build_2d_datasets`; rank 0 first,
+        so only it writes a synthetic set) and return a dataset.json-like manifest for the checkpoints."""
+        import dataclasses
+
+        from ..data.natural import build_2d_datasets
+
+        cfg, env = self.cfg, self.env
+        data = dataclasses.asdict(cfg.data)
+        num_classes = cfg.model.overrides.get("num_classes")
+        if env.is_main:
+            self.train_ds, self.val_ds, names = build_2d_datasets(data)
+        dist.barrier(env)
+        if not env.is_main:
+            self.train_ds, self.val_ds, names = build_2d_datasets(data)
+        if num_classes is not None and int(num_classes) != len(names):
+            raise UserError(f"config key 'model.overrides.num_classes' is {num_classes} but the {cfg.data.dataset} "
+                            f"data at {cfg.data.root} has {len(names)} classes")
+        return {"labels": {str(i): n for i, n in enumerate(names)}, "modality": {"0": "R", "1": "G", "2": "B"},
+                "plan": {"task": "2d", "dataset": cfg.data.dataset, "mean": list(cfg.data.mean),
+                         "std": list(cfg.data.std), "test_scale": cfg.data.test_scale,
+                         "ignore_index": cfg.loss.ignore_index,
+                         "reduce_zero_label": cfg.data.reduce_zero_label}}
+
+    @torch.no_grad()
+    def _validate_2d(self, model, val_ds, class_names, amp, epoch: int) -> dict:
+        """mIoU over the validation images (sharded over ranks, confusion matrices summed); rank 0 writes the
+        per-class table to ``RUN/val/miou_epochNNNN.{md,csv,json}``."""
+        from ..metrics.miou import evaluate_segmentation, metrics_from_confusion, write_miou_report
+
+        cfg, env, K = self.cfg, self.env, self.K
+        n = min(len(val_ds), cfg.val.max_cases) if cfg.val.max_cases else len(val_ds)
+        shard = torch.utils.data.Subset(val_ds, range(env.rank, n, env.world_size))
+        items = shard
+        if cfg.data.workers > 0 and len(shard):
+            items = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=cfg.data.workers)
+        crop = list(cfg.val.roi_size or cfg.data.crop_size)
+        stride = [max(1, int(round(c * (1.0 - cfg.val.overlap)))) for c in crop]
+        amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        with (torch.autocast(env.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()):
+            cm = evaluate_segmentation(model, items, K, ignore_index=cfg.loss.ignore_index, mode=cfg.val.inference,
+                                       crop_size=crop, stride=stride, flip=cfg.val.mirror, device=env.device)
+        matrix = dist.all_reduce_sum(torch.from_numpy(cm.matrix), env).numpy()
+        metrics = metrics_from_confusion(matrix, class_names)
+        if env.is_main:
+            write_miou_report(self.run_dir / "val", metrics, name=f"miou_epoch{epoch:04d}",
+                              title=f"{cfg.name or 'run'}: validation after epoch {epoch}",
+                              extra={"epoch": epoch, "inference": cfg.val.inference, "images": n},
+                              print_table=False)
+        return {"epoch": epoch, "mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"], "aAcc": metrics["aAcc"],
+                "iou": {c["name"]: c["IoU"] for c in metrics["per_class"]}}
+
     def _check_output(self, out, K: int, ds_weights) -> None:
         first = out if isinstance(out, torch.Tensor) else out[0]
         if first.shape[1] != K:
@@ -574,7 +818,7 @@ class _Trainer:
             "config": config_to_dict(self.cfg),
             "plan": manifest.get("plan", {}),
             "labels": manifest["labels"],
-            "metrics": {"best_mean_dice": best if best_epoch else float("-inf"), "best_epoch": best_epoch,
+            "metrics": {self.best_key: best if best_epoch else float("-inf"), "best_epoch": best_epoch,
                         "last_val": last_val},
             "world_size": env.world_size,
         }
@@ -582,16 +826,17 @@ class _Trainer:
             state["rng_ranks"] = ranks
         if partial is not None:
             state["partial_epoch"] = partial
-        save_checkpoint(self.ckpt_dir / name, state)
+        save_checkpoint(self.ckpt_dir / name, state, keep_previous=(name == "last.pt"))
 
 
-def _unused_parameters(model, in_channels, roi, device, ds_weights) -> list:
+def _unused_parameters(model, in_channels, roi, device, ds_weights, batch: int = 1) -> list:
     """Names of trainable parameters that receive no gradient from a training forward/backward on a zero patch
-    (RNG states untouched, gradients cleared); DDP must know about them up front."""
+    (RNG states untouched, gradients cleared); DDP must know about them up front. ``batch`` 2 for networks with
+    BatchNorm after global pooling (UperNet)."""
     devices = [device] if device.type == "cuda" else []
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # e.g. batch-norm running stats
     with torch.random.fork_rng(devices=devices):
-        x = torch.zeros((1, in_channels, *roi), device=device)
+        x = torch.zeros((batch, in_channels, *roi), device=device)
         model.train()
         out = model(x)
         outs = [out] if isinstance(out, torch.Tensor) else list(out)

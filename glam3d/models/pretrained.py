@@ -114,8 +114,9 @@ def _read_checkpoint(path) -> Dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors, or objects weights_only refuses
-        raise UserError(f"cannot read the checkpoint with torch.load(weights_only=True): "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", path) from None
+        from ..engine.checkpoint import describe_load_error
+
+        raise UserError(f"cannot read the checkpoint: {describe_load_error(e)}", path) from None
     for key in ("model", "state_dict", "model_state", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +27,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
@@ -37,6 +39,49 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _owner() -> str:
+    """``<host>-<pid>``: tags temporary names so :func:`sweep_stale_temps` can tell a dead writer's leftovers."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+_TMP_RE = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[^.]+\.tmp")
+
+
+def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_path` left in ``folder`` when its process was killed
+    (SIGKILL, power loss): only files made on this host by a process that no longer exists, so a live writer's
+    temporary file (another process writing into the same folder) is never touched. Returns the deleted paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    host = _owner().rsplit("-", 1)[0]
+    removed = []
+    for p in folder.iterdir():
+        m = _TMP_RE.match(p.name)
+        if not m or m.group("host") != host or not p.is_file():
+            continue
+        pid = int(m.group("pid"))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: exists, owned by someone else
+        return True
+    return True
 
 
 def _umask() -> int:

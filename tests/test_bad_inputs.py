@@ -1,0 +1,631 @@
+"""A catalogue of bad inputs across ``glam3d-preprocess``, ``glam3d train``, ``glam3d predict``, ``glam3d evaluate``.
+
+One row per case. Every row must hold the same contract:
+
+* the exit code is non-zero (2);
+* stderr is exactly one line, ``error: …``, naming the file and the problem (no traceback without ``--debug``);
+* no partial output is left: no ``*.tmp*`` file, and every output file that exists is complete (loads);
+* the other cases of the same run finished (``others="done"``), or — for problems that refuse the whole run up
+  front — nothing was written (``others="none"``).
+
+The CLIs run in-process through their ``main(argv)`` (fast); ``test_real_exit_codes`` runs a few rows through
+``python -m`` to prove the real process exit codes, and ``test_debug_shows_traceback`` checks ``--debug``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import helpers as H
+from glam3d import cli as glam3d_cli
+from preprocessing import cli as pre_cli
+
+
+@dataclass
+class Row:
+    argv: list                       # CLI arguments (without the program name)
+    tool: str                        # "pre" (glam3d-preprocess) or "glam3d"
+    names: str                       # the file/folder the error line must name
+    problem: str                     # regex the error line must match
+    outputs: list                    # folders whose files must be complete (no *.tmp*, all loadable)
+    others: str = "done"             # "done": the good cases were written; "none": nothing written
+    good: list = field(default_factory=list)   # output files the good cases must have produced
+    setup: Optional[Callable] = None  # called with monkeypatch (e.g. to make a tiny network importable)
+    inputs_inside: list = field(default_factory=list)  # input files that live in an output folder (not checked)
+
+
+# ------------------------------------------------------------------------------------------------ preprocess
+def unwritable(tmp: Path):
+    """``(output path that cannot be created, what the error names, problem regex)``: inside a read-only folder
+    (chmod 0o555) — except as root, who ignores permissions: then below a regular file (where a folder should be)."""
+    import os
+
+    if os.geteuid() != 0:
+        ro = tmp / "readonly"
+        ro.mkdir()
+        ro.chmod(0o555)
+        return ro / "out", ro, r"Permission denied"
+    blocker = tmp / "blocker"
+    blocker.write_text("a file where a folder should be\n")
+    return blocker / "out", blocker, r"Not a directory|must be a folder"
+
+
+def _pre_base(tmp: Path, bad_id="0006"):
+    """raw BTCV folder with one good training case (0005); the row breaks case ``bad_id``."""
+    raw = tmp / "raw"
+    H.tiny_case(raw, "0005")
+    img, lab = H.tiny_case(raw, bad_id)
+    return raw, img, lab
+
+
+def _pre_row(tmp, raw, names, problem, others="done", extra=()):
+    out = tmp / "out"
+    good = [out / "cases" / "0005.npz"] if others == "done" else []
+    return Row(["synapse", "--raw", str(raw), "--out", str(out), "--quiet", *extra], "pre", str(names), problem,
+               [out], others, good)
+
+
+def pre_truncated_nifti(tmp):
+    raw, img, _ = _pre_base(tmp)
+    img.write_bytes(img.read_bytes()[: img.stat().st_size // 2])
+    return _pre_row(tmp, raw, img, r"cannot read the voxel data|not a readable NIfTI")
+
+
+def pre_corrupt_nifti(tmp):
+    raw, img, _ = _pre_base(tmp)
+    img.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    return _pre_row(tmp, raw, img, r"not a readable NIfTI")
+
+
+def pre_zero_size_image(tmp):
+    raw, img, _ = _pre_base(tmp)
+    img.write_bytes(b"")
+    return _pre_row(tmp, raw, img, r"not a readable NIfTI")
+
+
+def pre_zero_size_label(tmp):
+    raw, _, lab = _pre_base(tmp)
+    lab.write_bytes(b"")
+    return _pre_row(tmp, raw, lab, r"not a readable NIfTI")
+
+
+def pre_nan_voxels(tmp):
+    raw, img, _ = _pre_base(tmp)
+    d = np.full(H.SHAPE, 40.0, np.float32)
+    d[3, 3, 3] = np.nan
+    H.save_nii(d, img)
+    return _pre_row(tmp, raw, img, r"NaN/inf")
+
+
+def pre_inf_voxels(tmp):
+    raw, img, _ = _pre_base(tmp)
+    d = np.full(H.SHAPE, 40.0, np.float32)
+    d[1, 2, 3] = np.inf
+    H.save_nii(d, img)
+    return _pre_row(tmp, raw, img, r"NaN/inf")
+
+
+def pre_4d_image(tmp):
+    raw, img, _ = _pre_base(tmp)
+    H.save_nii(np.zeros(H.SHAPE + (2,), np.int16), img)
+    return _pre_row(tmp, raw, img, r"expected a 3D image")
+
+
+def pre_2d_image(tmp):
+    raw, img, _ = _pre_base(tmp)
+    H.save_nii(np.zeros(H.SHAPE[:2], np.int16), img)
+    return _pre_row(tmp, raw, img, r"expected a 3D image|shape")
+
+
+def zero_pixdim(path: Path, axis: int):
+    """Rewrite a NIfTI so voxel axis ``axis`` has pixdim 0 and no sform/qform, as some broken converters write
+    (nibabel will not save such a header itself: the bytes are written here)."""
+    import gzip
+
+    x = nib.load(str(path))
+    data = np.asanyarray(x.dataobj)
+    hdr = x.header.copy()
+    hdr["qform_code"] = 0
+    hdr["sform_code"] = 0
+    hdr["pixdim"][1 + axis] = 0.0
+    hdr["vox_offset"] = 352
+    blob = hdr.binaryblock + b"\0" * 4 + np.asarray(data, hdr.get_data_dtype()).tobytes(order="F")
+    (gzip.open if str(path).endswith(".gz") else open)(path, "wb").write(blob)
+    return path
+
+
+def pre_zero_spacing(tmp):
+    raw, img, lab = _pre_base(tmp)
+    for p in (img, lab):
+        zero_pixdim(p, 1)
+    return _pre_row(tmp, raw, img, r"voxel size \(pixdim\) is 2 x 0 x 3 mm")
+
+
+def pre_absurd_spacing(tmp):
+    raw, img, lab = _pre_base(tmp)
+    aff = np.diag([1e6, 1e6, 3.0, 1.0])
+    for p in (img, lab):
+        x = nib.load(str(p))
+        H.save_nii(np.asanyarray(x.dataobj), p, aff)
+    return _pre_row(tmp, raw, img, r"implausible voxel size")
+
+
+def pre_label_out_of_range(tmp):
+    raw, _, lab = _pre_base(tmp)
+    H.tiny_case(raw, "0006", labels=(1, 20))
+    return _pre_row(tmp, raw, lab, r"label values 20 are not in the declared set")
+
+
+def pre_label_negative(tmp):
+    raw, _, lab = _pre_base(tmp)
+    d = np.zeros(H.SHAPE, np.int16)
+    d[4:6, 4:6, 2:4] = -3
+    H.save_nii(d, lab)
+    return _pre_row(tmp, raw, lab, r"label values -3 are not in the declared set")
+
+
+def pre_label_not_integer(tmp):
+    raw, _, lab = _pre_base(tmp)
+    d = np.zeros(H.SHAPE, np.float32)
+    d[4:6, 4:6, 2:4] = 1.5
+    H.save_nii(d, lab)
+    return _pre_row(tmp, raw, lab, r"non-integer")
+
+
+def pre_label_shape_mismatch(tmp):
+    raw, _, lab = _pre_base(tmp)
+    H.save_nii(np.zeros((12, 10, 7), np.uint8), lab)
+    return _pre_row(tmp, raw, lab, r"does not match the image")
+
+
+def pre_label_affine_mismatch(tmp):
+    raw, _, lab = _pre_base(tmp)
+    aff = H.AFFINE.copy()
+    aff[0, 3] = 5.0
+    H.save_nii(np.zeros(H.SHAPE, np.uint8), lab, aff)
+    return _pre_row(tmp, raw, lab, r"affine differs")
+
+
+def pre_output_inside_input(tmp):
+    raw, _, _ = _pre_base(tmp)
+    out = raw / "preprocessed"
+    return Row(["synapse", "--raw", str(raw), "--out", str(out), "--quiet"], "pre", str(raw),
+               r"inside the input folder", [out], "none")
+
+
+def pre_output_unwritable(tmp):
+    raw, _, _ = _pre_base(tmp)
+    out, names, problem = unwritable(tmp)
+    return Row(["synapse", "--raw", str(raw), "--out", str(out), "--quiet"], "pre", str(names), problem,
+               [tmp / "raw"], "none")
+
+
+def pre_msd_bad_json(tmp):
+    ds = tmp / "msd"
+    H.save_nii(np.zeros(H.SHAPE, np.int16), ds / "imagesTr" / "a.nii.gz")
+    (ds / "dataset.json").write_text('{"labels": {"0": "background",')
+    out = tmp / "out"
+    return Row(["msd", "--dataset", str(ds), "--out", str(out), "--quiet"], "pre", str(ds / "dataset.json"),
+               r"not valid JSON", [out], "none")
+
+
+# ------------------------------------------------------------------------------------------------ train
+def _tinynet(mods):
+    def setup(monkeypatch):
+        monkeypatch.syspath_prepend(str(mods))
+        sys.modules.pop("glam3d_tinynet", None)
+    return setup
+
+
+def _train_row(tmp, extra, names, problem, cfg_path=None, run=None):
+    cfg, data, mods = H.train_setup(tmp)
+    run = run or tmp / "run"
+    return Row(["train", str(cfg_path or cfg), "--out", str(run), "--no-progress", *extra], "glam3d", str(names),
+               problem, [run], "none", setup=_tinynet(mods))
+
+
+def train_unknown_config_key(tmp):
+    cfg, _, _ = H.train_setup(tmp)
+    text = cfg.read_text().replace("optim:\n", "optim:\n  lerning_rate: 0.1\n")
+    bad = tmp / "bad.yaml"
+    bad.write_text(text)
+    return _train_row(tmp, [], bad, r"unknown config key 'optim.lerning_rate'", cfg_path=bad)
+
+
+def train_config_not_yaml(tmp):
+    bad = tmp / "bad.yaml"
+    bad.write_text("model: [unclosed\n  name: x: y\n")
+    return _train_row(tmp, [], bad, r"YAML|yaml|parse|mapping", cfg_path=bad)
+
+
+def train_data_not_preprocessed(tmp):
+    empty = tmp / "empty"
+    empty.mkdir()
+    return _train_row(tmp, ["--data", str(empty)], empty, r"no dataset.json")
+
+
+def train_labels_out_of_range(tmp):
+    row = _train_row(tmp, [], tmp / "data" / "dataset.json", r"label value 7")
+    case = tmp / "data" / "cases" / "case01.npz"
+    z = dict(np.load(case))
+    z["label"] = z["label"].copy()
+    z["label"][0, 0, 0] = 7
+    np.savez_compressed(case, **z)
+    return row
+
+
+def train_resume_truncated_checkpoint(tmp):
+    run = tmp / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ck = H.predict_checkpoint(run / "checkpoints" / "last.pt")
+    ck.write_bytes(ck.read_bytes()[:1000])
+    row = _train_row(tmp, ["--resume"], ck, r"truncated/corrupt", run=run)
+    row.inputs_inside = [ck]
+    return row
+
+
+def train_init_other_architecture(tmp):
+    ck = H.predict_checkpoint(tmp / "other.pt")  # an nnFormer; the config trains TinyNet
+    return _train_row(tmp, ["--override", f"model.init_checkpoint={ck}"], ck, r"do not fit the network")
+
+
+def train_init_not_a_checkpoint(tmp):
+    ck = tmp / "notes.pt"
+    ck.write_text("these are my notes, not weights\n" * 20)
+    return _train_row(tmp, ["--override", f"model.init_checkpoint={ck}"], ck, r"not a checkpoint|corrupt")
+
+
+def train_output_unwritable(tmp):
+    out, names, problem = unwritable(tmp)
+    return _train_row(tmp, [], names, problem, run=out)
+
+
+# ------------------------------------------------------------------------------------------------ predict
+def _predict_row(tmp, inputs, names, problem, others="done", good=(), ckpt=None, out=None, extra=()):
+    ckpt = ckpt or H.predict_checkpoint(tmp / "ck.pt")
+    out = out or tmp / "pred"
+    return Row(["predict", "--checkpoint", str(ckpt), "--input", *map(str, inputs), "--output", str(out),
+                "--quiet", "--device", "cpu", *extra], "glam3d", str(names), problem, [out], others,
+               [out / g for g in good])
+
+
+def _scans(tmp, n=2):
+    return H.write_scans(tmp / "scans", n)
+
+
+def predict_ckpt_not_a_checkpoint(tmp):
+    _scans(tmp)
+    ck = tmp / "notes.pt"
+    ck.write_text("not a checkpoint\n" * 50)
+    return _predict_row(tmp, [tmp / "scans"], ck, r"not a checkpoint|corrupt", "none", ckpt=ck)
+
+
+def predict_ckpt_truncated(tmp):
+    _scans(tmp)
+    ck = H.predict_checkpoint(tmp / "ck.pt")
+    ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])
+    return _predict_row(tmp, [tmp / "scans"], ck, r"truncated/corrupt", "none", ckpt=ck)
+
+
+def predict_ckpt_zero_size(tmp):
+    _scans(tmp)
+    ck = tmp / "empty.pt"
+    ck.write_bytes(b"")
+    return _predict_row(tmp, [tmp / "scans"], ck, r"empty", "none", ckpt=ck)
+
+
+def predict_ckpt_other_architecture(tmp):
+    from glam3d.engine.checkpoint import load_checkpoint, save_checkpoint
+    from glam3d.models import build_model
+
+    _scans(tmp)
+    state = load_checkpoint(H.predict_checkpoint(tmp / "ck.pt"))
+    wider = dict(H.TINY_NET["kwargs"], embed_dim=24)
+    state["model"] = build_model(H.TINY_NET["name"], **wider).state_dict()  # weights of another nnFormer size
+    save_checkpoint(tmp / "other.pt", state)
+    return _predict_row(tmp, [tmp / "scans"], tmp / "other.pt", r"do not fit the network", "none",
+                        ckpt=tmp / "other.pt")
+
+
+def predict_corrupt_nifti(tmp):
+    _scans(tmp)
+    bad = tmp / "scans" / "s9.nii.gz"
+    bad.write_bytes(b"\x1f\x8b" + b"garbage" * 100)
+    return _predict_row(tmp, [tmp / "scans"], bad, r"cannot read NIfTI", "none")
+
+
+def predict_zero_size_nifti(tmp):
+    _scans(tmp)
+    bad = tmp / "scans" / "s9.nii"
+    bad.write_bytes(b"")
+    return _predict_row(tmp, [tmp / "scans"], bad, r"cannot read NIfTI", "none")
+
+
+def predict_nan_voxels(tmp):
+    _scans(tmp)
+    d = H.scan()
+    d[4, 4, 4] = np.nan
+    bad = H.save_nii(d, tmp / "scans" / "s9.nii.gz")
+    return _predict_row(tmp, [tmp / "scans"], bad, r"NaN/inf", good=["s0.nii.gz", "s1.nii.gz"])
+
+
+def predict_wrong_dimensionality(tmp):
+    _scans(tmp)
+    bad = H.save_nii(np.zeros((24, 20, 12, 3), np.float32), tmp / "scans" / "s9.nii.gz")
+    return _predict_row(tmp, [tmp / "scans"], bad, r"expected a 3D scan", "none")
+
+
+def predict_zero_spacing(tmp):
+    _scans(tmp)
+    bad = zero_pixdim(H.save_nii(H.scan(), tmp / "scans" / "s9.nii.gz"), 2)
+    return _predict_row(tmp, [tmp / "scans"], bad, r"voxel size \(pixdim\) is 2 x 2 x 0 mm", "none")
+
+
+def predict_absurd_spacing(tmp):
+    _scans(tmp)
+    bad = H.save_nii(H.scan(), tmp / "scans" / "s9.nii.gz", np.diag([1e6, 2.0, 3.0, 1.0]))
+    return _predict_row(tmp, [tmp / "scans"], bad, r"implausible voxel size", good=["s0.nii.gz", "s1.nii.gz"])
+
+
+def _dicom_series(folder: Path, uid: str, sizes, spacing=(0.9, 0.8, 2.5)):
+    import SimpleITK as sitk
+
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k, (h, w) in enumerate(sizes):
+        arr = np.full((h, w), 40, np.int16)
+        arr[2:-2, 2:-2] = 150
+        sl = sitk.GetImageFromArray(arr)
+        sl.SetSpacing(spacing[:2])
+        for tag, val in (("0010|0010", "Phantom"), ("0020|000d", uid + ".1"), ("0020|000e", uid + ".2"),
+                         ("0008|0060", "CT"), ("0020|0013", str(k + 1)),
+                         ("0020|0032", f"0\\0\\{k * spacing[2]}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                         ("0028|0030", f"{spacing[1]}\\{spacing[0]}"), ("0018|0050", str(spacing[2]))):
+            sl.SetMetaData(tag, val)
+        writer.SetFileName(str(folder / f"{uid[-3:]}_{k:03d}.dcm"))
+        writer.Execute(sl)
+
+
+def predict_dicom_mixed_series(tmp):
+    folder = tmp / "dicom" / "mixed"
+    folder.mkdir(parents=True)
+    _dicom_series(folder, "1.2.826.0.1.3680043.2.1125.7.101", [(20, 24)] * 6)          # a good series
+    _dicom_series(folder, "1.2.826.0.1.3680043.2.1125.7.202", [(20, 24)] * 3 + [(16, 16)] * 3)  # slices disagree
+    return _predict_row(tmp, [folder], folder, r"cannot read the DICOM series", good=["mixed_1.nii.gz"])
+
+
+def predict_output_is_input(tmp):
+    _scans(tmp)
+    row = _predict_row(tmp, [tmp / "scans"], tmp / "scans", r"input", "none", out=tmp / "scans")
+    row.inputs_inside = sorted((tmp / "scans").iterdir())
+    return row
+
+
+def predict_output_unwritable(tmp):
+    _scans(tmp)
+    out, names, problem = unwritable(tmp)
+    return _predict_row(tmp, [tmp / "scans"], names, problem, "none", out=out)
+
+
+def predict_not_nifti_file(tmp):
+    _scans(tmp)
+    bad = tmp / "scan.png"
+    bad.write_bytes(b"\x89PNG\r\n")
+    return _predict_row(tmp, [tmp / "scans" / "s0.nii.gz", bad], bad, r"not a NIfTI file", "none")
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def _truth(shape=(16, 14, 8)):
+    g = np.zeros(shape, np.uint8)
+    g[2:8, 2:8, 1:6] = 6
+    g[9:14, 8:12, 2:7] = 1
+    return g
+
+
+def _eval_base(tmp):
+    gt, pr = tmp / "gt", tmp / "pred"
+    for i in (1, 2):
+        H.save_nii(_truth(), gt / f"label000{i}.nii.gz")
+        H.save_nii(_truth(), pr / f"img000{i}.nii.gz")
+    return gt, pr
+
+
+def _eval_row(tmp, names, problem, out=None):
+    gt, pr = tmp / "gt", tmp / "pred"
+    out = out or tmp / "report"
+    return Row(["evaluate", "--pred", str(pr), "--gt", str(gt), "--labels", "synapse", "--out", str(out),
+                "--quiet"], "glam3d", str(names), problem, [out], "none")
+
+
+def evaluate_corrupt_prediction(tmp):
+    _, pr = _eval_base(tmp)
+    (pr / "img0002.nii.gz").write_bytes(b"\x1f\x8b" + b"x" * 300)
+    return _eval_row(tmp, pr / "img0002.nii.gz", r"cannot read")
+
+
+def evaluate_zero_size_truth(tmp):
+    gt, _ = _eval_base(tmp)
+    (gt / "label0001.nii.gz").write_bytes(b"")
+    return _eval_row(tmp, gt / "label0001.nii.gz", r"cannot read")
+
+
+def evaluate_shape_mismatch(tmp):
+    _, pr = _eval_base(tmp)
+    H.save_nii(_truth((16, 14, 9)), pr / "img0002.nii.gz")
+    return _eval_row(tmp, "img0002.nii.gz", r"has shape")
+
+
+def evaluate_geometry_mismatch(tmp):
+    _, pr = _eval_base(tmp)
+    aff = H.AFFINE.copy()
+    aff[:3, 3] = [10.0, 0, 0]
+    H.save_nii(_truth(), pr / "img0002.nii.gz", aff)
+    return _eval_row(tmp, "img0002.nii.gz", r"differ in")
+
+
+def evaluate_non_integer_labels(tmp):
+    gt, _ = _eval_base(tmp)
+    H.save_nii(_truth().astype(np.float32) * 0.5, gt / "label0002.nii.gz")
+    return _eval_row(tmp, gt / "label0002.nii.gz", r"non-integer")
+
+
+def evaluate_missing_prediction(tmp):
+    _, pr = _eval_base(tmp)
+    (pr / "img0002.nii.gz").unlink()
+    return _eval_row(tmp, pr, r"no prediction for truth label0002")
+
+
+def evaluate_4d_prediction(tmp):
+    _, pr = _eval_base(tmp)
+    H.save_nii(np.zeros((16, 14, 8, 2), np.uint8), pr / "img0001.nii.gz")
+    return _eval_row(tmp, pr / "img0001.nii.gz", r"not a 3D label map")
+
+
+def evaluate_corrupt_manifest(tmp):
+    _, pr = _eval_base(tmp)
+    (pr / "predictions.json").write_text('{"checkpoint": ')
+    return Row(["evaluate", "--pred", str(pr), "--gt", str(tmp / "gt"), "--out", str(tmp / "report"), "--quiet"],
+               "glam3d", str(pr / "predictions.json"), r"cannot read the predictions manifest", [tmp / "report"],
+               "none")
+
+
+def evaluate_output_unwritable(tmp):
+    _eval_base(tmp)
+    out, names, problem = unwritable(tmp)
+    return _eval_row(tmp, names, problem, out=out)
+
+
+CATALOGUE = {f.__name__: f for f in [
+    pre_truncated_nifti, pre_corrupt_nifti, pre_zero_size_image, pre_zero_size_label, pre_nan_voxels,
+    pre_inf_voxels, pre_4d_image, pre_2d_image, pre_zero_spacing, pre_absurd_spacing, pre_label_out_of_range,
+    pre_label_negative, pre_label_not_integer, pre_label_shape_mismatch, pre_label_affine_mismatch,
+    pre_output_inside_input, pre_output_unwritable, pre_msd_bad_json,
+    train_unknown_config_key, train_config_not_yaml, train_data_not_preprocessed, train_labels_out_of_range,
+    train_resume_truncated_checkpoint, train_init_other_architecture, train_init_not_a_checkpoint,
+    train_output_unwritable,
+    predict_ckpt_not_a_checkpoint, predict_ckpt_truncated, predict_ckpt_zero_size, predict_ckpt_other_architecture,
+    predict_corrupt_nifti, predict_zero_size_nifti, predict_nan_voxels, predict_wrong_dimensionality,
+    predict_zero_spacing, predict_absurd_spacing, predict_dicom_mixed_series, predict_output_is_input,
+    predict_output_unwritable, predict_not_nifti_file,
+    evaluate_corrupt_prediction, evaluate_zero_size_truth, evaluate_shape_mismatch, evaluate_geometry_mismatch,
+    evaluate_non_integer_labels, evaluate_missing_prediction, evaluate_4d_prediction, evaluate_corrupt_manifest,
+    evaluate_output_unwritable,
+]}
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _complete(path: Path) -> bool:
+    """The file loads completely in the format its name says."""
+    name = path.name
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            np.asanyarray(nib.load(str(path)).dataobj).sum()
+        elif name.endswith(".npz"):
+            with np.load(path) as z:
+                for k in z.files:
+                    z[k]
+        elif name.endswith(".json"):
+            json.loads(path.read_text())
+        elif name.endswith(".pt"):
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return True
+
+
+def check_outputs(row: Row):
+    for folder in row.outputs:
+        assert not H.temp_litter(folder), H.temp_litter(folder)
+        if not folder.exists():
+            continue
+        files = [p for p in folder.rglob("*") if p.is_file() and p not in row.inputs_inside]
+        bad = [str(p) for p in files if not _complete(p)]
+        assert not bad, f"half-written files: {bad}"
+        if row.others == "none" and row.tool == "glam3d" and row.argv[0] == "predict":
+            assert not [p for p in files if p.name.endswith(".nii.gz")], files
+        if row.others == "none" and row.tool == "pre":
+            assert not list(folder.rglob("*.npz")), files
+    for g in row.good:
+        assert g.is_file() and _complete(g), f"the good case was not finished: {g}"
+
+
+def check_error_line(err: str, row: Row):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected exactly one stderr line, got:\n{err}"
+    line = lines[0]
+    assert line.startswith("error: ") and "Traceback" not in err, line
+    assert row.names in line, f"the error line does not name {row.names}: {line}"
+    assert re.search(row.problem, line), f"the error line does not say {row.problem!r}: {line}"
+
+
+def _main(row: Row):
+    return pre_cli.main if row.tool == "pre" else glam3d_cli.main
+
+
+@pytest.mark.parametrize("case", list(CATALOGUE))
+def test_bad_input(case, tmp_path, capsys, monkeypatch):
+    row = CATALOGUE[case](tmp_path)
+    if row.setup:
+        row.setup(monkeypatch)
+    capsys.readouterr()
+    code = _main(row)(row.argv)
+    err = capsys.readouterr().err
+    assert code == 2, (code, err)
+    check_error_line(err, row)
+    check_outputs(row)
+
+
+def test_catalogue_size():
+    tools = {name.split("_")[0] for name in CATALOGUE}
+    assert len(CATALOGUE) >= 25 and tools == {"pre", "train", "predict", "evaluate"}
+
+
+# ------------------------------------------------------------------------------------------------ real processes
+REAL = ["pre_nan_voxels", "train_unknown_config_key", "predict_nan_voxels", "evaluate_shape_mismatch"]
+
+
+def _module(row: Row):
+    return ["-m", "preprocessing"] if row.tool == "pre" else ["-m", "glam3d"]
+
+
+@pytest.mark.slow
+def test_real_exit_codes(tmp_path):
+    """The same contract through real processes (``python -m``), started together to share the import time."""
+    procs = []
+    for name in REAL:
+        tmp = tmp_path / name
+        tmp.mkdir()
+        row = CATALOGUE[name](tmp)
+        mods = tmp / "mods" if (tmp / "mods").is_dir() else None
+        procs.append((row, H.python(*_module(row), *row.argv, mods=mods)))
+    for row, p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 2, (row.argv, p.returncode, err)
+        check_error_line(err, row)
+        check_outputs(row)
+
+
+def test_debug_shows_traceback(tmp_path, capsys):
+    # fatal errors re-raise under --debug (traceback); per-case errors print theirs after the one-line error
+    row = predict_ckpt_truncated(tmp_path / "a")
+    from glam3d.errors import UserError
+
+    with pytest.raises(UserError, match="truncated/corrupt"):
+        glam3d_cli.main(["--debug", *row.argv])
+    r = H.run("-m", "glam3d", "--debug", *row.argv)
+    assert r.returncode != 0 and "Traceback (most recent call last)" in r.stderr and "UserError" in r.stderr
+    row = pre_nan_voxels(tmp_path / "b")
+    capsys.readouterr()
+    assert pre_cli.main(["--debug", *row.argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "NaN/inf" in err
