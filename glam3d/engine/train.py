@@ -277,18 +277,11 @@ def per_class_dice(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) ->
 
 
 def _predict(model, image, vcfg, roi, device, amp):
-    try:
-        from .inference import predict_volume
-    except ImportError:  # pragma: no cover - inference module missing
-        predict_volume = None
-    if predict_volume is not None:
-        return predict_volume(model, image, roi_size=roi, overlap=vcfg.overlap, sw_batch_size=vcfg.sw_batch_size,
-                              mode=vcfg.mode, mirror=vcfg.mirror, device=device, amp=amp)
-    from monai.inferers import sliding_window_inference  # pragma: no cover
+    """Validation labels ``(D, H, W)`` uint8 by the same slab-streamed sliding window as ``glam3d predict``."""
+    from .inference import predict_volume
 
-    logits = sliding_window_inference(image[None].to(device), roi, vcfg.sw_batch_size, model,
-                                      overlap=vcfg.overlap, mode=vcfg.mode)
-    return logits.argmax(1)[0].to(torch.uint8).cpu()
+    return predict_volume(model, image, roi_size=roi, overlap=vcfg.overlap, sw_batch_size=vcfg.sw_batch_size,
+                          mode=vcfg.mode, mirror=vcfg.mirror, device=device, amp=amp)
 
 
 def _halt_hook(epoch: int, step: int, run_dir: Path) -> None:
@@ -478,7 +471,8 @@ class _Trainer:
         model.to(device)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, tc.iters_per_epoch, tc.epochs)
-        amp = tc.amp if device.type == "cuda" else "none"
+        # bf16 autocast runs on CPU and GPU; fp16 (with a grad scaler) is a CUDA-only path
+        amp = tc.amp if device.type == "cuda" or tc.amp == "bf16" else "none"
         amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
         n_params = sum(p.numel() for p in model.parameters())
@@ -578,7 +572,7 @@ class _Trainer:
                      f"{list(cfg.data.roi_size)}; amp {amp}; output {self.run_dir}")
         if self.resume:
             log.info(f"resuming from epoch {start_epoch + 1}, iteration {start_step} (step {global_it})")
-        if tc.amp != "none" and device.type != "cuda":
+        if tc.amp != amp:
             log.info(f"train.amp={tc.amp} applies on CUDA only: training in float32 on {device}")
 
         # ---- loop -----------------------------------------------------------------------------------------------
