@@ -37,6 +37,9 @@ def run_command(fn, args, interrupted: str = "interrupted") -> int:
     import sys
 
     debug = getattr(args, "debug", False)
+    for stream in (sys.stdout, sys.stderr):  # an ASCII terminal must not crash on "±" or "—" in a table
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="backslashreplace")
     try:
         return int(fn(args) or 0)
     except UserError as err:

@@ -36,7 +36,7 @@ class RunLogger:
             self.logger.addHandler(_logging.NullHandler())
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fh = _logging.FileHandler(self.run_dir / "train.log")
+        fh = _logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
         fh.setFormatter(_logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         self.logger.addHandler(fh)
         if console:
@@ -100,7 +100,7 @@ def read_log_csv(path) -> List[Dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     out = []
     for r in rows:
