@@ -185,15 +185,14 @@ def _epoch_order(seed: int, epoch: int, n_cases: int, n_draws: int) -> np.ndarra
     return np.concatenate([rng.permutation(n_cases) for _ in range(reps)])[:n_draws]
 
 
-class PatchDataset(Dataset):
-    """Seeded training patches. Index ``epoch * len_per_epoch + k`` (see :class:`EpochSampler`) -> dict with
-    ``image`` float32 ``(num_samples, C, *roi)`` and ``label`` uint8 ``(num_samples, 1, *roi)``."""
+class SeededDraws(Dataset):
+    """Base of the seeded training datasets (3D patches, 2D images): an epoch is ``iters_per_epoch`` steps of
+    ``batch_size`` draws per rank; step ``s`` takes global draws ``s*B*W .. (s+1)*B*W - 1`` and rank ``r`` the
+    ``B`` of them from ``(s*W + r)*B`` — so W ranks see exactly what one process with ``B*W`` per step sees."""
 
-    def __init__(self, cases: CaseCache, transform, *, seed: int, batch_size: int, iters_per_epoch: int,
-                 num_samples: int = 1, rank: int = 0, world_size: int = 1):
-        self.cases, self.transform = cases, transform
+    def __init__(self, *, seed: int, batch_size: int, iters_per_epoch: int, rank: int = 0, world_size: int = 1):
         self.seed, self.batch_size, self.iters = int(seed), int(batch_size), int(iters_per_epoch)
-        self.num_samples, self.rank, self.world_size = int(num_samples), int(rank), int(world_size)
+        self.rank, self.world_size = int(rank), int(world_size)
         self.len_per_epoch = self.batch_size * self.iters
 
     def __len__(self) -> int:  # per epoch
@@ -203,6 +202,18 @@ class PatchDataset(Dataset):
         """Global draw index of this rank's ``k``-th item of an epoch."""
         step, j = divmod(k, self.batch_size)
         return step * self.batch_size * self.world_size + self.rank * self.batch_size + j
+
+
+class PatchDataset(SeededDraws):
+    """Seeded training patches. Index ``epoch * len_per_epoch + k`` (see :class:`EpochSampler`) -> dict with
+    ``image`` float32 ``(num_samples, C, *roi)`` and ``label`` uint8 ``(num_samples, 1, *roi)``."""
+
+    def __init__(self, cases: CaseCache, transform, *, seed: int, batch_size: int, iters_per_epoch: int,
+                 num_samples: int = 1, rank: int = 0, world_size: int = 1):
+        super().__init__(seed=seed, batch_size=batch_size, iters_per_epoch=iters_per_epoch, rank=rank,
+                         world_size=world_size)
+        self.cases, self.transform = cases, transform
+        self.num_samples = int(num_samples)
 
     def __getitem__(self, index: int) -> dict:
         epoch, k = divmod(int(index), self.len_per_epoch)

@@ -184,6 +184,19 @@ def _split_name(split: str, aliases: dict, allowed: Sequence[str], what: str) ->
     return split
 
 
+def _check_pairs(images: dict, anns: dict, image_pattern: Path, ann_pattern: Path, empty: str) -> None:
+    """Every image has its annotation and vice versa (keyed by name; ``*_pattern`` format the expected partner's
+    path from a key); raise a one-line :class:`UserError` naming the orphan file."""
+    for key, p in images.items():
+        if key not in anns:
+            raise UserError(f"image has no annotation (expected {str(ann_pattern).format(key)})", p)
+    for key, p in anns.items():
+        if key not in images:
+            raise UserError(f"annotation has no image (expected {str(image_pattern).format(key)})", p)
+    if not images:
+        raise UserError(empty, image_pattern.parent)
+
+
 class ADE20KDataset(_PairedSegmentation):
     """ADE20K (SceneParsing, 150 classes) in the ``ADEChallengeData2016`` layout; see the module docstring.
 
@@ -216,14 +229,7 @@ class ADE20KDataset(_PairedSegmentation):
                                 "annotations/<split>)", d)
         images = {p.stem: p for p in sorted(img_dir.iterdir()) if p.suffix.lower() in _IMAGE_EXTS}
         anns = {p.stem: p for p in sorted(ann_dir.iterdir()) if p.suffix.lower() == ".png"}
-        for stem, p in images.items():
-            if stem not in anns:
-                raise UserError(f"image has no annotation (expected {ann_dir / (stem + '.png')})", p)
-        for stem, p in anns.items():
-            if stem not in images:
-                raise UserError(f"annotation has no image (expected {img_dir / (stem + '.jpg')})", p)
-        if not images:
-            raise UserError("no images (*.jpg) found", img_dir)
+        _check_pairs(images, anns, img_dir / "{}.jpg", ann_dir / "{}.png", "no images (*.jpg) found")
         self.pairs = [(images[s], anns[s], s) for s in sorted(images)]
         lut = np.full(256, -1, dtype=np.int32)
         if reduce_zero_label:
@@ -277,14 +283,8 @@ class CityscapesDataset(_PairedSegmentation):
                   for p in sorted(img_dir.glob("*/*_leftImg8bit.png"))}
         anns = {str(p.relative_to(ann_dir))[:-len("_gtFine_labelIds.png")]: p
                 for p in sorted(ann_dir.glob("*/*_gtFine_labelIds.png"))}
-        for key, p in images.items():
-            if key not in anns:
-                raise UserError(f"image has no annotation (expected {ann_dir / (key + '_gtFine_labelIds.png')})", p)
-        for key, p in anns.items():
-            if key not in images:
-                raise UserError(f"annotation has no image (expected {img_dir / (key + '_leftImg8bit.png')})", p)
-        if not images:
-            raise UserError("no <city>/*_leftImg8bit.png images found", img_dir)
+        _check_pairs(images, anns, img_dir / "{}_leftImg8bit.png", ann_dir / "{}_gtFine_labelIds.png",
+                     "no <city>/*_leftImg8bit.png images found")
         self.pairs = [(images[k], anns[k], Path(k).name) for k in sorted(images)]
         lut = np.full(256, -1, dtype=np.int32)
         lut[:CITYSCAPES_NUM_IDS] = IGNORE_INDEX

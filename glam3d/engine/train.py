@@ -221,7 +221,7 @@ def build_loss(cfg: Config) -> torch.nn.Module:
     return DeepSupervisionLoss(base, cfg.train.deep_supervision)
 
 
-class ImageDraws(torch.utils.data.Dataset):
+class ImageDraws(D.SeededDraws):
     """Seeded 2D training draws (the counterpart of :class:`glam3d.data.datasets.PatchDataset`).
 
     Index ``epoch * len + k`` (see :class:`~glam3d.data.datasets.EpochSampler`) is this rank's ``k``-th draw of
@@ -236,17 +236,9 @@ class ImageDraws(torch.utils.data.Dataset):
                  world_size: int = 1):
         if len(dataset) == 0:
             raise UserError("the 2D training set has no images")
+        super().__init__(seed=seed, batch_size=batch_size, iters_per_epoch=iters_per_epoch, rank=rank,
+                         world_size=world_size)
         self.dataset = dataset
-        self.seed, self.batch_size, self.iters = int(seed), int(batch_size), int(iters_per_epoch)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.len_per_epoch = self.batch_size * self.iters
-
-    def __len__(self) -> int:  # per epoch
-        return self.len_per_epoch
-
-    def draw_index(self, k: int) -> int:
-        step, j = divmod(k, self.batch_size)
-        return step * self.batch_size * self.world_size + self.rank * self.batch_size + j
 
     def image_index(self, epoch: int, k: int) -> int:
         order = D._epoch_order(self.seed, epoch, len(self.dataset), self.len_per_epoch * self.world_size)
