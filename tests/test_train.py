@@ -367,7 +367,7 @@ def test_bf16_autocast_on_cpu_trains(tiny):
     rows = read_log_csv(tmp / "bf16" / "log.csv")
     assert all(np.isfinite(r["train_loss"]) for r in rows)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
-    assert "amp bf16" in (tmp / "bf16" / "train.log").read_text()
+    assert "amp bf16" in (tmp / "bf16" / "train.log").read_text(encoding="utf-8")
     w32 = load_checkpoint(tmp / "fp32" / "checkpoints" / "last.pt")["model"]
     w16 = load_checkpoint(tmp / "bf16" / "checkpoints" / "last.pt")["model"]
     assert all(v.dtype == torch.float32 for v in w16.values() if v.is_floating_point())  # master weights fp32

@@ -176,7 +176,7 @@ def test_tiny_synthetic_run_trains_validates_and_checkpoints(tiny_run):
     assert ck["config"]["data"]["dataset"] == "synthetic" and ck["model_spec"]["name"] == "glam_swin_upernet_tiny"
     header = (run / "log.csv").read_text().splitlines()[0].split(",")
     assert {"val_mIoU", "val_iou_background", "val_iou_shape3", "best_mIoU", "images_per_s"} <= set(header)
-    log = (run / "train.log").read_text()
+    log = (run / "train.log").read_text(encoding="utf-8")
     assert "val mIoU" in log and "IoU: background" in log and "loss ce [1.0, 0.4]" in log
     rep = json.loads((run / "val" / "miou_epoch0002.json").read_text())
     assert rep["mIoU"] == pytest.approx(rows[-1]["val_mIoU"]) and len(rep["per_class"]) == 4
@@ -240,7 +240,7 @@ def test_pretrained_backbone_is_loaded_and_logged(tiny_run):
     train(tiny_config(tmp / "synth", out, **{"model.pretrained": str(tmp / "swin.pth"), "train.epochs": 1,
                                              "train.iters_per_epoch": 1, "train.val_every": 0,
                                              "optim.lr": "1e-12", "optim.grad_clip": "null"}), console=False)
-    log = (out / "train.log").read_text()
+    log = (out / "train.log").read_text(encoding="utf-8")
     assert "pretrained weights from" in log and "unused checkpoint keys: 2" in log and "global_tokens" in log
     w = load_checkpoint(out / "checkpoints" / "last.pt")["model"]
     key = "backbone.stages.0.blocks.0.attn.qkv.weight"
