@@ -39,3 +39,15 @@ def test_demo_short_end_to_end(tmp_path, capsys):
     assert main(args) == 0
     assert "== demo summary ==" in capsys.readouterr().out
     assert (out / "predictions" / "img0001.nii.gz").stat().st_mtime_ns == stamp
+
+
+def test_demo_overwrite_refuses_a_foreign_folder(tmp_path, capsys):
+    """--overwrite deletes only a folder that holds a demo run and nothing else."""
+    from glam3d.cli import main
+
+    keep = tmp_path / "thesis.tex"
+    keep.write_text("precious")
+    assert main(["demo", "--out", str(tmp_path), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing to delete" in err[0] and str(tmp_path) in err[0]
+    assert keep.read_text() == "precious"

@@ -25,6 +25,8 @@ TARGET_MINUTES = 15.0
 # organ, both body sides) in one patch, which is what lets the tiny network learn the anatomy in ~1000 CPU steps;
 # predictions are still written, and scored, in each scan's own geometry (~2.8 mm at --matrix 128)
 DEMO_SPACING = (4.0, 4.0, 4.0)
+# what a demo folder holds: --overwrite deletes a folder only when it holds nothing else
+DEMO_ENTRIES = {"phantom_raw", "phantom_pre", "run", "predictions", "test_labels", "report", "phantom_preview.png"}
 
 
 def add_parser(subparsers):
@@ -57,6 +59,10 @@ def run(args) -> int:
         raise UserError("training config not found (run the demo from a clone of the repository, or pass "
                         "--config)", args.config)
     if args.overwrite and out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES)
+        if foreign:
+            raise UserError(f"--overwrite: refusing to delete a folder that holds more than a demo run "
+                            f"(e.g. {foreign[0]})", out)
         shutil.rmtree(out)
     raw, pre, run_dir = out / "phantom_raw", out / "phantom_pre", out / "run"
     pred, gt, report = out / "predictions", out / "test_labels", out / "report"
