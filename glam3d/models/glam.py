@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import DropPath, Mlp, init_weights_trunc_normal, linear, to_ntuple
-from .window import (WindowAttention, effective_window, pad_to_multiple, padded_shape, roll, shift_window_mask,
-                     shifted_window_index, window_partition, window_reverse)
+from .window import (WindowAttention, as_window_size, effective_window, pad_to_multiple, padded_shape, roll,
+                     shift_window_mask, shifted_window_index, window_partition, window_reverse)
 
 __all__ = ["Attention", "WindowBlock", "GlobalBlock", "GLAMLayer", "window_geometry"]
 
@@ -257,17 +257,7 @@ class GLAMLayer(nn.Module):
                  input_resolution: Sequence[int] | None = None, cross_attention: bool = False,
                  global_num_heads: int | None = None, last_gmsa: bool = True):
         super().__init__()
-        if isinstance(window_size, int):
-            if spatial_dims is None:
-                raise ValueError("spatial_dims is required when window_size is an int")
-            window_size = (window_size,) * spatial_dims
-        window_size = tuple(int(w) for w in window_size)
-        if spatial_dims is not None and spatial_dims != len(window_size):
-            raise ValueError(f"spatial_dims={spatial_dims} does not match window_size={window_size}")
-        if len(window_size) not in (2, 3):
-            raise ValueError(f"window_size={window_size} must have 2 or 3 entries (2D or 3D)")
-        if any(w < 1 for w in window_size):
-            raise ValueError(f"window_size={window_size} entries must be >= 1")
+        window_size = as_window_size(window_size, spatial_dims)
         if dim < 1:
             raise ValueError(f"dim={dim} must be positive")
         if depth < 1:

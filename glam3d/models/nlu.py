@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import init_weights_trunc_normal
-from .window import effective_window, pad_to_multiple, padded_shape, window_partition, window_reverse
+from .window import as_window_size, effective_window, pad_to_multiple, padded_shape, window_partition, window_reverse
 
 __all__ = ["NLU"]
 
@@ -41,15 +41,7 @@ class NLU(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_heads: int, window_size, spatial_dims: int | None = None,
                  qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
-        if isinstance(window_size, int):
-            if spatial_dims is None:
-                raise ValueError("spatial_dims is required when window_size is an int")
-            window_size = (window_size,) * spatial_dims
-        window_size = tuple(int(w) for w in window_size)
-        if len(window_size) not in (2, 3) or any(w < 1 for w in window_size):
-            raise ValueError(f"window_size={window_size} must have 2 or 3 positive entries")
-        if spatial_dims is not None and spatial_dims != len(window_size):
-            raise ValueError(f"spatial_dims={spatial_dims} does not match window_size={window_size}")
+        window_size = as_window_size(window_size, spatial_dims)
         if num_heads < 1 or out_dim % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide out_dim={out_dim}")
         self.in_dim, self.out_dim, self.num_heads = in_dim, out_dim, num_heads

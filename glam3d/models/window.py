@@ -62,6 +62,23 @@ def effective_window(spatial_shape: Sequence[int], window_size: Sequence[int],
     return tuple(ws), tuple(sh)
 
 
+def as_window_size(window_size, spatial_dims: int | None = None) -> Tuple[int, ...]:
+    """Normalise a window-size argument: an int (needs ``spatial_dims``) or a 2/3-tuple of positive ints.
+    Raises ``ValueError`` naming ``window_size`` / ``spatial_dims``."""
+    if isinstance(window_size, int):
+        if spatial_dims is None:
+            raise ValueError("spatial_dims is required when window_size is an int")
+        window_size = (window_size,) * spatial_dims
+    window_size = tuple(int(w) for w in window_size)
+    if spatial_dims is not None and spatial_dims != len(window_size):
+        raise ValueError(f"spatial_dims={spatial_dims} does not match window_size={window_size}")
+    if len(window_size) not in (2, 3):
+        raise ValueError(f"window_size={window_size} must have 2 or 3 entries (2D or 3D)")
+    if any(w < 1 for w in window_size):
+        raise ValueError(f"window_size={window_size} entries must be >= 1")
+    return window_size
+
+
 def padded_shape(spatial_shape: Sequence[int], window_size: Sequence[int]) -> Tuple[int, ...]:
     """Smallest multiple of the window along each axis: ``S -> Sp``."""
     return tuple(int(math.ceil(s / w)) * w for s, w in zip(spatial_shape, window_size))
