@@ -13,7 +13,10 @@
   in its own child process, so peaks never mix (CPU: the child's peak RSS, ``VmHWM`` / ``ru_maxrss``; GPU:
   ``torch.cuda.max_memory_allocated``);
 * how time and memory grow with the volume (3 sizes) and with the scan length (``512x512x200`` and
-  ``512x512x1000``, overlap 0), one child process per line;
+  ``512x512x1000``, overlap 0, ``nnformer_synapse``), one child process per line; each long-CT child first
+  writes a synthetic int16 CT to a temporary ``.npy`` and infers it from disk to disk
+  (:class:`~glam3d.engine.inference.NpySlabReader`, CT clip + scale as ``normalize``,
+  :class:`~glam3d.engine.inference.NpySlabWriter`), or from an in-memory int16 array (``long_ct_in_memory``);
 * a training step of the tiny config (forward + backward + SGD step, batch 2, deep supervision);
 * on a GPU: forward time with bf16 autocast and the longest ``512x512`` scan inferred without running out of
   memory.
@@ -77,9 +80,11 @@ class BenchConfig:
     scaling_model: Optional[str] = None         # default nnformer_synapse (overlap 0), quick nnformer_tiny
     scaling_volumes: Optional[List[Sequence[int]]] = None
     scaling_overlap: float = 0.0
-    long_ct_model: Optional[str] = None         # default nnformer_tiny (see PERFORMANCE.md), quick nnformer_tiny
+    long_ct_model: Optional[str] = None         # default nnformer_synapse, quick nnformer_tiny
     long_ct_volumes: Optional[List[Sequence[int]]] = None
     long_ct_overlap: float = 0.0
+    long_ct_in_memory: bool = False             # int16 input array + labels tensor in memory instead of .npy files
+    long_ct_sw_batch_size: int = 1              # one window per forward: the activations of one window only
     train_model: Optional[str] = None           # default glam_nnformer_tiny
     train_repeats: int = 3
     matmul_size: Optional[int] = None           # default 2048; quick 512
@@ -96,7 +101,7 @@ class BenchConfig:
         c.scaling_volumes = [tuple(v) for v in (c.scaling_volumes or (
             [(32, 64, 64), (64, 64, 64), (128, 64, 64)] if q else
             [(128, 256, 256), (256, 256, 256), (512, 256, 256)]))]
-        c.long_ct_model = c.long_ct_model or "nnformer_tiny"
+        c.long_ct_model = c.long_ct_model or ("nnformer_tiny" if q else "nnformer_synapse")
         c.long_ct_volumes = [tuple(v) for v in (c.long_ct_volumes or (
             [(64, 128, 128), (320, 128, 128)] if q else [(200, 512, 512), (1000, 512, 512)]))]
         c.train_model = c.train_model or "glam_nnformer_tiny"
@@ -117,20 +122,31 @@ def _sync(device: torch.device) -> None:
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5, device="cpu", dtype=torch.float32) -> float:
-    """Median GFLOP/s of ``n^3`` matmuls (``2 n^3`` FLOPs each) after one warm-up."""
+    """The machine's matmul peak: median GFLOP/s of ``n^3`` products (``2 n^3`` FLOPs each) after one warm-up,
+    the best of the two kernels the networks use on a CPU (BLAS ``torch.mm`` and oneDNN's fp32 matmul — on
+    some CPUs one is clearly faster); ``torch.mm`` on a GPU."""
     device = torch.device(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    torch.mm(a, b, out=out)
-    _sync(device)
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mm(a, b, out=out)
+    kernels = [lambda: torch.mm(a, b, out=out)]
+    from .models.layers import _LINEAR_POINTWISE
+    if device.type == "cpu" and dtype == torch.float32 and _LINEAR_POINTWISE is not None \
+            and torch.backends.mkldnn.is_available():
+        bt, zero = b.t().contiguous(), torch.zeros(n, dtype=dtype)
+        kernels.append(lambda: _LINEAR_POINTWISE(a, bt, zero, "none", [], "none"))
+    best = 0.0
+    for run in kernels:
+        run()
         _sync(device)
-        ts.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(ts) / 1e9
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run()
+            _sync(device)
+            ts.append(time.perf_counter() - t)
+        best = max(best, 2 * n ** 3 / statistics.median(ts) / 1e9)
+    return best
 
 
 def _build(name: str, device, seed: int = 0):
@@ -184,9 +200,84 @@ def _peak_rss() -> int:
     return kb if sys.platform == "darwin" else kb * 1024  # bytes (macOS reports bytes, Linux KiB)
 
 
+#: CT window of the synthetic long-CT input (HU), scaled to [0, 1] per window by ``normalize``
+CT_CLIP = (-125.0, 275.0)
+
+
+def _ct_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise CT preprocessing (clip to :data:`CT_CLIP`, scale to [0, 1]), in place on a float window."""
+    lo, hi = CT_CLIP
+    return x.clamp_(lo, hi).sub_(lo).div_(hi - lo)
+
+
+def _synthetic_ct_planes(d0: int, d1: int, hw, channels: int = 1) -> torch.Tensor:
+    """Planes ``[d0, d1)`` of a reproducible synthetic CT, int16 HU in [-1024, 1500): ``(channels, n, H, W)``."""
+    g = torch.Generator().manual_seed(1000003 * d0 + 17)
+    return torch.randint(-1024, 1500, (channels, d1 - d0, *hw), generator=g, dtype=torch.int16)
+
+
+def _long_ct_worker(spec: dict) -> dict:
+    """Child process, long-CT line: write a synthetic int16 CT to a temporary ``.npy`` (a few planes at a time),
+    then infer it disk to disk (NpySlabReader + normalize + NpySlabWriter) — or, with ``in_memory``, from an
+    int16 array in memory to a labels tensor. Reports time, peak RSS and the accumulator's peak."""
+    import tempfile
+
+    from .engine.inference import NpySlabReader, NpySlabWriter, predict_volume
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = torch.device(spec["device"])
+    model = _build(spec["model"], device)
+    roi = tuple(model.default_crop)
+    vol = tuple(spec["volume"])
+    cin = model.in_channels
+    step = 16
+    stats: dict = {}
+    kwargs = dict(overlap=spec["overlap"], sw_batch_size=spec["sw_batch_size"], mode="gaussian", device=device,
+                  amp=spec.get("amp", False), stats=stats, normalize=_ct_normalize)
+    with tempfile.TemporaryDirectory(prefix="glam3d-longct-", dir=spec.get("tmpdir")) as tmp:
+        if spec.get("in_memory"):
+            image = torch.empty((cin,) + vol, dtype=torch.int16)
+            for d0 in range(0, vol[0], step):
+                image[:, d0:d0 + step] = _synthetic_ct_planes(d0, min(d0 + step, vol[0]), vol[1:], cin)
+            out = None
+        else:
+            if cin != 1:
+                raise ValueError(f"the long-CT bench writes single-channel CTs; {spec['model']} takes {cin}")
+            ct = os.path.join(tmp, "ct.npy")
+            with NpySlabWriter(ct, vol, dtype="int16") as w:  # (D, H, W): read back as (1, D, H, W)
+                for d0 in range(0, vol[0], step):
+                    planes = _synthetic_ct_planes(d0, min(d0 + step, vol[0]), vol[1:])
+                    w[d0:d0 + planes.shape[1]] = planes[0]
+            image = NpySlabReader(ct)
+            out = NpySlabWriter(os.path.join(tmp, "labels.npy"), vol)
+        rss_before = _rss_now()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        t = time.perf_counter()
+        if out is None:
+            labels = predict_volume(model, image, roi, **kwargs)
+        else:
+            with out:
+                labels = predict_volume(model, image, roi, out=out, **kwargs)
+        _sync(device)
+        dt = time.perf_counter() - t
+    res = {"model": spec["model"], "volume": list(vol), "roi": list(roi), "overlap": spec["overlap"],
+           "input": "memory (int16)" if spec.get("in_memory") else "npy (int16)", "windows": stats.get("windows"),
+           "sw_batch_size": spec["sw_batch_size"], "seconds": dt, "voxels_per_s": math.prod(vol) / dt,
+           "peak_rss": _peak_rss(), "rss_before": rss_before, "labels_shape": list(labels.shape)}
+    for k in ("peak_accumulator_bytes", "slab_bytes", "input_block_bytes", "labels_bytes", "labels_buffer_bytes"):
+        res[k] = stats.get(k)
+    if device.type == "cuda":
+        res["gpu_peak"] = torch.cuda.max_memory_allocated(device)
+    return res
+
+
 def _worker(spec: dict) -> dict:
     """Child process: build a model, make a volume, run :func:`predict_volume`, report time and memory."""
     from .engine.inference import predict_volume
+    if spec.get("long_ct"):
+        return _long_ct_worker(spec)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec["device"])
@@ -350,18 +441,23 @@ def run_bench(cfg: BenchConfig) -> dict:
                                sw_peak_rss=r["peak_rss"], sw_gpu_peak=r.get("gpu_peak"))
     res["rows"] = [rows[n] for n in cfg.models]
 
-    def scan(model, volumes, overlap, label):
+    def scan(model, volumes, overlap, label, **extra):
         out = []
         for v in volumes:
             _log(cfg, f"{label}: {model} on {'x'.join(map(str, v))}, overlap {overlap} (child process)")
-            out.append(_run_child({"model": model, "volume": list(v), "device": str(device), "overlap": overlap,
-                                   "sw_batch_size": cfg.sw_batch_size, "threads": cfg.threads}))
+            spec = {"model": model, "volume": list(v), "device": str(device), "overlap": overlap,
+                    "sw_batch_size": cfg.sw_batch_size, "threads": cfg.threads}
+            spec.update(extra)
+            out.append(_run_child(spec))
         return out
 
     if "scaling" in cfg.sections:
         res["scaling"] = scan(cfg.scaling_model, cfg.scaling_volumes, cfg.scaling_overlap, "scaling")
     if "long_ct" in cfg.sections:
-        res["long_ct"] = scan(cfg.long_ct_model, cfg.long_ct_volumes, cfg.long_ct_overlap, "long CT")
+        res["long_ct"] = scan(cfg.long_ct_model, cfg.long_ct_volumes, cfg.long_ct_overlap,
+                              "long CT (in memory)" if cfg.long_ct_in_memory else "long CT (.npy to .npy)",
+                              long_ct=True, in_memory=cfg.long_ct_in_memory,
+                              sw_batch_size=cfg.long_ct_sw_batch_size)
     if "train" in cfg.sections:
         _log(cfg, f"training step {cfg.train_model}")
         res["train"] = _train_step_time(cfg.train_model, device, cfg.train_repeats)
@@ -411,7 +507,7 @@ def _targets(rows, ratios, res) -> List[dict]:
         work = [(r["peak_rss"] - r["rss_before"]) for r in lc]
         add("long_ct_flat", flat, flat <= TARGETS["long_ct_flat"][1],
             f"peak RSS {peaks[-1] / 1e9:.2f} / {peaks[0] / 1e9:.2f} GB; inference increment "
-            f"{work[-1] / 1e9:.2f} / {work[0] / 1e9:.2f} GB (the input image itself grows with D)")
+            f"{work[-1] / 1e9:.2f} / {work[0] / 1e9:.2f} GB; input {lc[0].get('input', 'float32 in memory')}")
         spv = [r["seconds"] / math.prod(r["volume"]) for r in lc]
         lin = spv[-1] / spv[0]
         lo, hi = TARGETS["long_ct_linear"][1]
@@ -465,17 +561,21 @@ def _tables(res: dict):
 
     for key, title in (("scaling", "growth with the volume"), ("long_ct", "long CT (scan length)")):
         if res.get(key):
+            lct = key == "long_ct"
+            head = ["model", "volume", "overlap", "windows", "time (s)", "voxels/s", "peak RSS (GB)",
+                    "inference increment (GB)"] + (["input", "accumulator peak (GB)"] if lct else [])
             body = []
             for r in res[key]:
                 if "error" in r:
                     body.append([r["model"], "x".join(map(str, r["volume"])), "-", "-", "-", "-", "-",
-                                 r["error"]])
+                                 r["error"]] + (["-", "-"] if lct else []))
                     continue
                 body.append([r["model"], "x".join(map(str, r["volume"])), str(r["overlap"]), str(r["windows"]),
                              _f(r["seconds"], "{:.1f}"), _f(r["voxels_per_s"], "{:,.0f}"), _gb(r["peak_rss"]),
-                             _gb(r["peak_rss"] - r["rss_before"])])
-            tabs.append((title, ["model", "volume", "overlap", "windows", "time (s)", "voxels/s", "peak RSS (GB)",
-                                 "inference increment (GB)"], body))
+                             _gb(r["peak_rss"] - r["rss_before"])]
+                            + ([r.get("input", "-"), _f(None if r.get("peak_accumulator_bytes") is None else
+                                                        r["peak_accumulator_bytes"] / 1e9, "{:.3f}")] if lct else []))
+            tabs.append((title, head, body))
     if res.get("train"):
         t = res["train"]
         tabs.append(("training step (forward + backward + SGD, deep supervision)", ["model", "batch", "crop",

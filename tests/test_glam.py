@@ -304,3 +304,46 @@ def test_last_gmsa_off_has_no_dead_parameters():
     assert global_attention_map(layer, torch.randn(1, 8, 4, 4), (0, 0), block=0).shape == (4, 4)
     with pytest.raises(ValueError, match="block"):
         global_attention_map(layer, torch.randn(1, 8, 4, 4), (0, 0), block=1)
+
+
+@pytest.mark.parametrize("ws,S", CASES + [((4, 4), (7, 9)), ((2, 2, 2), (3, 5, 6))])
+@pytest.mark.parametrize("cross,last_gmsa", [(False, False), (True, False), (False, True)])
+def test_need_global_false_skips_only_dead_work(ws, S, cross, last_gmsa):
+    """``need_global=False`` drops the last block's global-token outputs (nobody reads them): the map output
+    is the same, in inference and in training (same gradients), and no parameter loses its gradient."""
+    torch.manual_seed(0)
+    C = 8
+    layer = GLAMLayer(C, 2, 2, ws, num_global_tokens=3, cross_attention=cross, last_gmsa=last_gmsa)
+    x = torch.randn(2, *S, C, requires_grad=True)
+    ctx = torch.randn(2, *S, C) if cross else None
+    y_full, g_full = layer.forward_tokens(x, ctx)
+    y_fast, g_fast = layer.forward_tokens(x, ctx, need_global=False)
+    assert g_full is not None
+    assert (g_fast is None) != last_gmsa  # with a G-MSA after the last block the tokens are still computed
+    torch.testing.assert_close(y_fast, y_full, atol=1e-6, rtol=1e-6)
+    (gx_full,) = torch.autograd.grad(y_full.square().sum(), x)
+    y_fast.square().sum().backward()
+    torch.testing.assert_close(x.grad, gx_full, atol=1e-5, rtol=1e-5)
+    if not last_gmsa:  # (a G-MSA after the last block feeds only g, never y)
+        assert all(p.grad is not None for p in layer.parameters())
+    with torch.inference_mode():  # the oneDNN fused path of CPU inference
+        torch.testing.assert_close(layer.eval().forward_tokens(x, ctx, need_global=False)[0],
+                                   layer.forward_tokens(x, ctx)[0], atol=1e-6, rtol=1e-6)
+
+
+def test_need_global_false_does_less_work():
+    """The skipped work is real: fewer multiply-adds for the same output (global tokens of the last block)."""
+    from glam3d.models.complexity import count_macs
+
+    class Stage(torch.nn.Module):
+        def __init__(self, need):
+            super().__init__()
+            self.layer = GLAMLayer(32, 2, 4, (4, 4, 4), num_global_tokens=10, last_gmsa=False)
+            self.need = need
+
+        def forward(self, x):
+            return self.layer.forward_tokens(x, need_global=self.need)[0]
+
+    macs = [count_macs(Stage(need).eval(), (1, 8, 8, 8, 32)) for need in (True, False)]
+    # last block: MLP (2 * 32 * 128 MACs per token) and proj (32 * 32) of 8 windows x 10 tokens are gone
+    assert macs[0] - macs[1] >= 8 * 10 * (2 * 32 * 128 + 32 * 32)

@@ -1,9 +1,11 @@
-"""Slab-streaming sliding-window inference: equals MONAI's full-volume aggregation, memory bounded in D."""
+"""Cell-streaming sliding-window inference: equals MONAI's full-volume aggregation, memory bounded in D;
+input and output may stay on disk (.npy slab reader / writer)."""
+import numpy as np
 import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from glam3d.engine.inference import predict_volume, resolve_amp, window_grid
+from glam3d.engine.inference import NpySlabReader, NpySlabWriter, predict_volume, resolve_amp, window_grid
 
 
 class TinyNet(torch.nn.Module):
@@ -36,6 +38,15 @@ def _monai_labels(model, image, roi, overlap, sw, mode="gaussian"):
     ((1, 29, 14, 15), (10, 8, 8), 0.25, 1, "constant"),
     ((1, 23, 9, 11), (7, 5, 6), 0.7, 4, "gaussian"),
     ((1, 6, 10, 9), (8, 12, 10), 0.5, 2, "gaussian"),   # smaller than the window: padded
+    ((1, 5, 7, 6), (8, 12, 10), 0.0, 1, "gaussian"),    # smaller than the window on every axis
+    ((1, 30, 24, 24), (8, 8, 8), 0.0, 2, "gaussian"),   # overlap 0, D not a multiple: last row shifted
+    ((1, 30, 20, 24), (8, 8, 8), 0.0, 3, "gaussian"),   # ... and H not a multiple either
+    ((1, 33, 21, 17), (8, 8, 8), 0.25, 2, "gaussian"),
+    ((1, 33, 21, 17), (8, 8, 8), 0.75, 5, "gaussian"),
+    ((1, 40, 16, 16), (6, 16, 16), 0.5, 2, "gaussian"),  # anisotropic roi, one window across H, W
+    ((1, 26, 30, 12), (10, 6, 12), 0.5, 2, "constant"),  # anisotropic roi
+    ((1, 27, 19, 21), (9, 7, 5), 0.6, 4, "gaussian"),
+    ((1, 6, 40, 33), (8, 12, 10), 0.5, 2, "gaussian"),  # smaller than the window along D only
 ])
 def test_equals_monai_full_volume(shape, roi, overlap, sw, mode):
     torch.manual_seed(1)
@@ -50,11 +61,49 @@ def test_equals_monai_full_volume(shape, roi, overlap, sw, mode):
     assert torch.equal(predict_volume(model, image, roi, overlap=overlap, sw_batch_size=sw, mode=mode), labels)
 
 
-def test_2d():
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75])
+def test_2d(overlap):
     model = TinyNet(nd=2).eval()
     image = torch.randn(1, 40, 33)
-    ref, _ = _monai_labels(model, image, (16, 12), 0.5, 2)
-    assert torch.equal(predict_volume(model, image, (16, 12)), ref)
+    ref, ref_probs = _monai_labels(model, image, (16, 12), overlap, 2)
+    labels, probs = predict_volume(model, image, (16, 12), overlap=overlap, return_probs=True)
+    assert torch.equal(labels, ref) and torch.equal(probs, ref_probs)
+    small = torch.randn(1, 9, 5)  # smaller than the window: padded
+    ref, _ = _monai_labels(model, small, (16, 12), overlap, 2)
+    assert torch.equal(predict_volume(model, small, (16, 12), overlap=overlap), ref)
+
+
+def _window_bytes(k, roi):
+    return (k + 1) * int(np.prod(roi)) * 4  # K accumulator channels + the count map, float32
+
+
+@pytest.mark.parametrize("depth", [64, 70])  # a multiple of the window, and not (the last row is shifted back)
+def test_overlap0_holds_one_window_whatever_the_length(depth):
+    model = TinyNet(k=5).eval()
+    roi = (8, 12, 12)
+    peaks = []
+    for d in (depth, 2 * depth):
+        stats = {}
+        image = torch.randn(1, d, 24, 36)
+        labels = predict_volume(model, image, roi, overlap=0, stats=stats)
+        assert torch.equal(labels, _monai_labels(model, image, roi, 0.0, 2)[0])
+        peaks.append(stats["peak_accumulator_bytes"])
+        assert stats["slab_bytes"] == 6 * 8 * 24 * 36 * 4  # what a roi_d-deep full-width slab would be
+    assert peaks[0] == peaks[1] == _window_bytes(5, roi)
+
+
+def test_overlap_half_holds_at_most_six_tenths_of_a_slab():
+    model = TinyNet(k=5).eval()
+    roi = (8, 8, 8)
+    peaks = []
+    for d in (48, 96):
+        stats = {}
+        predict_volume(model, torch.randn(1, d, 64, 64), roi, overlap=0.5, stats=stats)
+        slab = (5 + 1) * roi[0] * 64 * 64 * 4  # the old slab: K x roi_d x H x W floats + its count map
+        assert stats["slab_bytes"] == slab
+        assert stats["peak_accumulator_bytes"] <= 0.6 * slab, stats["peak_accumulator_bytes"] / slab
+        peaks.append(stats["peak_accumulator_bytes"])
+    assert peaks[0] == peaks[1]
 
 
 def test_slab_memory_does_not_grow_with_length():
@@ -129,3 +178,141 @@ def test_amp_bf16_on_cpu_runs():
     image = torch.randn(1, 12, 8, 8)
     lab = predict_volume(TinyNet(), image, (8, 8, 8), amp="bf16")
     assert lab.shape == (12, 8, 8)
+
+
+# --- input in any dtype, lazy sources, labels out slab by slab -------------------------------------------------
+def _ct_normalize(x):
+    return x.clamp_(-125, 275).add_(125).div_(400)
+
+
+def test_int16_input_with_normalize_equals_prenormalised_float():
+    model = TinyNet(k=4).eval()
+    hu = torch.randint(-1000, 1500, (1, 21, 18, 14), dtype=torch.int16)
+    ref = predict_volume(model, _ct_normalize(hu.float()), (8, 8, 8), overlap=0.5)
+    got = predict_volume(model, hu, (8, 8, 8), overlap=0.5, normalize=_ct_normalize)
+    assert hu.dtype == torch.int16 and torch.equal(got, ref)
+    assert torch.equal(predict_volume(model, hu.numpy(), (8, 8, 8), overlap=0.5, normalize=_ct_normalize), ref)
+    half = _ct_normalize(hu.float()).half()
+    assert torch.equal(predict_volume(model, half, (8, 8, 8), overlap=0.5),
+                       predict_volume(model, half.float(), (8, 8, 8), overlap=0.5))
+    # padding is zeros of the *normalised* image (MONAI pads the preprocessed volume), not normalize(0)
+    small = hu[:, :5, :6, :7]
+    ref = predict_volume(model, _ct_normalize(small.float()), (8, 8, 8))
+    assert torch.equal(predict_volume(model, small, (8, 8, 8), normalize=_ct_normalize), ref)
+    with pytest.raises(ValueError, match="elementwise"):
+        predict_volume(model, hu, (8, 8, 8), normalize=lambda x: x.mean())
+
+
+@pytest.mark.parametrize("shape", [(13, 5, 6), (2, 13, 5, 6)])
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, ">f4", np.uint8])
+def test_npy_reader_writer_round_trip(tmp_path, shape, dtype):
+    rng = np.random.default_rng(0)
+    a = (rng.normal(size=shape) * 100).astype(dtype)
+    np.save(tmp_path / "a.npy", a)
+    r = NpySlabReader(tmp_path / "a.npy")
+    a4 = a if a.ndim == 4 else a[None]
+    assert r.shape == a4.shape and r.dtype == np.dtype(dtype).newbyteorder("=")
+    for d0, d1 in [(0, 13), (0, 1), (12, 13), (4, 9), (13, 13)]:
+        got = r[:, d0:d1]
+        assert got.shape == (a4.shape[0], d1 - d0) + a4.shape[2:]
+        assert np.array_equal(got, a4[:, d0:d1])
+    with pytest.raises(IndexError):
+        r[3]
+    with pytest.raises(IndexError):
+        r.read(5, 14)
+    # writer: planes in any order, read back by numpy
+    with NpySlabWriter(tmp_path / "b.npy", a.shape, dtype=a.dtype) as w:
+        for d0, d1 in [(12, 13), (0, 5), (5, 12)]:
+            w[d0:d1] = a[d0:d1]
+        assert not (tmp_path / "b.npy").exists()  # only renamed into place at close
+    b = np.load(tmp_path / "b.npy")
+    assert b.dtype == a.dtype and np.array_equal(b, a)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_npy_writer_refuses_missing_planes_and_discards_on_error(tmp_path):
+    w = NpySlabWriter(tmp_path / "x.npy", (4, 3, 3))
+    w[0:2] = np.ones((2, 3, 3), np.uint8)
+    with pytest.raises(ValueError, match="never written"):
+        w.close()
+    with pytest.raises(ValueError, match="shape"):
+        NpySlabWriter(tmp_path / "y.npy", (4, 3, 3)).__setitem__(slice(0, 2), np.ones((2, 3, 4)))
+    with pytest.raises(RuntimeError):
+        with NpySlabWriter(tmp_path / "z.npy", (2, 3, 3)) as w:
+            w[0:2] = np.zeros((2, 3, 3))
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_npy_reader_bad_files(tmp_path):
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"not an npy file at all")
+    with pytest.raises(ValueError, match="bad.npy") as e:
+        NpySlabReader(bad)
+    assert "\n" not in str(e.value)
+    np.save(tmp_path / "t.npy", np.zeros((4, 5, 6), np.int16))
+    raw = (tmp_path / "t.npy").read_bytes()
+    (tmp_path / "t.npy").write_bytes(raw[:-10])
+    with pytest.raises(ValueError, match="t.npy.*truncated"):
+        NpySlabReader(tmp_path / "t.npy")
+    np.save(tmp_path / "f.npy", np.asfortranarray(np.zeros((4, 5, 6), np.int16)))
+    with pytest.raises(ValueError, match="f.npy.*Fortran"):
+        NpySlabReader(tmp_path / "f.npy")
+    np.save(tmp_path / "two.npy", np.zeros((4, 5), np.int16))
+    with pytest.raises(ValueError, match="two.npy"):
+        NpySlabReader(tmp_path / "two.npy")
+
+
+@pytest.mark.parametrize("shape,roi,overlap", [
+    ((1, 37, 20, 18), (8, 12, 10), 0.5),
+    ((2, 30, 24, 24), (8, 8, 8), 0.0),
+    ((1, 6, 10, 9), (8, 12, 10), 0.5),   # smaller than the window: the window batch is padded, not the volume
+    ((1, 25, 17, 19), (8, 8, 8), 0.75),
+])
+def test_reader_writer_equal_in_memory(tmp_path, shape, roi, overlap):
+    model = TinyNet(cin=shape[0], k=4).eval()
+    hu = np.random.default_rng(1).integers(-1000, 1500, shape).astype(np.int16)
+    np.save(tmp_path / "ct.npy", hu if shape[0] > 1 else hu[0])
+    ref, ref_probs = predict_volume(model, torch.from_numpy(hu), roi, overlap=overlap, normalize=_ct_normalize,
+                                    return_probs=True, sw_batch_size=3)
+    stats = {}
+    with NpySlabWriter(tmp_path / "lab.npy", shape[1:]) as w:
+        got, probs = predict_volume(model, NpySlabReader(tmp_path / "ct.npy"), roi, overlap=overlap,
+                                    normalize=_ct_normalize, out=w, return_probs=True, stats=stats, sw_batch_size=3)
+        assert got is w
+    assert np.array_equal(np.load(tmp_path / "lab.npy"), ref.numpy())
+    assert torch.equal(probs, ref_probs)
+    assert stats["labels_bytes"] == 0 and 0 < stats["labels_buffer_bytes"] <= ref.numel()
+    if shape[1] > 2 * roi[0]:
+        assert stats["labels_buffer_bytes"] <= 2 * roi[0] * shape[2] * shape[3] < ref.numel()
+    assert 0 < stats["input_block_bytes"] <= shape[0] * 2 * 2 * roi[0] * shape[2] * shape[3]
+    # out= may also be a numpy array or a tensor
+    arr = np.zeros(shape[1:], np.uint8)
+    predict_volume(model, torch.from_numpy(hu), roi, overlap=overlap, normalize=_ct_normalize, out=arr)
+    assert np.array_equal(arr, ref.numpy())
+    ten = torch.zeros(shape[1:], dtype=torch.uint8)
+    predict_volume(model, torch.from_numpy(hu), roi, overlap=overlap, normalize=_ct_normalize, out=ten)
+    assert torch.equal(ten, ref)
+    with pytest.raises(ValueError, match="out has shape"):
+        predict_volume(model, torch.from_numpy(hu), roi, out=np.zeros((3, 3, 3), np.uint8))
+
+
+def test_out_receives_d_ranges_in_order():
+    class Recorder:
+        def __init__(self, shape):
+            self.shape = shape
+            self.calls = []
+            self.data = np.zeros(shape, np.uint8)
+
+        def __setitem__(self, key, value):
+            self.calls.append((key.start, key.stop))
+            self.data[key] = value
+
+    model = TinyNet(k=3).eval()
+    image = torch.randn(1, 70, 12, 12)
+    rec = Recorder((70, 12, 12))
+    predict_volume(model, image, (8, 12, 12), overlap=0.5, out=rec)
+    assert np.array_equal(rec.data, predict_volume(model, image, (8, 12, 12), overlap=0.5).numpy())
+    starts = [a for a, _ in rec.calls]
+    assert starts == sorted(starts) and rec.calls[0][0] == 0 and rec.calls[-1][1] == 70
+    assert all(b - a <= 8 for a, b in rec.calls)  # written as soon as finished, never the whole volume

@@ -104,3 +104,42 @@ def test_cross_attention_uses_context_for_keys():
 def test_bad_heads():
     with pytest.raises(ValueError, match="num_heads"):
         WindowAttention(10, 3, (2, 2))
+
+
+@pytest.mark.parametrize("ws,Sp,shift", [((4, 4), (8, 12), (0, 0)), ((4, 4), (8, 12), (2, 2)),
+                                         ((2, 2, 2), (4, 4, 6), (0, 0, 0)), ((2, 4, 2), (4, 8, 6), (1, 2, 1)),
+                                         ((2, 2, 2), (2, 4, 6), (0, 1, 1))])
+def test_partition_with_prefix_equals_cat(ws, Sp, shift):
+    from glam3d.models.window import partition_with_prefix, roll, window_partition
+    torch.manual_seed(0)
+    B, C, P = 2, 5, 3
+    x = torch.randn(B, *Sp, C, requires_grad=True)
+    n_r = B * math.prod(s // w for s, w in zip(Sp, ws))
+    prefix = torch.randn(n_r, P, C, requires_grad=True)
+    ref = torch.cat([prefix, window_partition(roll(x, shift, -1), ws)], 1)
+    got = partition_with_prefix(x, ws, shift, prefix)
+    assert torch.equal(got, ref)
+    w = torch.randn_like(ref)
+    gref = torch.autograd.grad((ref * w).sum(), (x, prefix))
+    ggot = torch.autograd.grad((got * w).sum(), (x, prefix))
+    assert all(torch.equal(a, b) for a, b in zip(gref, ggot))
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("prefix_queries", [True, False])
+def test_prefixed_attention_mask_layout(shifted, prefix_queries):
+    """Bias (+ shift mask) sits on the window<->window block; prefix rows / columns are 0; batch expansion."""
+    import torch.nn.functional as F
+    from glam3d.models.window import WindowAttention, shift_window_mask
+    torch.manual_seed(0)
+    attn = WindowAttention(8, 2, (2, 2, 2))
+    mask = shift_window_mask((4, 4, 4), (2, 2, 2), (1, 1, 1)) if shifted else None
+    n_r = 8
+    with torch.no_grad():
+        bias = attn.relative_position_bias((2, 2, 2))
+        base = bias.unsqueeze(0) if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)
+        ref = F.pad(base, (3, 0, 3 if prefix_queries else 0, 0))
+        if mask is not None:
+            ref = ref.repeat(2, 1, 1, 1)
+        got = attn.attn_mask(2 * n_r, (2, 2, 2), mask, 3, torch.float32, prefix_queries)
+    assert torch.equal(got.expand_as(ref), ref)

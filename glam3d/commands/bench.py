@@ -44,10 +44,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--scaling-model", metavar="NAME", help="model for the volume-growth lines")
     p.add_argument("--scaling-volumes", type=_volume, nargs="+", metavar="DxHxW")
-    p.add_argument("--long-ct-model", metavar="NAME", help="model for the long-CT lines (default nnformer_tiny)")
+    p.add_argument("--long-ct-model", metavar="NAME",
+                   help="model for the long-CT lines (default nnformer_synapse; nnformer_tiny with --quick)")
     p.add_argument("--long-ct-volumes", type=_volume, nargs="+", metavar="DxHxW",
                    help="default 200x512x512 1000x512x512")
     p.add_argument("--long-ct-overlap", type=float, default=0.0)
+    p.add_argument("--long-ct-in-memory", action="store_true",
+                   help="long CT: int16 input array and labels in memory (default: .npy on disk to .npy on disk)")
+    p.add_argument("--long-ct-sw-batch-size", type=int, default=1, metavar="N",
+                   help="windows per forward for the long-CT lines (default 1)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument("--markdown", metavar="OUT", help="write the table as Markdown")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
@@ -74,6 +79,8 @@ def run(args) -> int:
 
     if args.repeats < 1:
         raise UserError(f"--repeats={args.repeats} must be >= 1")
+    if args.long_ct_sw_batch_size < 1:
+        raise UserError(f"--long-ct-sw-batch-size={args.long_ct_sw_batch_size} must be >= 1")
     if not 0 <= args.overlap < 1 or not 0 <= args.long_ct_overlap < 1:
         raise UserError("--overlap / --long-ct-overlap must be in [0, 1)")
     if args.device.startswith("cuda"):
@@ -88,6 +95,8 @@ def run(args) -> int:
                           sw_volume=args.sw_volume, overlap=args.overlap, scaling_model=args.scaling_model,
                           scaling_volumes=args.scaling_volumes, long_ct_model=args.long_ct_model,
                           long_ct_volumes=args.long_ct_volumes, long_ct_overlap=args.long_ct_overlap,
+                          long_ct_in_memory=args.long_ct_in_memory,
+                          long_ct_sw_batch_size=args.long_ct_sw_batch_size,
                           threads=args.threads, sections=args.sections, progress=not args.no_progress)
         res = run_bench(cfg)
     except ValueError as err:

@@ -6,15 +6,28 @@ the label map ``(D, H, W)`` (uint8).
 
 A plain implementation (``monai.inferers.sliding_window_inference``) keeps a float32 ``K × D × H × W``
 probability volume plus a count map until the end: for a 14-class model on a 512×512 CT of 1,000 slices that is
-about 15 GB. Here windows are visited in MONAI's order, which is sorted by their start along the first spatial
-axis ``D``; the moment the next window starts at plane ``s``, no later window touches the planes before ``s``, so
-those planes are normalised, reduced to labels (argmax) and dropped. Only a *slab* of ``roi_d`` planes is ever
-held (``K × roi_d × H × W`` floats), whatever ``D`` is. The per-voxel sums are accumulated in exactly MONAI's order,
-so the labels equal MONAI's full-volume aggregation bit for bit (``tests/test_inference.py`` checks it).
+about 15 GB. Here the (padded) volume is split into *cells*: the boxes of the arrangement cut by every window's
+start and stop along every axis. Windows are visited in MONAI's order (sorted by start, ``D`` first, then ``H``,
+then ``W``); a cell's float32 accumulator (``K × cell`` plus a count map) is allocated when the first window
+touching it is processed and finalised (divided by its count, reduced to labels by argmax, probabilities kept if
+asked) and freed as soon as the last window covering it is done. With overlap 0 only one window's worth of
+accumulator is ever alive; with overlap 0.5 about 0.58 of a ``roi_d``-deep full-width slab. Every voxel receives
+the same float32 additions in the same order as in MONAI's full-volume aggregation, so the labels (and
+probabilities) are equal bit for bit (``tests/test_inference.py`` checks it).
+
+Neither the input nor the output has to live in memory: ``image`` may be a tensor or array of any numeric dtype
+(e.g. int16 Hounsfield units, kept as they are and cast to float32 one window at a time, with an optional
+elementwise ``normalize``) or a *lazy source* such as :class:`NpySlabReader`, read one ``D``-range of window
+rows at a time; ``out=`` (e.g. :class:`NpySlabWriter`) receives the labels one finished ``D``-range at a time.
 
 Example::
 
     labels = predict_volume(model, image, roi_size=(64, 128, 128), overlap=0.5, mirror=True, device="cuda")
+
+    # a long CT on disk, int16 HU, labels straight to disk:
+    with NpySlabWriter("labels.npy", shape) as out:
+        predict_volume(model, NpySlabReader("ct.npy"), (64, 128, 128), overlap=0,
+                       normalize=lambda x: x.clamp_(-125, 275).add_(125).div_(400), out=out)
 
 Everything N-D: ``image`` may also be ``(C, H, W)`` with a 2D ``roi_size``.
 """
@@ -22,13 +35,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
-__all__ = ["predict_volume", "window_grid", "resolve_amp", "SlabStats"]
+__all__ = ["predict_volume", "window_grid", "resolve_amp", "SlabStats", "NpySlabReader", "NpySlabWriter"]
 
 _PLANES_PER_STEP = 4
 
@@ -36,8 +50,13 @@ _PLANES_PER_STEP = 4
 class SlabStats(dict):
     """Filled by :func:`predict_volume` when passed as ``stats=``: sizes of what inference held.
 
-    Keys: ``windows``, ``image_shape`` (padded), ``slab_shape`` (the accumulator, ``(K, planes, H, W)``),
-    ``slab_bytes`` (accumulator + count map), ``labels_bytes``, ``probs_bytes`` (0 unless ``return_probs``),
+    Keys: ``windows``; ``image_shape`` (padded); ``cells`` (cells per axis); ``peak_accumulator_bytes`` (the
+    largest total size of the live cell accumulators + count maps, summed from the tensors actually allocated);
+    ``peak_live_cells``; ``slab_shape`` / ``slab_bytes`` (for comparison: the ``roi_d``-deep full-width slab
+    ``(K, roi_d, H, W)`` + count map a plane-slab aggregator would hold); ``input_block_bytes`` (largest
+    ``D``-range of the input read at once when the input is a lazy source or needed converting, else 0);
+    ``labels_bytes`` (the whole-volume label tensor; 0 with ``out=``); ``labels_buffer_bytes`` (largest total
+    of finished planes waiting for the ``out=`` write); ``probs_bytes`` (0 unless ``return_probs``);
     ``full_volume_bytes`` (what a full-volume aggregator would have held: ``(K + 1) × D × H × W`` floats).
     """
 
@@ -76,11 +95,216 @@ def resolve_amp(amp, device: torch.device) -> Optional[torch.dtype]:
     raise ValueError(f"amp must be one of auto, off, bf16, fp16; got {amp!r}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# .npy slab reader / writer (no mmap: pages read with seek + fromfile never stay in this process's RSS)
+# ---------------------------------------------------------------------------------------------------------------
+def _read_npy_header(path: str):
+    """``(shape, dtype, data offset)`` of a C-order ``.npy``; a one-line ValueError naming ``path`` otherwise."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            major, _ = fmt.read_magic(f)
+            if major == 1:
+                shape, fortran, dtype = fmt.read_array_header_1_0(f)
+            elif major == 2:
+                shape, fortran, dtype = fmt.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy format version {major}")
+            offset = f.tell()
+    except OSError:
+        raise
+    except Exception as err:  # numpy raises ValueError with multi-line messages for bad headers
+        raise ValueError(f"{path}: not a readable .npy file ({' '.join(str(err).split())})") from None
+    if fortran:
+        raise ValueError(f"{path}: a Fortran-order .npy; write it in C order")
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise ValueError(f"{path}: dtype {dtype} is not a numeric array")
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    have = os.path.getsize(path)
+    if have < need:
+        raise ValueError(f"{path}: truncated .npy ({have} bytes, the header promises {need})")
+    return tuple(int(s) for s in shape), dtype, offset
+
+
+class NpySlabReader:
+    """Read-only view of a C-order ``.npy`` holding ``(C, D, H, W)`` or ``(D, H, W)`` (seen as ``(1, D, H, W)``),
+    read one ``D``-range at a time with seek + :func:`numpy.fromfile` (no memory map: what was read is freed when
+    dropped, so a long scan never counts in the resident set).
+
+    ``reader[:, d0:d1]`` (or ``reader.read(d0, d1)``) returns a fresh ``(C, d1 - d0, H, W)`` array in the stored
+    dtype (native byte order). ``.shape``, ``.dtype``, ``.ndim`` as for an array. A bad file raises a one-line
+    ``ValueError`` naming the path.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        shape, dtype, self._offset = _read_npy_header(self.path)
+        if len(shape) == 3:
+            shape = (1,) + shape
+        elif len(shape) != 4:
+            raise ValueError(f"{self.path}: expected a (C, D, H, W) or (D, H, W) array, got shape {shape}")
+        self.shape = shape
+        self._stored = dtype
+        self.dtype = dtype.newbyteorder("=") if dtype.byteorder not in ("=", "|") else dtype
+        self.ndim = 4
+        self._plane = int(np.prod(shape[2:], dtype=np.int64))
+
+    def __repr__(self):
+        return f"NpySlabReader({self.path!r}, shape={self.shape}, dtype={self.dtype})"
+
+    def __len__(self):
+        return self.shape[0]
+
+    def read(self, d0: int, d1: int) -> np.ndarray:
+        c, d = self.shape[:2]
+        if not 0 <= d0 <= d1 <= d:
+            raise IndexError(f"{self.path}: D-range [{d0}, {d1}) outside [0, {d})")
+        n = (d1 - d0) * self._plane
+        out = np.empty((c, d1 - d0) + self.shape[2:], dtype=self.dtype)
+        if n == 0:
+            return out
+        with open(self.path, "rb") as f:
+            for ch in range(c):
+                f.seek(self._offset + (ch * d + d0) * self._plane * self._stored.itemsize)
+                a = np.fromfile(f, dtype=self._stored, count=n)
+                if a.size != n:
+                    raise ValueError(f"{self.path}: file ended while reading planes [{d0}, {d1})")
+                out[ch].reshape(-1)[:] = a  # converts the byte order if the file's is not native
+        return out
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            key = (key,)
+        if (len(key) == 2 and key[0] == slice(None) and isinstance(key[1], slice) and key[1].step in (None, 1)):
+            d0, d1, _ = key[1].indices(self.shape[1])
+            return self.read(d0, max(d0, d1))
+        raise IndexError(f"NpySlabReader supports reader[:, d0:d1] only, got {key!r}")
+
+
+class NpySlabWriter:
+    """Write a C-order ``.npy`` of ``shape`` (``D`` first) slab by slab: ``writer[d0:d1] = array`` seeks and
+    writes those planes. The file is built under a temporary name beside ``path`` and renamed onto ``path`` by
+    :meth:`close` (atomic, :func:`glam3d.utils.io.atomic_path`), which refuses (``ValueError``) if some planes
+    were never written. Use as a context manager: an exception inside discards the temporary file.
+    """
+
+    def __init__(self, path, shape, dtype=np.uint8):
+        from ..utils.io import atomic_path
+
+        self.path = os.fspath(path)
+        self.shape = tuple(int(s) for s in shape)
+        if not self.shape or min(self.shape) < 0:
+            raise ValueError(f"{self.path}: bad shape {shape}")
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self._plane = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._written = np.zeros(self.shape[0], dtype=bool)
+        self._stack = contextlib.ExitStack()
+        tmp = self._stack.enter_context(atomic_path(self.path, suffix=".npy"))
+        try:
+            self._fh = open(tmp, "wb")
+            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                      "shape": self.shape}
+            np.lib.format.write_array_header_1_0(self._fh, header)
+            self._offset = self._fh.tell()
+            self._fh.truncate(self._offset + self._plane * self.shape[0])
+        except BaseException as err:
+            self._abort(err)
+            raise
+
+    def __repr__(self):
+        return f"NpySlabWriter({self.path!r}, shape={self.shape}, dtype={self.dtype})"
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._written.all())
+
+    def __setitem__(self, key, value):
+        if self._fh is None:
+            raise ValueError(f"{self.path}: writer is closed")
+        if isinstance(key, (int, np.integer)):
+            d0, d1 = int(key), int(key) + 1
+            value = np.asarray(value)[None]
+        elif isinstance(key, slice) and key.step in (None, 1):
+            d0, d1, _ = key.indices(self.shape[0])
+            d1 = max(d0, d1)
+        else:
+            raise IndexError(f"NpySlabWriter supports writer[d0:d1] = planes only, got {key!r}")
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        value = np.ascontiguousarray(value, dtype=self.dtype)
+        if value.shape != (d1 - d0,) + self.shape[1:]:
+            raise ValueError(f"{self.path}: planes [{d0}, {d1}) need shape {(d1 - d0,) + self.shape[1:]}, "
+                             f"got {value.shape}")
+        self._fh.seek(self._offset + d0 * self._plane)
+        self._fh.write(value.tobytes())  # C-order bytes
+        self._written[d0:d1] = True
+
+    def close(self) -> None:
+        """Finish the file and rename it onto ``path``; ``ValueError`` (and no file) if planes are missing."""
+        if self._fh is None:
+            return
+        if not self.complete:
+            missing = int((~self._written).sum())
+            err = ValueError(f"{self.path}: {missing} of {self.shape[0]} planes were never written; file discarded")
+            self._abort(err)
+            raise err
+        self._fh.close()
+        self._fh = None
+        self._stack.close()  # fsync + os.replace
+
+    def abort(self) -> None:
+        """Discard the temporary file (nothing is written at ``path``)."""
+        self._abort(RuntimeError("aborted"))
+
+    def _abort(self, err: BaseException) -> None:
+        fh, self._fh = getattr(self, "_fh", None), None
+        if fh is not None:
+            fh.close()
+        self._stack.__exit__(type(err), err, err.__traceback__)  # atomic_path deletes its temporary file
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is None:
+            self.close()
+        elif self._fh is not None:
+            self._abort(ev)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------------------------
+_TORCH_UNSUPPORTED = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64, np.dtype(np.uint64): np.float64}
+
+
+def _as_torch(a) -> torch.Tensor:
+    """A block read from the image as a tensor (no copy where possible), in its own dtype."""
+    if isinstance(a, torch.Tensor):
+        return a
+    a = np.asarray(a)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    if a.dtype in _TORCH_UNSUPPORTED:
+        a = a.astype(_TORCH_UNSUPPORTED[a.dtype])
+    if any(s < 0 for s in a.strides):
+        a = np.ascontiguousarray(a)
+    return torch.from_numpy(a)
+
+
 def _check_args(image, roi_size, overlap, sw_batch_size, mode):
-    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
-        raise ValueError(f"image must be a tensor (C, D, H, W) or (C, H, W); got "
-                         f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
-    nd = image.ndim - 1
+    shape = getattr(image, "shape", None)
+    if shape is None or not hasattr(image, "__getitem__") or len(shape) not in (3, 4):
+        raise ValueError(f"image must be (C, D, H, W) or (C, H, W): a tensor, an array or a lazy source with "
+                         f".shape and [:, d0:d1]; got "
+                         f"{tuple(shape) if shape is not None else type(image).__name__}")
+    dtype = getattr(image, "dtype", None)
+    if dtype is not None and (dtype in (torch.complex64, torch.complex128, torch.complex32)
+                              or (isinstance(dtype, np.dtype) and dtype.kind not in "biuf")):
+        raise ValueError(f"image must hold real numbers, got dtype {dtype}")
+    nd = len(shape) - 1
     roi = (int(roi_size),) * nd if isinstance(roi_size, int) else tuple(int(r) for r in roi_size)
     if len(roi) != nd:
         raise ValueError(f"roi_size {tuple(roi_size)} has {len(roi)} axes but the image has {nd} spatial axes")
@@ -103,20 +327,71 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def _visit_order(windows, roi):
+    """The windows in the order they are processed, and the groups of consecutive windows that share one read of
+    the input (their ``D``-span).
+
+    MONAI's order (``D``-major) — except where the windows are pairwise disjoint across ``H`` and ``W`` (overlap 0
+    there, sizes multiples of the window or a single window): then consecutive ``D``-rows that overlap (the last
+    row, shifted back to end at the volume's edge) are visited column by column, each ``(h, w)`` column in ``D``
+    order. Windows that share a voxel keep their relative order, so every voxel receives the same additions in
+    the same order; but the planes shared by the two rows no longer stay alive for a whole row.
+    """
+    rows = []
+    for w in windows:
+        if rows and rows[-1][0][0] == w[0]:
+            rows[-1].append(w)
+        else:
+            rows.append([w])
+    nd = len(roi)
+
+    def disjoint(k):
+        spans = sorted({(w[k].start, w[k].stop) for w in rows[0]})
+        return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+    interleave = all(disjoint(k) for k in range(1, nd))
+    groups = []  # lists of rows
+    for row in rows:
+        g = groups[-1] if groups else None
+        if (interleave and g is not None and row[0][0].start < g[-1][0][0].stop
+                and row[0][0].stop - g[0][0][0].start <= 2 * roi[0]):
+            g.append(row)
+        else:
+            groups.append([row])
+    order, spans = [], []
+    for g in groups:
+        ws = g[0] if len(g) == 1 else [w for col in zip(*g) for w in col]
+        order.extend(ws)
+        span = (g[0][0][0].start, max(r[0][0].stop for r in g))
+        spans.extend([span] * len(ws))
+    return order, spans
+
+
 @torch.no_grad()
-def predict_volume(model: Callable, image: torch.Tensor, roi_size, overlap: float = 0.5, sw_batch_size: int = 2,
+def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_batch_size: int = 2,
                    mode: str = "gaussian", mirror: bool | Sequence[int] = False, device=None, amp=None,
                    return_probs: bool = False, stitch_device=None, progress=False, stats: dict | None = None,
-                   sigma_scale: float = 0.125):
-    """Segment one preprocessed scan by sliding windows, streaming slabs along ``D``.
+                   sigma_scale: float = 0.125, normalize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                   out=None):
+    """Segment one preprocessed scan by sliding windows, keeping only the live cells of the aggregation.
+
+    The padded volume is cut into cells by every window's start and stop along every axis; a cell's float32
+    accumulator (``K × cell`` + count) exists from the first window touching it to the last one, then it is
+    normalised, reduced to labels and freed. Labels and probabilities equal MONAI's full-volume
+    ``sliding_window_inference`` aggregation bit for bit. ``stats["peak_accumulator_bytes"]`` reports the most
+    accumulator memory alive at once (one window's worth at overlap 0, whatever the scan length).
 
     Args:
         model: network (or any callable) mapping ``(B, C, *roi)`` to logits ``(B, K, *roi)``; a list/tuple output
             (deep supervision) uses its first, full-resolution element. Put in ``eval()`` mode here.
-        image: ``(C, D, H, W)`` (or ``(C, H, W)``) float tensor, any device (stays where it is; windows are copied
-            to ``device`` one batch at a time).
+        image: ``(C, D, H, W)`` (or ``(C, H, W)``): a tensor (any device) or numpy array of any real dtype (e.g.
+            int16 HU; kept in its dtype, each window is cast to float32 when it is cut out), or a *lazy source*:
+            any object with ``.shape`` and ``source[:, d0:d1]`` returning that ``D``-range as an array/tensor,
+            e.g. :class:`NpySlabReader` (a file on disk), an h5py/zarr dataset. A source is read one
+            ``D``-range of window rows at a time (the only part of the input held).
         roi_size: window size per spatial axis (e.g. the training crop ``(64, 128, 128)``). Volumes smaller than
-            the window are zero-padded symmetrically (as MONAI does) and the result cropped back.
+            the window are zero-padded symmetrically (as MONAI does) and the result cropped back; the padding
+            is applied to each window after ``normalize``, the volume itself is never padded.
         overlap: fraction of a window shared with its neighbour along each axis, in ``[0, 1)``.
         sw_batch_size: windows per forward pass.
         mode: ``"gaussian"`` (nnU-Net / nnFormer weights, sigma = 0.125 × window) or ``"constant"``.
@@ -125,14 +400,24 @@ def predict_volume(model: Callable, image: torch.Tensor, roi_size, overlap: floa
         device: where the network runs (default: the model's parameters' device).
         amp: mixed precision, see :func:`resolve_amp` (default: bf16/fp16 on CUDA, off on CPU).
         return_probs: also return the blended softmax ``(K, D, H, W)`` float32 (this one *does* grow with ``D``).
-        stitch_device: where the slab accumulator, labels (and probabilities) live (default ``device``);
+        stitch_device: where the cell accumulators, labels (and probabilities) live (default ``device``);
             ``"cpu"`` keeps the GPU's memory to the network and one batch of windows.
         progress: ``True`` for a tqdm bar over windows, a string for a bar with that description, or a callable
             ``progress(done, total)``.
         stats: a dict to fill with memory accounting (see :class:`SlabStats`).
+        sigma_scale: Gaussian sigma as a fraction of the window.
+        normalize: optional preprocessing applied to every window right after the float32 cast (e.g. CT
+            clip + scale). It is applied window by window (to the image's part of a window, before zero
+            padding), so it must be **elementwise** — a function of each voxel's value alone, returning a tensor
+            of the same shape (it may work in place). Statistics over the volume must be computed beforehand.
+        out: where the labels go instead of a whole-volume tensor: any object of shape ``(D, H, W)`` accepting
+            ``out[d0:d1] = planes`` (e.g. :class:`NpySlabWriter`, a numpy array or a tensor; a tensor receives
+            a tensor, anything else a uint8 numpy array). Each ``D``-range is written as soon as all its cells are
+            final (in increasing ``D``), so no whole-volume label map is allocated.
 
     Returns:
-        labels ``(D, H, W)`` uint8 on ``stitch_device`` — or ``(labels, probs)`` with ``return_probs``.
+        labels ``(D, H, W)`` uint8 on ``stitch_device`` (or ``out`` when given) — or ``(labels, probs)`` with
+        ``return_probs``.
     """
     nd, roi = _check_args(image, roi_size, overlap, sw_batch_size, mode)
     device = torch.device(device) if device is not None else _model_device(model)
@@ -140,91 +425,201 @@ def predict_volume(model: Callable, image: torch.Tensor, roi_size, overlap: floa
     amp_dtype = resolve_amp(amp, device)
     if hasattr(model, "eval"):
         model.eval()
+    chans = int(image.shape[0])
+    size0 = tuple(int(s) for s in image.shape[1:])
+    if out is not None and tuple(getattr(out, "shape", size0)) != size0:
+        raise ValueError(f"out has shape {tuple(out.shape)}, the labels are {size0}")
 
-    # --- pad to at least one window (symmetric, zeros: exactly MONAI's padding) ------------------------------
-    size0 = tuple(image.shape[1:])
-    pad = []  # F.pad order: last axis first
-    for k in range(nd - 1, -1, -1):
-        diff = max(roi[k] - size0[k], 0)
-        pad.extend([diff // 2, diff - diff // 2])
-    if any(pad):
-        image = F.pad(image, pad)
-    size = tuple(image.shape[1:])
-    crop = tuple(slice(pad[2 * (nd - 1 - k)], pad[2 * (nd - 1 - k)] + size0[k]) for k in range(nd))
+    # --- geometry: symmetric zero padding to at least one window (MONAI's), windows, cells -----------------
+    lo = tuple(max(roi[k] - size0[k], 0) // 2 for k in range(nd))
+    size = tuple(max(roi[k], size0[k]) for k in range(nd))
+    padded = size != size0
+    windows, spans = _visit_order(window_grid(size, roi, overlap), roi)
+    bounds = [sorted({0, size[k]} | {w[k].start for w in windows} | {w[k].stop for w in windows})
+              for k in range(nd)]
+    where = [{c: i for i, c in enumerate(b)} for b in bounds]
+    ncells = tuple(len(b) - 1 for b in bounds)
+    cell_ranges = [tuple(range(where[k][w[k].start], where[k][w[k].stop]) for k in range(nd)) for w in windows]
+    last = np.full(ncells, -1, dtype=np.int64)  # the last window (in visiting order) covering each cell
+    for i, r in enumerate(cell_ranges):
+        last[tuple(slice(rk[0], rk[-1] + 1) for rk in r)] = i
+    left_in_row = [int(np.prod(ncells[1:]))] * ncells[0]  # cells not yet final, per D-interval of cells
 
-    windows = window_grid(size, roi, overlap)
     weight = compute_importance_map(roi, mode=mode, sigma_scale=sigma_scale, device=stitch,
                                     dtype=torch.float32)[None]  # (1, *roi)
     flips = _mirror_axes(mirror, nd)
 
-    labels = torch.empty(size, dtype=torch.uint8, device=stitch)
+    # --- outputs ------------------------------------------------------------------------------------------
+    labels = None if out is not None else torch.empty(size0, dtype=torch.uint8, device=stitch)
     probs = None
-    slab = count = None  # allocated on the first output, once K is known
-    base = 0  # plane of the padded volume held at slab[:, 0]
-    depth = roi[0]
+    k_classes = None
+    live: dict = {}          # cell index -> (accumulator (K, *cell), count (1, *cell))
+    acc = {"live": 0, "peak": 0, "cells": 0, "peak_cells": 0, "block": 0, "buf": 0, "peak_buf": 0}
+    row_buffers: dict = {}   # D-interval of cells -> (planes d0, d1 of the labels, uint8 buffer) (out= only)
 
-    def flush(upto: int):
-        """Finalise planes [base, upto): normalise, argmax, (keep probs), drop them from the slab."""
-        nonlocal base, slab, count
-        n = upto - base
-        if n <= 0:
+    def row_range(a):
+        """Planes of the (cropped) labels in D-interval ``a`` of the cells: ``(d0, d1)``, possibly empty."""
+        d0 = max(bounds[0][a], lo[0]) - lo[0]
+        d1 = min(bounds[0][a + 1], lo[0] + size0[0]) - lo[0]
+        return d0, max(d0, d1)
+
+    def row_target(a):
+        if labels is not None:
+            d0, d1 = row_range(a)
+            return d0, labels[d0:d1]
+        if a not in row_buffers:
+            d0, d1 = row_range(a)
+            buf = torch.empty((d1 - d0,) + size0[1:], dtype=torch.uint8, device=stitch)
+            row_buffers[a] = (d0, d1, buf)
+            acc["buf"] += buf.numel()
+            acc["peak_buf"] = max(acc["peak_buf"], acc["buf"])
+        d0, _, buf = row_buffers[a]
+        return d0, buf
+
+    def row_done(a):
+        if labels is not None or a not in row_buffers:
             return
-        for i in range(0, n, _PLANES_PER_STEP):  # a few planes at a time: no slab-sized temporary
-            j = min(i + _PLANES_PER_STEP, n)
-            p = slab[:, i:j] / count[:, i:j]
-            labels[base + i:base + j] = torch.argmax(p, dim=0).to(torch.uint8)
+        d0, d1, buf = row_buffers.pop(a)
+        if d1 > d0:
+            out[d0:d1] = buf if isinstance(out, torch.Tensor) else buf.cpu().numpy()
+        acc["buf"] -= buf.numel()
+
+    def finalise(c):
+        s, n = live.pop(c)
+        acc["live"] -= s.numel() * s.element_size() + n.numel() * n.element_size()
+        s.div_(n)  # the blended probabilities: the same division as MONAI's `output / count_map`
+        src, dst = [slice(None)], []
+        for k in range(nd):
+            c0, c1 = bounds[k][c[k]], bounds[k][c[k] + 1]
+            i0, i1 = max(c0, lo[k]), min(c1, lo[k] + size0[k])
+            if i1 <= i0:
+                break
+            src.append(slice(i0 - c0, i1 - c0))
+            dst.append(slice(i0 - lo[k], i1 - lo[k]))
+        else:  # the cell holds part of the unpadded volume
+            p = s[tuple(src)]
+            d0, target = row_target(c[0])
+            rel = dst[0].start - d0
+            for i in range(0, p.shape[1], _PLANES_PER_STEP):  # argmax a few planes at a time (int64 temporary)
+                j = min(i + _PLANES_PER_STEP, p.shape[1])
+                target[(slice(rel + i, rel + j),) + tuple(dst[1:])] = torch.argmax(p[:, i:j], dim=0).to(torch.uint8)
             if probs is not None:
-                probs[:, base + i:base + j] = p
-            del p
-        # shift the slab by n planes in place (plane by plane, front to back: sources lie ahead of their
-        # destinations, so nothing is overwritten before it is read; no second slab is ever allocated)
-        for i in range(depth - n):
-            slab[:, i].copy_(slab[:, i + n])
-            count[:, i].copy_(count[:, i + n])
-        slab[:, depth - n:].zero_()
-        count[:, depth - n:].zero_()
-        base = upto
+                probs[(slice(None),) + tuple(dst)] = p
+        del s, n
+        left_in_row[c[0]] -= 1
+        if left_in_row[c[0]] == 0:
+            row_done(c[0])
+
+    # --- input: one D-span of window rows at a time, each window cast to float32 (+ normalize) ---------------
+    x_device = image.device if isinstance(image, torch.Tensor) else torch.device("cpu")
+    block = {"span": None, "data": None, "d0": 0}
+
+    def load(span):
+        a, b = max(span[0] - lo[0], 0), min(span[1] - lo[0], size0[0])
+        block["data"] = None  # drop the previous block before reading the next one
+        if isinstance(image, torch.Tensor):
+            data = image[:, a:b]
+        else:
+            data = _as_torch(image[:, a:b])
+            if tuple(data.shape) != (chans, b - a) + size0[1:]:
+                raise ValueError(f"image[:, {a}:{b}] returned shape {tuple(data.shape)}, expected "
+                                 f"{(chans, b - a) + size0[1:]}")
+            if not isinstance(image, np.ndarray) or not np.shares_memory(np.asarray(data), image):
+                acc["block"] = max(acc["block"], data.numel() * data.element_size())
+        block.update(span=span, data=data, d0=a)
+
+    def cut(xb_j, w, span):
+        if block["span"] != span:
+            load(span)
+        src, dst = [slice(None)], [slice(None)]
+        for k in range(nd):
+            o0, o1 = max(w[k].start - lo[k], 0), min(w[k].stop - lo[k], size0[k])
+            base = block["d0"] if k == 0 else 0
+            src.append(slice(o0 - base, o1 - base))
+            dst.append(slice(o0 + lo[k] - w[k].start, o1 + lo[k] - w[k].start))
+        v = xb_j[tuple(dst)]
+        v.copy_(block["data"][tuple(src)])  # the float32 cast
+        if normalize is not None:
+            r = normalize(v)
+            if not isinstance(r, torch.Tensor) or tuple(r.shape) != tuple(v.shape):
+                raise ValueError(f"normalize must be elementwise: it returned "
+                                 f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__} "
+                                 f"for a window of shape {tuple(v.shape)}")
+            if r is not v:
+                v.copy_(r)
 
     bar = _make_progress(progress, len(windows))
     autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
-    done = 0
     for start in range(0, len(windows), sw_batch_size):
         batch_w = windows[start:start + sw_batch_size]
-        x = torch.stack([image[(slice(None),) + w] for w in batch_w]).to(device=device, dtype=torch.float32)
+        alloc = torch.zeros if padded else torch.empty
+        xb = alloc((len(batch_w), chans) + roi, dtype=torch.float32, device=x_device)
+        for j, w in enumerate(batch_w):
+            cut(xb[j], w, spans[start + j])
+        x = xb.to(device=device)
+        del xb
         with autocast:
-            out = _softmax_tta(model, x, flips)
-        if tuple(out.shape[2:]) != roi or out.shape[0] != len(batch_w):
-            raise ValueError(f"model output {tuple(out.shape)} does not match the window batch "
+            res = _softmax_tta(model, x, flips)
+        del x
+        if tuple(res.shape[2:]) != roi or res.shape[0] != len(batch_w):
+            raise ValueError(f"model output {tuple(res.shape)} does not match the window batch "
                              f"({len(batch_w)}, K, {', '.join(map(str, roi))})")
-        out = out.to(device=stitch, dtype=torch.float32)
-        out *= weight  # (B, K, *roi) * (1, *roi): same product as MONAI's `seg_prob *= w_t`
-        if slab is None:
-            k = out.shape[1]
-            if k > 256:
-                raise ValueError(f"{k} classes do not fit uint8 labels")
-            slab = torch.zeros((k, depth) + size[1:], dtype=torch.float32, device=stitch)
-            count = torch.zeros((1, depth) + size[1:], dtype=torch.float32, device=stitch)
+        res = res.to(device=stitch, dtype=torch.float32)
+        res *= weight  # (B, K, *roi) * (1, *roi): same product as MONAI's `seg_prob *= w_t`
+        if k_classes is None:
+            k_classes = res.shape[1]
+            if k_classes > 256:
+                raise ValueError(f"{k_classes} classes do not fit uint8 labels")
             if return_probs:
-                probs = torch.empty((k,) + size, dtype=torch.float32, device=stitch)
-            if stats is not None:
-                _fill_stats(stats, windows, size, slab, count, labels, probs, k)
-        for w, o in zip(batch_w, out):
-            flush(w[0].start)  # windows are sorted by D start: planes before it are final
-            loc = (slice(None), slice(w[0].start - base, w[0].stop - base)) + tuple(w[1:])
-            slab[loc] += o
-            count[loc] += weight
-        done += len(batch_w)
+                probs = torch.empty((k_classes,) + size0, dtype=torch.float32, device=stitch)
+        for j, (w, o) in enumerate(zip(batch_w, res)):
+            i = start + j
+            cells = list(itertools.product(*cell_ranges[i]))
+            for c in cells:
+                local = (slice(None),) + tuple(slice(bounds[k][c[k]] - w[k].start, bounds[k][c[k] + 1] - w[k].start)
+                                               for k in range(nd))
+                entry = live.get(c)
+                if entry is None:
+                    shape = tuple(bounds[k][c[k] + 1] - bounds[k][c[k]] for k in range(nd))
+                    entry = live[c] = (torch.zeros((k_classes,) + shape, dtype=torch.float32, device=stitch),
+                                       torch.zeros((1,) + shape, dtype=torch.float32, device=stitch))
+                    acc["live"] += sum(t.numel() * t.element_size() for t in entry)
+                entry[0].add_(o[local])  # `+=` on the cell: the same float32 sum, voxel by voxel, as MONAI's
+                entry[1].add_(weight[local])
+            if acc["live"] > acc["peak"]:
+                acc["peak"] = acc["live"]
+            acc["peak_cells"] = max(acc["peak_cells"], len(live))
+            for c in cells:
+                if last[c] == i:
+                    finalise(c)
+        del res, o
         if bar is not None:
-            bar(done, len(windows))
-    flush(size[0])
+            bar(start + len(batch_w), len(windows))
+    block["data"] = None
     if bar is not None:
         bar(None, None)
+    assert not live and not row_buffers, "internal error: cells left unfinalised"
 
-    labels = labels[crop]
-    if return_probs:
-        return labels, probs[(slice(None),) + crop]
-    return labels
+    if stats is not None:
+        k = k_classes or 0
+        plane = int(np.prod(size[1:]))
+        stats.update({
+            "windows": len(windows),
+            "image_shape": tuple(size),
+            "cells": ncells,
+            "peak_accumulator_bytes": acc["peak"],
+            "peak_live_cells": acc["peak_cells"],
+            "slab_shape": (k, roi[0]) + tuple(size[1:]),
+            "slab_bytes": (k + 1) * roi[0] * plane * 4,
+            "input_block_bytes": acc["block"],
+            "labels_bytes": 0 if labels is None else labels.numel(),
+            "labels_buffer_bytes": acc["peak_buf"],
+            "probs_bytes": 0 if probs is None else probs.numel() * probs.element_size(),
+            "full_volume_bytes": (k + 1) * int(np.prod(size)) * 4,
+        })
+    result = labels if labels is not None else out
+    return (result, probs) if return_probs else result
 
 
 def _mirror_axes(mirror, nd):
@@ -283,15 +678,3 @@ def _make_progress(progress, total):
         state["n"] = done
     return cb
 
-
-def _fill_stats(stats, windows, size, slab, count, labels, probs, k):
-    nbytes = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
-    stats.update({
-        "windows": len(windows),
-        "image_shape": tuple(size),
-        "slab_shape": tuple(slab.shape),
-        "slab_bytes": nbytes(slab) + nbytes(count),
-        "labels_bytes": nbytes(labels),
-        "probs_bytes": nbytes(probs),
-        "full_volume_bytes": (k + 1) * int(torch.tensor(size).prod()) * 4,
-    })

@@ -31,8 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import DropPath, Mlp, init_weights_trunc_normal, linear, to_ntuple
-from .window import (WindowAttention, as_window_size, effective_window, pad_to_multiple, padded_shape, roll,
-                     shift_window_mask, shifted_window_index, window_partition, window_reverse)
+from .window import (WindowAttention, as_window_size, effective_window, pad_to_multiple, padded_shape,
+                     partition_with_prefix, roll, shift_window_mask, shifted_window_index, window_partition,
+                     window_reverse)
 
 __all__ = ["Attention", "WindowBlock", "GlobalBlock", "GLAMLayer", "window_geometry"]
 
@@ -132,9 +133,12 @@ class WindowBlock(nn.Module):
         self.record_geometry = False
         self.last_geometry: Optional[dict] = None
 
-    def _windows(self, x: torch.Tensor, ws, sh) -> torch.Tensor:
-        """``(B, *S, C) -> (B * N_r, N_p, C)``: pad, roll, partition (a shifted map in one gather)."""
+    def _windows(self, x: torch.Tensor, ws, sh, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, *S, C) -> (B * N_r, N_p, C)``: pad, roll, partition (a shifted map in one gather); with
+        ``prefix (B * N_r, P, C)``: ``[prefix; windows] (B * N_r, P + N_p, C)`` built in one buffer."""
         x = pad_to_multiple(x, ws)
+        if prefix is not None:
+            return partition_with_prefix(x, ws, sh, prefix)
         if not any(sh):
             return window_partition(x, ws)
         B, *Sp, C = x.shape
@@ -180,7 +184,11 @@ class WindowBlock(nn.Module):
         return shortcut + y[(slice(None),) + tuple(slice(0, s) for s in S)]
 
     def forward(self, x: torch.Tensor, g: Optional[torch.Tensor] = None,
-                context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                context: Optional[torch.Tensor] = None, need_global: bool = True
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``need_global=False``: the caller drops the updated global tokens (last block of a stage), so they
+        serve as keys/values only — no query rows, residual or MLP for them (``x'`` is unchanged; returns
+        ``(x', None)``). Ignored while attention weights are recorded (``attn.store_attn``)."""
         B, *S, C = x.shape
         ws, sh, Sp, grid = window_geometry(S, self.window_size, self.shift)
         if self.record_geometry:
@@ -193,18 +201,14 @@ class WindowBlock(nn.Module):
             shortcut = x + context
         else:
             shortcut = x
-        xw = self._windows(self.norm1(x), ws, sh)  # (B*N_r, N_p, C)
-        cw = self._windows(self.norm1(context), ws, sh) if self.cross else None
-        n_g = 0
-        if g is not None:
-            n_g = g.shape[2]
-            gn = self.norm1(g).reshape(-1, n_g, C)  # (B*N_r, N_g, C)
-            xw = torch.cat([gn, xw], dim=1)
-            if cw is not None:
-                cw = torch.cat([gn, cw], dim=1)
+        n_g = 0 if g is None else g.shape[2]
+        gn = None if g is None else self.norm1(g).reshape(-1, n_g, C)  # (B*N_r, N_g, C)
+        xw = self._windows(self.norm1(x), ws, sh, gn)  # (B*N_r, [N_g +] N_p, C)
+        cw = self._windows(self.norm1(context), ws, sh, gn) if self.cross else None
         mask = shift_window_mask(Sp, ws, sh, x.device) if any(sh) else None
-        out = self.attn(xw, cw, ws, mask, n_g)  # (B*N_r, N_g + N_p, C)
-        if n_g:
+        keep_g = g is not None and (need_global or self.attn.store_attn)
+        out = self.attn(xw, cw, ws, mask, n_g, prefix_queries=keep_g)  # (B*N_r, [N_g +] N_p, C)
+        if keep_g:
             g_out, out = out[:, :n_g], out[:, n_g:]
         if isinstance(self.drop_path, nn.Identity):
             x = self._add_unwindowed(shortcut, out, ws, sh, Sp)
@@ -212,7 +216,7 @@ class WindowBlock(nn.Module):
             x = self._add_unwindowed(shortcut, self.drop_path(out.view(B, -1, *out.shape[1:])).view(out.shape),
                                      ws, sh, Sp)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        if g is None:
+        if not keep_g:
             return x, None
         g = g + self.drop_path(g_out.reshape(g.shape))
         g = g + self.drop_path(self.mlp(self.norm2(g)))
@@ -330,10 +334,13 @@ class GLAMLayer(nn.Module):
         if c != self.dim:
             raise ValueError(f"{name} has {c} channels, expected dim={self.dim}")
 
-    def forward_tokens(self, x: torch.Tensor, context: Optional[torch.Tensor] = None
+    def forward_tokens(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, need_global: bool = True
                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Channels-last forward: ``x (B, *S, C)`` [, ``context (B, *S, C)``] ->
-        ``(x' (B, *S, C), g (B, N_r * N_g, C) or None)``."""
+        ``(x' (B, *S, C), g (B, N_r * N_g, C) or None)``.
+
+        ``need_global=False`` (a network that drops the global tokens after the stage): the last block's
+        global-token outputs, which nothing reads, are not computed (``x'`` is the same; ``g`` is None)."""
         self._check(x, "x", channels_last=True)
         if self.cross_attention and context is None:
             raise ValueError("context is required: this layer starts with cross-attention (cross_attention=True)")
@@ -343,8 +350,10 @@ class GLAMLayer(nn.Module):
             _, _, _, grid = window_geometry(S, self.window_size, False)
             g = self.initial_global_tokens(B, math.prod(grid))
             pe = self._pos_embed(grid) if self.global_pos_embed is not None else None
+        last = len(self.blocks) - 1
+        n_gmsa = len(self.gmsa) if self.gmsa is not None else 0
         for i, blk in enumerate(self.blocks):
-            x, g = blk(x, g, context if i == 0 else None)
+            x, g = blk(x, g, context if i == 0 else None, need_global=need_global or i < last or i < n_gmsa)
             if g is not None and self.gmsa is not None and i < len(self.gmsa):
                 shape = g.shape  # (B, N_r, N_g, C)
                 if pe is not None:

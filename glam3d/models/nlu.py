@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import init_weights_trunc_normal
+from .layers import init_weights_trunc_normal, linear
 from .window import as_window_size, effective_window, pad_to_multiple, padded_shape, window_partition, window_reverse
 
 __all__ = ["NLU"]
@@ -78,10 +78,10 @@ class NLU(nn.Module):
         lw = window_partition(pad_to_multiple(self.norm_low(low), ws), ws)      # (B*N_r, N_p, C_in)
         sw = window_partition(pad_to_multiple(self.norm_skip(skip), wh), wh)    # (B*N_r, 2^d N_p, C_out)
         n, L = sw.shape[:2]
-        q = self.q(sw).view(n, L, h, E).transpose(1, 2)
-        kv = self.kv(lw).view(n, lw.shape[1], 2, h, E).permute(2, 0, 3, 1, 4)
+        q = linear(sw, self.q).view(n, L, h, E).transpose(1, 2)
+        kv = linear(lw, self.kv).view(n, lw.shape[1], 2, h, E).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=self.attn_drop if self.training else 0.0)
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(n, L, C)))
+        out = self.proj_drop(linear(out.transpose(1, 2).reshape(n, L, C), self.proj))
         y = window_reverse(out, wh, Sp)
         if list(Sp) != S:
             y = y[(slice(None),) + tuple(slice(0, v) for v in S)]

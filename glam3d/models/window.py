@@ -31,7 +31,8 @@ from .layers import linear
 
 __all__ = [
     "MASK_VALUE", "effective_window", "pad_to_multiple", "window_partition", "window_reverse",
-    "relative_position_index", "shift_window_mask", "roll", "shifted_window_index", "WindowAttention",
+    "relative_position_index", "shift_window_mask", "roll", "shifted_window_index", "partition_with_prefix",
+    "WindowAttention",
 ]
 
 #: additive value for masked (different-region) pairs in shifted windows (Swin / nnFormer use -100)
@@ -213,6 +214,45 @@ def _shifted_window_index(padded: Tuple[int, ...], window_size: Tuple[int, ...],
     return idx.to(device), inv.to(device)
 
 
+@functools.lru_cache(maxsize=128)
+@_normal_tensors
+def _prefixed_positions(padded: Tuple[int, ...], window_size: Tuple[int, ...], shift: Tuple[int, ...],
+                        num_prefix: int, device: torch.device) -> torch.Tensor:
+    n_p = math.prod(window_size)
+    _, inv = _shifted_window_index(padded, window_size, shift, torch.device("cpu"))
+    return ((inv // n_p) * (num_prefix + n_p) + num_prefix + inv % n_p).to(device)
+
+
+def partition_with_prefix(x: torch.Tensor, window_size: Sequence[int], shift: Sequence[int],
+                          prefix: torch.Tensor) -> torch.Tensor:
+    """``[prefix; windows(roll(x))]`` written into one buffer (no ``cat`` of a partitioned copy).
+
+    ``x (B, *Sp, C)`` with ``Sp`` a multiple of the window, ``prefix (B * N_r, P, C)`` ->
+    ``(B * N_r, P + N_p, C)``; equals ``torch.cat([prefix, window_partition(roll(x, shift, -1), ws)], 1)``.
+    Unshifted: one permuted copy into the buffer; shifted: one scatter (``index_copy_`` with a cached index).
+    """
+    B, *Sp, C = x.shape
+    ws = tuple(int(w) for w in window_size)
+    n_p, P = math.prod(ws), prefix.shape[1]
+    grid = [s // w for s, w in zip(Sp, ws)]
+    z = x.new_empty(B * math.prod(grid), P + n_p, C)
+    z[:, :P] = prefix
+    if not any(shift):
+        d = len(ws)
+        split = [B]
+        for g, w in zip(grid, ws):
+            split += [g, w]
+        perm = [0] + [1 + 2 * i for i in range(d)] + [2 + 2 * i for i in range(d)] + [2 * d + 1]
+        z[:, P:].view(B, *grid, *ws, C).copy_(x.view(*split, C).permute(*perm))
+        return z
+    pos = _prefixed_positions(tuple(int(s) for s in Sp), ws, tuple(int(t) for t in shift), P, x.device)
+    if B > 1:
+        step = z.shape[0] // B * (P + n_p)
+        pos = (pos.unsqueeze(0) + torch.arange(B, device=x.device).unsqueeze(1) * step).reshape(-1)
+    z.view(-1, C).index_copy_(0, pos, x.reshape(-1, C))
+    return z
+
+
 def shifted_window_index(padded: Sequence[int], window_size: Sequence[int], shift: Sequence[int],
                          device: torch.device | str = "cpu") -> Tuple[torch.Tensor, torch.Tensor]:
     """Roll + partition as one gather: ``(idx, inv)``, two ``(prod(Sp),)`` index vectors.
@@ -285,15 +325,16 @@ class WindowAttention(nn.Module):
     MASK_CACHE_BYTES = 32 * 2 ** 20
 
     def attn_mask(self, batch_windows: int, window_size: Sequence[int], mask: Optional[torch.Tensor],
-                  num_prefix: int, dtype: torch.dtype) -> torch.Tensor:
-        """Float additive mask ``(1 | B_, h, P + N_p, P + N_p)``: bias (+ shift mask) on the window block.
+                  num_prefix: int, dtype: torch.dtype, prefix_queries: bool = True) -> torch.Tensor:
+        """Float additive mask ``(1 | B_, h, P + N_p, P + N_p)``: bias (+ shift mask) on the window block;
+        ``(1 | B_, h, N_p, P + N_p)`` when ``prefix_queries=False`` (only the window tokens ask).
 
         Without autograd (inference) the bias, and the whole mask when small, are cached per (window, shift
         mask, prefix, dtype) and rebuilt when the bias table changes (its version counter / storage).
         """
         table = self.relative_position_bias_table
         if torch.is_grad_enabled() and table.requires_grad:
-            return self._build_attn_mask(batch_windows, window_size, mask, num_prefix, dtype, None)
+            return self._build_attn_mask(batch_windows, window_size, mask, num_prefix, dtype, None, prefix_queries)
         cache = self.__dict__.setdefault("_mask_cache", {})
         stamp = (table._version, table.data_ptr(), table.device, table.dtype)
         if cache.get("stamp") != stamp:
@@ -301,14 +342,14 @@ class WindowAttention(nn.Module):
             cache["stamp"] = stamp
         ws = tuple(window_size)
         key = (batch_windows if mask is not None else 0, ws,
-               None if mask is None else (mask.data_ptr(), tuple(mask.shape)), num_prefix, dtype)
+               None if mask is None else (mask.data_ptr(), tuple(mask.shape)), num_prefix, dtype, prefix_queries)
         hit = cache.get(key)
         if hit is not None:
             return hit
         bkey = ("bias", ws)
         if bkey not in cache:
             cache[bkey] = self.relative_position_bias(ws).detach().contiguous()
-        m = self._build_attn_mask(batch_windows, ws, mask, num_prefix, dtype, cache[bkey])
+        m = self._build_attn_mask(batch_windows, ws, mask, num_prefix, dtype, cache[bkey], prefix_queries)
         if m.numel() * m.element_size() <= self.MASK_CACHE_BYTES:
             if len(cache) > 16:
                 cache.clear()
@@ -316,26 +357,37 @@ class WindowAttention(nn.Module):
             cache[key] = m
         return m
 
-    def _build_attn_mask(self, batch_windows, window_size, mask, num_prefix, dtype, bias) -> torch.Tensor:
+    def _build_attn_mask(self, batch_windows, window_size, mask, num_prefix, dtype, bias,
+                         prefix_queries: bool = True) -> torch.Tensor:
         if bias is None:
             # contiguous: SDPA would otherwise copy the permuted gather (and adds would keep its layout)
             bias = self.relative_position_bias(window_size).contiguous()  # (h, N_p, N_p)
-        if mask is None:
+        n_r = 1 if mask is None else mask.shape[0]
+        if mask is not None and batch_windows % n_r:
+            raise ValueError(f"{batch_windows} windows is not a multiple of the mask's {n_r}")
+        h, n_p = bias.shape[0], bias.shape[-1]
+        if num_prefix:  # zeros for the prefix rows / columns, bias (+ mask) written straight into the window block
+            lq = n_p + (num_prefix if prefix_queries else 0)
+            m = bias.new_zeros(n_r, h, lq, n_p + num_prefix)
+            block = m[:, :, lq - n_p:, num_prefix:]
+            if mask is None:
+                block.copy_(bias.unsqueeze(0).expand_as(block))
+            else:
+                block.copy_(bias.unsqueeze(0).expand_as(block)).add_(mask.unsqueeze(1).to(bias.dtype))
+        elif mask is None:
             m = bias.unsqueeze(0)
         else:
-            n_r = mask.shape[0]
             m = bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)  # (N_r, h, N_p, N_p)
-            if batch_windows != n_r:
-                if batch_windows % n_r:
-                    raise ValueError(f"{batch_windows} windows is not a multiple of the mask's {n_r}")
-                m = m.unsqueeze(0).expand(batch_windows // n_r, *m.shape).reshape(batch_windows, *m.shape[1:])
-        if num_prefix:
-            m = F.pad(m, (num_prefix, 0, num_prefix, 0))
+        if mask is not None and batch_windows != n_r:
+            m = m.unsqueeze(0).expand(batch_windows // n_r, *m.shape).reshape(batch_windows, *m.shape[1:])
         return m.to(dtype)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 window_size: Sequence[int] | None = None, mask: Optional[torch.Tensor] = None,
-                num_prefix: int = 0) -> torch.Tensor:
+                num_prefix: int = 0, prefix_queries: bool = True) -> torch.Tensor:
+        """``x (B_, P + N_p, C)`` -> ``(B_, P + N_p, C)``; ``(B_, N_p, C)`` with ``prefix_queries=False``: the
+        prefix tokens are keys and values only (their own outputs are not computed — for a block whose
+        global-token outputs nobody reads)."""
         B_, L, C = x.shape
         h = self.num_heads
         E = C // h
@@ -352,7 +404,10 @@ class WindowAttention(nn.Module):
         ws = self.window_size if window_size is None else tuple(window_size)
         if math.prod(ws) + num_prefix != L:
             raise ValueError(f"sequence length {L} != num_prefix {num_prefix} + window tokens {math.prod(ws)}")
-        attn_mask = self.attn_mask(B_, ws, mask, num_prefix, q.dtype)
+        if num_prefix and not prefix_queries:
+            q = q[:, :, num_prefix:]
+            L -= num_prefix
+        attn_mask = self.attn_mask(B_, ws, mask, num_prefix, q.dtype, prefix_queries)
         drop = self.attn_drop if self.training else 0.0
         if self.store_attn:
             attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1) + attn_mask, dim=-1)

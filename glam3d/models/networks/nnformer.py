@@ -251,7 +251,7 @@ class NnFormer(nn.Module):
         t = self.pos_drop(self.stem(x))                 # (B, *S0, E)
         skips: List[torch.Tensor] = []
         for i, stage in enumerate(self.stages):
-            t, _ = stage.forward_tokens(t)
+            t, _ = stage.forward_tokens(t, need_global=False)
             skips.append(self.skip_norms[i](t))
             if i < len(self.downsamples):
                 t = self.downsamples[i](t)
@@ -259,7 +259,7 @@ class NnFormer(nn.Module):
         outs = []
         for k in range(len(self.dec_stages) - 1, -1, -1):
             up = self.ups[k](t, skips[k])
-            t, _ = self.dec_stages[k].forward_tokens(up, skips[k])
+            t, _ = self.dec_stages[k].forward_tokens(up, skips[k], need_global=False)
             outs.append(t)                              # levels n-2 .. 0
         if self.deep_supervision and self.training:
             return [self.heads[k](_cf(outs[-1 - k])) for k in range(len(self.heads))]
