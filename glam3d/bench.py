@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -216,6 +216,34 @@ def _synthetic_ct_planes(d0: int, d1: int, hw, channels: int = 1) -> torch.Tenso
     return torch.randint(-1024, 1500, (channels, d1 - d0, *hw), generator=g, dtype=torch.int16)
 
 
+def _child_setup(spec: dict):
+    """Threads, device and model of a child-process measurement: ``(device, model, roi, volume)``."""
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = torch.device(spec["device"])
+    model = _build(spec["model"], device)
+    return device, model, tuple(model.default_crop), tuple(spec["volume"])
+
+
+def _measure(spec: dict, device: torch.device, roi, vol, run: Callable[[], torch.Tensor]) -> dict:
+    """Time ``run()`` (it returns the labels) and report the fields every sliding-window line has: seconds,
+    voxels/s, RSS before and peak RSS of this process, and on GPU ``max_memory_allocated``."""
+    rss_before = _rss_now()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t = time.perf_counter()
+    labels = run()
+    _sync(device)
+    dt = time.perf_counter() - t
+    res = {"model": spec["model"], "volume": list(vol), "roi": list(roi), "overlap": spec["overlap"],
+           "sw_batch_size": spec["sw_batch_size"], "seconds": dt, "voxels_per_s": math.prod(vol) / dt,
+           "peak_rss": _peak_rss(), "rss_before": rss_before, "labels_shape": list(labels.shape)}
+    if device.type == "cuda":
+        res["gpu_peak"] = torch.cuda.max_memory_allocated(device)
+    return res
+
+
 def _long_ct_worker(spec: dict) -> dict:
     """Child process, long-CT line: write a synthetic int16 CT to a temporary ``.npy`` (a few planes at a time),
     then infer it disk to disk (NpySlabReader + normalize + NpySlabWriter) — or, with ``in_memory``, from an
@@ -223,12 +251,7 @@ def _long_ct_worker(spec: dict) -> dict:
     import tempfile
 
     from .engine.inference import NpySlabReader, NpySlabWriter, predict_volume
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
-    device = torch.device(spec["device"])
-    model = _build(spec["model"], device)
-    roi = tuple(model.default_crop)
-    vol = tuple(spec["volume"])
+    device, model, roi, vol = _child_setup(spec)
     cin = model.in_channels
     step = 16
     stats: dict = {}
@@ -239,7 +262,9 @@ def _long_ct_worker(spec: dict) -> dict:
             image = torch.empty((cin,) + vol, dtype=torch.int16)
             for d0 in range(0, vol[0], step):
                 image[:, d0:d0 + step] = _synthetic_ct_planes(d0, min(d0 + step, vol[0]), vol[1:], cin)
-            out = None
+
+            def run():
+                return predict_volume(model, image, roi, **kwargs)
         else:
             if cin != 1:
                 raise ValueError(f"the long-CT bench writes single-channel CTs; {spec['model']} takes {cin}")
@@ -250,26 +275,15 @@ def _long_ct_worker(spec: dict) -> dict:
                     w[d0:d0 + planes.shape[1]] = planes[0]
             image = NpySlabReader(ct)
             out = NpySlabWriter(os.path.join(tmp, "labels.npy"), vol)
-        rss_before = _rss_now()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        _sync(device)
-        t = time.perf_counter()
-        if out is None:
-            labels = predict_volume(model, image, roi, **kwargs)
-        else:
-            with out:
-                labels = predict_volume(model, image, roi, out=out, **kwargs)
-        _sync(device)
-        dt = time.perf_counter() - t
-    res = {"model": spec["model"], "volume": list(vol), "roi": list(roi), "overlap": spec["overlap"],
-           "input": "memory (int16)" if spec.get("in_memory") else "npy (int16)", "windows": stats.get("windows"),
-           "sw_batch_size": spec["sw_batch_size"], "seconds": dt, "voxels_per_s": math.prod(vol) / dt,
-           "peak_rss": _peak_rss(), "rss_before": rss_before, "labels_shape": list(labels.shape)}
-    for k in ("peak_accumulator_bytes", "slab_bytes", "input_block_bytes", "labels_bytes", "labels_buffer_bytes"):
+
+            def run():
+                with out:
+                    return predict_volume(model, image, roi, out=out, **kwargs)
+        res = _measure(spec, device, roi, vol, run)
+    res["input"] = "memory (int16)" if spec.get("in_memory") else "npy (int16)"
+    for k in ("windows", "peak_accumulator_bytes", "slab_bytes", "input_block_bytes", "labels_bytes",
+              "labels_buffer_bytes"):
         res[k] = stats.get(k)
-    if device.type == "cuda":
-        res["gpu_peak"] = torch.cuda.max_memory_allocated(device)
     return res
 
 
@@ -278,30 +292,15 @@ def _worker(spec: dict) -> dict:
     from .engine.inference import predict_volume
     if spec.get("long_ct"):
         return _long_ct_worker(spec)
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
-    device = torch.device(spec["device"])
-    model = _build(spec["model"], device)
-    roi = tuple(model.default_crop)
-    vol = tuple(spec["volume"])
+    device, model, roi, vol = _child_setup(spec)
     image = torch.empty((model.in_channels,) + vol, dtype=torch.float32).uniform_(-1, 1)  # pages touched
-    rss_before = _rss_now()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     stats: dict = {}
-    _sync(device)
-    t = time.perf_counter()
-    labels = predict_volume(model, image, roi, overlap=spec["overlap"], sw_batch_size=spec["sw_batch_size"],
-                            mode="gaussian", device=device, amp=spec.get("amp", False), stats=stats)
-    _sync(device)
-    dt = time.perf_counter() - t
-    out = {"model": spec["model"], "volume": list(vol), "roi": list(roi), "overlap": spec["overlap"],
-           "windows": stats.get("windows"), "seconds": dt, "voxels_per_s": math.prod(vol) / dt,
-           "peak_rss": _peak_rss(), "rss_before": rss_before, "labels_shape": list(labels.shape),
-           "slab_bytes": stats.get("slab_bytes")}
-    if device.type == "cuda":
-        out["gpu_peak"] = torch.cuda.max_memory_allocated(device)
-    return out
+    res = _measure(spec, device, roi, vol, lambda: predict_volume(
+        model, image, roi, overlap=spec["overlap"], sw_batch_size=spec["sw_batch_size"], mode="gaussian",
+        device=device, amp=spec.get("amp", False), stats=stats))
+    res["windows"] = stats.get("windows")
+    res["slab_bytes"] = stats.get("slab_bytes")
+    return res
 
 
 def _run_child(spec: dict, timeout: Optional[float] = None) -> dict:

@@ -99,20 +99,20 @@ def pre_zero_size_label(tmp):
     return _pre_row(tmp, raw, lab, r"not a readable NIfTI")
 
 
-def pre_nan_voxels(tmp):
+def _pre_non_finite(tmp, value, where):
     raw, img, _ = _pre_base(tmp)
     d = np.full(H.SHAPE, 40.0, np.float32)
-    d[3, 3, 3] = np.nan
+    d[where] = value
     H.save_nii(d, img)
     return _pre_row(tmp, raw, img, r"NaN/inf")
+
+
+def pre_nan_voxels(tmp):
+    return _pre_non_finite(tmp, np.nan, (3, 3, 3))
 
 
 def pre_inf_voxels(tmp):
-    raw, img, _ = _pre_base(tmp)
-    d = np.full(H.SHAPE, 40.0, np.float32)
-    d[1, 2, 3] = np.inf
-    H.save_nii(d, img)
-    return _pre_row(tmp, raw, img, r"NaN/inf")
+    return _pre_non_finite(tmp, np.inf, (1, 2, 3))
 
 
 def pre_4d_image(tmp):

@@ -71,18 +71,18 @@ def test_2d_schema_is_strict_and_fills_dataset_defaults(tmp_path):
     cfg = load_config(p)
     assert cfg.task == "2d" and cfg.data.crop_size == [769, 769] and cfg.data.test_scale is None
     assert cfg.data.img_scale == [2048, 1024] and cfg.loss.name == "ce"
-    p.write_text("data:\n  dataset: ade20k\n  root: x\n  crop_sise: [64, 64]\n")
-    with pytest.raises(UserError, match=r"unknown config key 'data.crop_sise' \(did you mean data.crop_size"):
-        load_config(p)
-    p.write_text("data:\n  dataset: ade20k\n  root: x\n  roi_size: [8, 8, 8]\n")  # a 3D key in a 2D section
-    with pytest.raises(UserError, match=r"unknown config key 'data.roi_size'"):
-        load_config(p)
-    p.write_text("data:\n  dataset: ade2k\n")
-    with pytest.raises(UserError, match=r"'data.dataset' must be one of .*did you mean ade20k"):
-        load_config(p)
-    p.write_text("data:\n  root: x\n  crop_size: [8, 8]\n")  # a 2D key in a 3D section
-    with pytest.raises(UserError, match=r"unknown config key 'data.crop_size' \(did you mean data.roi_size"):
-        load_config(p)
+    for text, problem in [
+        ("data:\n  dataset: ade20k\n  root: x\n  crop_sise: [64, 64]\n",
+         r"unknown config key 'data.crop_sise' \(did you mean data.crop_size"),
+        ("data:\n  dataset: ade20k\n  root: x\n  roi_size: [8, 8, 8]\n",  # a 3D key in a 2D section
+         r"unknown config key 'data.roi_size'"),
+        ("data:\n  dataset: ade2k\n", r"'data.dataset' must be one of .*did you mean ade20k"),
+        ("data:\n  root: x\n  crop_size: [8, 8]\n",  # a 2D key in a 3D section
+         r"unknown config key 'data.crop_size' \(did you mean data.roi_size"),
+    ]:
+        p.write_text(text)
+        with pytest.raises(UserError, match=problem):
+            load_config(p)
     p.write_text("data:\n  dataset: preprocessed\n  root: x\n")
     assert isinstance(load_config(p).data, DataConfig) and load_config(p).task == "3d"
     # overrides are checked against the section the config selects

@@ -106,17 +106,21 @@ def roll(x: torch.Tensor, shift: Sequence[int], sign: int = -1) -> torch.Tensor:
     return torch.roll(x, shifts=shifts, dims=dims)
 
 
-def window_partition(x: torch.Tensor, window_size: Sequence[int]) -> torch.Tensor:
-    """``x (B, *Sp, C)`` with ``Sp`` a multiple of the window -> windows ``(B * N_r, N_p, C)``."""
+def _window_grid_view(x: torch.Tensor, window_size: Sequence[int]) -> torch.Tensor:
+    """``x (B, *Sp, C)`` -> view ``(B, n0, n1, ..., w0, w1, ..., C)`` (window grid, then in-window position)."""
     B, *S, C = x.shape
     d = len(window_size)
     shape = [B]
     for s, w in zip(S, window_size):
         shape += [s // w, w]
-    x = x.view(*shape, C)
     # (B, n0, w0, n1, w1, ..., C) -> (B, n0, n1, ..., w0, w1, ..., C)
     perm = [0] + [1 + 2 * i for i in range(d)] + [2 + 2 * i for i in range(d)] + [2 * d + 1]
-    return x.permute(*perm).reshape(-1, math.prod(window_size), C)
+    return x.view(*shape, C).permute(*perm)
+
+
+def window_partition(x: torch.Tensor, window_size: Sequence[int]) -> torch.Tensor:
+    """``x (B, *Sp, C)`` with ``Sp`` a multiple of the window -> windows ``(B * N_r, N_p, C)``."""
+    return _window_grid_view(x, window_size).reshape(-1, math.prod(window_size), x.shape[-1])
 
 
 def window_reverse(windows: torch.Tensor, window_size: Sequence[int], spatial_shape: Sequence[int]) -> torch.Tensor:
@@ -238,12 +242,7 @@ def partition_with_prefix(x: torch.Tensor, window_size: Sequence[int], shift: Se
     z = x.new_empty(B * math.prod(grid), P + n_p, C)
     z[:, :P] = prefix
     if not any(shift):
-        d = len(ws)
-        split = [B]
-        for g, w in zip(grid, ws):
-            split += [g, w]
-        perm = [0] + [1 + 2 * i for i in range(d)] + [2 + 2 * i for i in range(d)] + [2 * d + 1]
-        z[:, P:].view(B, *grid, *ws, C).copy_(x.view(*split, C).permute(*perm))
+        z[:, P:].view(B, *grid, *ws, C).copy_(_window_grid_view(x, ws))
         return z
     pos = _prefixed_positions(tuple(int(s) for s in Sp), ws, tuple(int(t) for t in shift), P, x.device)
     if B > 1:
