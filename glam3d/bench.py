@@ -5,7 +5,8 @@
 
 * parameters and multiply-adds per crop (:mod:`glam3d.models.complexity`);
 * forward time per crop (median of ``repeats`` after a warm-up, ``torch.inference_mode``, batch 1; all models
-  timed *round-robin in one process*, so a busy machine slows them alike and the ratios stay meaningful);
+  timed *round-robin in one process*, so a busy machine slows them alike and the ratios stay meaningful; the
+  GLAM / nnFormer forward ratio is the median over rounds of the per-round ratio);
 * achieved GFLOP/s (2 x MACs / time) and its fraction of the machine's matmul peak (median of timed
   ``2048^3`` fp32 matmuls, measured by the same run);
 * sliding-window throughput (voxels/s) on a ``128x256x256`` volume with
@@ -46,6 +47,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from .alloc import allocator_state
 
 __all__ = ["BenchConfig", "run_bench", "format_report", "to_markdown", "matmul_peak_gflops", "time_forward",
            "TARGETS", "FULL_MODELS", "QUICK_MODELS"]
@@ -388,6 +391,15 @@ def _pair(rows: Dict[str, dict], a: str, b: str, key: str) -> Optional[float]:
     return None
 
 
+def _paired(rows: Dict[str, dict], a: str, b: str) -> Optional[float]:
+    """Median over rounds of ``time_a / time_b`` (the two forwards of a round run back to back, so a drift in
+    the machine's speed between rounds cancels; the ratio of the two medians is reported beside it)."""
+    ta, tb = rows.get(a, {}).get("forward_all"), rows.get(b, {}).get("forward_all")
+    if not ta or not tb:
+        return None
+    return statistics.median(x / y for x, y in zip(ta, tb))
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure everything (see the module docstring); returns a JSON-serialisable dict."""
     from .models.complexity import count_macs, count_parameters
@@ -399,7 +411,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     res: dict = {"config": asdict(cfg), "machine": {
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}}
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "allocator": allocator_state()}}
 
     _log(cfg, f"matmul peak ({cfg.matmul_size}^3 fp32)")
     peak = matmul_peak_gflops(cfg.matmul_size, repeats=7 if not cfg.quick else 3, device=device)
@@ -469,7 +482,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     for size in ("synapse", "tiny"):
         g, v, s = f"glam_nnformer_{size}", f"nnformer_{size}", f"swin_unetr_{size}"
         ratios[size] = {
-            "glam_over_nnformer_forward": _pair(rows, g, v, "forward_s"),
+            "glam_over_nnformer_forward": _paired(rows, g, v),
+            "glam_over_nnformer_forward_of_medians": _pair(rows, g, v, "forward_s"),
             "glam_over_nnformer_sw": _pair(rows, g, v, "sw_voxels_per_s"),
             "glam_over_swin_unetr_sw": _pair(rows, g, s, "sw_voxels_per_s"),
             "nnformer_over_swin_unetr_sw": _pair(rows, v, s, "sw_voxels_per_s"),
@@ -599,7 +613,7 @@ def format_report(res: dict) -> str:
     """Plain-text report (the table printed by ``glam3d bench``)."""
     m = res["machine"]
     lines = [f"glam3d bench: {m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ''}, torch {m['torch']}, "
-             f"{m['threads']} threads, {m['cpu_count']} CPUs, load average {_load(m)}; "
+             f"{m['threads']} threads, {m['cpu_count']} CPUs, load average {_load(m)}, allocator {_alloc(m)}; "
              f"total {res['total_seconds']:.0f} s"]
     for title, head, body in _tables(res):
         widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(head)]
@@ -607,6 +621,15 @@ def format_report(res: dict) -> str:
                   "  ".join("-" * w for w in widths)]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
     return "\n".join(lines)
+
+
+def _alloc(m) -> str:
+    a = m.get("allocator") or {}
+    if not a.get("enabled"):
+        return "default"
+    parts = (["THP"] if a.get("thp_env") == "1" and not a.get("torch_imported") else []) + \
+        ([f"mmap>={int(a['mmap_threshold_env']) >> 10} KiB"] if a.get("mallopt") else [])
+    return "+".join(parts) or "default"
 
 
 def _load(m) -> str:
@@ -620,7 +643,7 @@ def to_markdown(res: dict) -> str:
     """The same report as Markdown tables."""
     m = res["machine"]
     lines = [f"_glam3d bench: {m['device']}, torch {m['torch']}, {m['threads']} threads, {m['cpu_count']} CPUs, "
-             f"load average {_load(m)}; total {res['total_seconds']:.0f} s_"]
+             f"load average {_load(m)}, allocator {_alloc(m)}; total {res['total_seconds']:.0f} s_"]
     for title, head, body in _tables(res):
         lines += ["", f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in body]

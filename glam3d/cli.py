@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from . import __version__
+from .alloc import tune_allocator
 from .errors import run_command
 
 # command name -> module under glam3d.commands
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    tune_allocator()  # before the commands import torch (see glam3d.alloc)
     parser = build_parser()
     args = parser.parse_args(argv)
     return run_command(args._run, args)

@@ -47,7 +47,7 @@ def test_rows_and_columns(quick_result):
 def test_report_text_and_markdown(quick_result):
     text = format_report(quick_result)
     for word in ["params (M)", "MACs (G)", "fwd (s)", "GFLOP/s", "% peak", "SW vox/s", "peak RSS (GB)", "ratios",
-                 "growth with the volume", "long CT", "training step", "targets"] + QUICK_MODELS:
+                 "growth with the volume", "long CT", "training step", "targets", "allocator"] + QUICK_MODELS:
         assert word in text, word
     assert any(s in text for s in ("PASS", "FAIL"))
     md = to_markdown(quick_result)
@@ -70,3 +70,18 @@ def test_cli_quick_writes_files(tmp_path, capsys):
 def test_cli_bad_option():
     assert main(["bench", "--quick", "--repeats", "0"]) == 2
     assert main(["bench", "--quick", "--models", "nosuchnet"]) == 2
+
+
+def test_forward_ratio_is_median_of_paired_rounds():
+    """A slow round (the machine got busy) slows both forwards of that round: the paired ratio ignores it, the
+    ratio of medians would not."""
+    from glam3d.bench import _pair, _paired
+    rows = {"g": {"forward_all": [1.2, 2.4, 1.2, 1.2, 1.2], "forward_s": 1.2},
+            "n": {"forward_all": [1.0, 2.0, 1.0, 1.0, 1.0], "forward_s": 1.0}}
+    assert _paired(rows, "g", "n") == pytest.approx(1.2)
+    # rounds 4-5 ran on a machine twice as slow: the medians pair round 2 of one with round 3 of the other
+    rows["g"]["forward_all"], rows["g"]["forward_s"] = [1.3, 1.4, 1.2, 2.4, 2.4], 1.4
+    rows["n"]["forward_all"], rows["n"]["forward_s"] = [1.0, 1.0, 1.0, 2.0, 2.0], 1.0
+    assert _paired(rows, "g", "n") == pytest.approx(1.2)
+    assert _pair(rows, "g", "n", "forward_s") == pytest.approx(1.4)
+    assert _paired(rows, "g", "missing") is None

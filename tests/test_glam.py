@@ -347,3 +347,27 @@ def test_need_global_false_does_less_work():
     macs = [count_macs(Stage(need).eval(), (1, 8, 8, 8, 32)) for need in (True, False)]
     # last block: MLP (2 * 32 * 128 MACs per token) and proj (32 * 32) of 8 windows x 10 tokens are gone
     assert macs[0] - macs[1] >= 8 * 10 * (2 * 32 * 128 + 32 * 32)
+
+
+@pytest.mark.parametrize("ws,S,n_g,cross,B", [((2, 2, 2), (5, 6, 8), 3, False, 2), ((4, 4), (12, 9), 4, False, 1),
+                                              ((2, 2, 2), (4, 4, 4), 0, True, 2), ((3, 3), (7, 7), 2, True, 2)])
+def test_class_attention_equals_full_mask_path(ws, S, n_g, cross, B, monkeypatch):
+    """Shifted blocks attend per window class (windows and their global tokens reordered by class): the layer's
+    outputs, global tokens and gradients equal those of the one-big-mask reference path."""
+    from glam3d.models.glam import WindowBlock
+    torch.manual_seed(0)
+    layer = GLAMLayer(8, 2, 2, ws, num_global_tokens=n_g, cross_attention=cross)
+    x = torch.randn(B, 8, *S, requires_grad=True)
+    ctx = torch.randn(B, 8, *S) if cross else None
+    res = []
+    for flag in (True, False):
+        monkeypatch.setattr(WindowBlock, "class_attention", flag)
+        y, g = layer(x, ctx, return_global=True)
+        loss = (y ** 2).sum() + (0 if g is None else (g ** 3).sum())
+        res.append((y, g, torch.autograd.grad(loss, [x] + list(layer.parameters()))))
+    (y1, g1, gr1), (y2, g2, gr2) = res
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    if n_g:
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gr1, gr2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

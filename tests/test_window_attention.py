@@ -143,3 +143,49 @@ def test_prefixed_attention_mask_layout(shifted, prefix_queries):
             ref = ref.repeat(2, 1, 1, 1)
         got = attn.attn_mask(2 * n_r, (2, 2, 2), mask, 3, torch.float32, prefix_queries)
     assert torch.equal(got.expand_as(ref), ref)
+
+
+@pytest.mark.parametrize("Sp,ws,shift,n_classes", [((8, 12), (4, 4), (2, 2), 4), ((8, 12), (4, 4), (0, 2), 2),
+                                                   ((8, 8, 12), (4, 4, 4), (2, 2, 2), 8),
+                                                   ((4, 6, 6), (2, 2, 3), (1, 0, 1), 4)])
+def test_window_classes_share_one_mask(Sp, ws, shift, n_classes):
+    """Every window of a class has the same shift mask; interior windows (most) are unmasked; the order is a
+    permutation that the class-ordered partition index follows."""
+    from glam3d.models.window import shifted_window_index, window_classes
+    c = window_classes(Sp, ws, shift)
+    full = shift_window_mask(Sp, ws, shift)
+    n_r = full.shape[0]
+    assert len(c.counts) == n_classes and sum(c.counts) == n_r
+    assert torch.equal(torch.sort(c.perm).values, torch.arange(n_r)) and torch.equal(c.perm[c.inv], torch.arange(n_r))
+    assert torch.equal(c.full_mask(), full[c.perm])
+    assert c.masked == (False,) + (True,) * (n_classes - 1)
+    assert c.counts[0] == math.prod(s // w - (1 if t else 0) for s, w, t in zip(Sp, ws, shift))
+    idx, _ = shifted_window_index(Sp, ws, shift)
+    idx_c, inv_c = shifted_window_index(Sp, ws, shift, by_class=True)
+    n_p = math.prod(ws)
+    assert torch.equal(idx_c.view(n_r, n_p), idx.view(n_r, n_p)[c.perm])
+    assert torch.equal(idx_c[inv_c], torch.arange(idx.numel()))
+
+
+@pytest.mark.parametrize("ws,Sp,shift", [((2, 2, 2), (4, 6, 4), (1, 1, 1)), ((4, 4), (8, 12), (2, 2))])
+@pytest.mark.parametrize("prefix,prefix_queries", [(0, True), (3, True), (3, False)])
+def test_attention_by_class_equals_full_mask(ws, Sp, shift, prefix, prefix_queries):
+    """Per-class SDPA with small masks == one call with the (B_, h, L, L) mask, values and gradients."""
+    from glam3d.models.window import window_classes
+    torch.manual_seed(0)
+    attn = WindowAttention(8, 2, ws)
+    c = window_classes(Sp, ws, shift)
+    B_ = 2 * sum(c.counts)
+    x = torch.randn(B_, prefix + math.prod(ws), 8, requires_grad=True)
+    outs, grads = [], []
+    for kw in (dict(classes=c), dict(mask=c.full_mask())):
+        y = attn(x, None, ws, num_prefix=prefix, prefix_queries=prefix_queries, **kw)
+        outs.append(y)
+        grads.append(torch.autograd.grad((y ** 2).sum(), (x, attn.relative_position_bias_table)))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # the no-autograd path caches one small mask per class
+        attn(x, None, ws, num_prefix=prefix, prefix_queries=prefix_queries, classes=c)
+        sizes = [v.shape for k, v in attn._mask_cache.items() if k != "stamp" and k[0] != "bias"]
+    assert sizes and all(s[0] == 1 for s in sizes)

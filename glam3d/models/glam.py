@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from .layers import DropPath, Mlp, init_weights_trunc_normal, linear, to_ntuple
 from .window import (WindowAttention, as_window_size, effective_window, pad_to_multiple, padded_shape,
-                     partition_with_prefix, roll, shift_window_mask, shifted_window_index, window_partition,
-                     window_reverse)
+                     partition_with_prefix, roll, shift_window_mask, shifted_window_index, window_classes,
+                     window_partition, window_reverse)
 
 __all__ = ["Attention", "WindowBlock", "GlobalBlock", "GLAMLayer", "window_geometry"]
 
@@ -133,22 +133,28 @@ class WindowBlock(nn.Module):
         self.record_geometry = False
         self.last_geometry: Optional[dict] = None
 
-    def _windows(self, x: torch.Tensor, ws, sh, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    #: shifted blocks attend per window class (:func:`window_classes`, small cached masks); ``False``: one
+    #: ``(B * N_r, h, L, L)`` mask (the reference path, also taken while attention weights are recorded)
+    class_attention = True
+
+    def _windows(self, x: torch.Tensor, ws, sh, prefix: Optional[torch.Tensor] = None,
+                 by_class: bool = False) -> torch.Tensor:
         """``(B, *S, C) -> (B * N_r, N_p, C)``: pad, roll, partition (a shifted map in one gather); with
-        ``prefix (B * N_r, P, C)``: ``[prefix; windows] (B * N_r, P + N_p, C)`` built in one buffer."""
+        ``prefix (B * N_r, P, C)``: ``[prefix; windows] (B * N_r, P + N_p, C)`` built in one buffer.
+        ``by_class``: shifted windows in :func:`window_classes` order."""
         x = pad_to_multiple(x, ws)
         if prefix is not None:
-            return partition_with_prefix(x, ws, sh, prefix)
+            return partition_with_prefix(x, ws, sh, prefix, by_class)
         if not any(sh):
             return window_partition(x, ws)
         B, *Sp, C = x.shape
-        idx, _ = shifted_window_index(Sp, ws, sh, x.device)
+        idx, _ = shifted_window_index(Sp, ws, sh, x.device, by_class)
         return x.reshape(B, -1, C).index_select(1, idx).view(-1, math.prod(ws), C)
 
     @staticmethod
-    def _unshift(out: torch.Tensor, ws, sh, Sp) -> torch.Tensor:
+    def _unshift(out: torch.Tensor, ws, sh, Sp, by_class: bool = False) -> torch.Tensor:
         """Reverse + roll back as one gather: ``(B * N_r, N_p, C)`` (possibly a slice) -> ``(B, prod(Sp), C)``."""
-        _, inv = shifted_window_index(Sp, ws, sh, out.device)
+        _, inv = shifted_window_index(Sp, ws, sh, out.device, by_class)
         n_p, C = out.shape[1], out.shape[2]
         if out.is_contiguous():
             return out.view(-1, inv.numel(), C).index_select(1, inv)
@@ -156,7 +162,8 @@ class WindowBlock(nn.Module):
         return out.view(-1, inv.numel() // n_p, n_p, C)[:, inv // n_p, inv % n_p]
 
     @staticmethod
-    def _add_unwindowed(shortcut: torch.Tensor, out: torch.Tensor, ws, sh, Sp) -> torch.Tensor:
+    def _add_unwindowed(shortcut: torch.Tensor, out: torch.Tensor, ws, sh, Sp, by_class: bool = False
+                        ) -> torch.Tensor:
         """``shortcut (B, *S, C) + reverse(roll back(out (B * N_r, N_p, C)))``, cropped to ``S``.
 
         Unpadded maps skip the intermediate copy: unshifted, the add reads ``out`` through a permuted view;
@@ -176,9 +183,9 @@ class WindowBlock(nn.Module):
                     split += [g, w]
                 y = out.view(B, *grid, *ws, C).permute(*perm)
                 return (shortcut.view(*split, C) + y).view(shortcut.shape)
-            return shortcut + WindowBlock._unshift(out, ws, sh, Sp).view(shortcut.shape)
+            return shortcut + WindowBlock._unshift(out, ws, sh, Sp, by_class).view(shortcut.shape)
         if any(sh):
-            y = WindowBlock._unshift(out, ws, sh, Sp).view(B, *Sp, C)
+            y = WindowBlock._unshift(out, ws, sh, Sp, by_class).view(B, *Sp, C)
         else:
             y = window_reverse(out, ws, Sp)
         return shortcut + y[(slice(None),) + tuple(slice(0, s) for s in S)]
@@ -202,23 +209,33 @@ class WindowBlock(nn.Module):
         else:
             shortcut = x
         n_g = 0 if g is None else g.shape[2]
-        gn = None if g is None else self.norm1(g).reshape(-1, n_g, C)  # (B*N_r, N_g, C)
-        xw = self._windows(self.norm1(x), ws, sh, gn)  # (B*N_r, [N_g +] N_p, C)
-        cw = self._windows(self.norm1(context), ws, sh, gn) if self.cross else None
-        mask = shift_window_mask(Sp, ws, sh, x.device) if any(sh) else None
+        # shifted windows grouped by mask class (windows, and their global tokens, in class order)
+        classes = window_classes(Sp, ws, sh, x.device) if (
+            any(sh) and self.class_attention and not self.attn.store_attn) else None
+        by_class = classes is not None
+        gn = None
+        if g is not None:
+            gn = self.norm1(g)
+            gn = (gn[:, classes.perm] if by_class else gn).reshape(-1, n_g, C)  # (B*N_r, N_g, C)
+        xw = self._windows(self.norm1(x), ws, sh, gn, by_class)  # (B*N_r, [N_g +] N_p, C)
+        cw = self._windows(self.norm1(context), ws, sh, gn, by_class) if self.cross else None
+        mask = shift_window_mask(Sp, ws, sh, x.device) if any(sh) and not by_class else None
         keep_g = g is not None and (need_global or self.attn.store_attn)
-        out = self.attn(xw, cw, ws, mask, n_g, prefix_queries=keep_g)  # (B*N_r, [N_g +] N_p, C)
+        out = self.attn(xw, cw, ws, mask, n_g, prefix_queries=keep_g, classes=classes)  # (B*N_r, [N_g+]N_p, C)
         if keep_g:
             g_out, out = out[:, :n_g], out[:, n_g:]
         if isinstance(self.drop_path, nn.Identity):
-            x = self._add_unwindowed(shortcut, out, ws, sh, Sp)
+            x = self._add_unwindowed(shortcut, out, ws, sh, Sp, by_class)
         else:
             x = self._add_unwindowed(shortcut, self.drop_path(out.view(B, -1, *out.shape[1:])).view(out.shape),
-                                     ws, sh, Sp)
+                                     ws, sh, Sp, by_class)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         if not keep_g:
             return x, None
-        g = g + self.drop_path(g_out.reshape(g.shape))
+        g_out = g_out.reshape(g.shape)
+        if by_class:
+            g_out = g_out[:, classes.inv]  # back to raster window order
+        g = g + self.drop_path(g_out)
         g = g + self.drop_path(self.mlp(self.norm2(g)))
         return x, g
 

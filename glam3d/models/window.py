@@ -15,13 +15,15 @@ Conventions (as in Swin / nnFormer / MONAI):
 
 Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` with the bias and the mask
 folded into one float ``attn_mask``. Relative-position indices and shift masks are built once per
-(window, table) / (padded shape, window, shift, device) and cached.
+(window, table) / (padded shape, window, shift, device) and cached. Shifted maps attend per window class
+(:func:`window_classes`: windows ordered so that those sharing a shift mask are contiguous), one SDPA call per
+(image, class) with a small cached mask, so no ``(B * N_r, h, L, L)`` mask is ever built.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,7 +34,7 @@ from .layers import linear
 __all__ = [
     "MASK_VALUE", "effective_window", "pad_to_multiple", "window_partition", "window_reverse",
     "relative_position_index", "shift_window_mask", "roll", "shifted_window_index", "partition_with_prefix",
-    "WindowAttention",
+    "WindowClasses", "window_classes", "WindowAttention",
 ]
 
 #: additive value for masked (different-region) pairs in shifted windows (Swin / nnFormer use -100)
@@ -206,13 +208,72 @@ def shift_window_mask(padded: Sequence[int], window_size: Sequence[int], shift: 
     return _shift_window_mask(tuple(int(s) for s in padded), tuple(window_size), tuple(shift), torch.device(device))
 
 
+class WindowClasses(NamedTuple):
+    """Windows of a shifted map grouped by their shift mask (see :func:`window_classes`).
+
+    ``perm (N_r,)``: raster index of the ``k``-th window in class order; ``inv (N_r,)``: its inverse;
+    ``counts``: windows per class (classes are contiguous in that order); ``masks (n_cls, N_p, N_p)``: the
+    additive shift mask shared by every window of a class; ``masked``: whether a class's mask is non-zero."""
+    perm: torch.Tensor
+    inv: torch.Tensor
+    counts: Tuple[int, ...]
+    masks: torch.Tensor
+    masked: Tuple[bool, ...]
+
+    def full_mask(self) -> torch.Tensor:
+        """The per-window mask in class order ``(N_r, N_p, N_p)`` (= ``shift_window_mask(...)[perm]``)."""
+        counts = torch.tensor(self.counts, device=self.masks.device)
+        return self.masks.repeat_interleave(counts, dim=0)
+
+
+@functools.lru_cache(maxsize=128)
+@_normal_tensors
+def _window_classes(padded: Tuple[int, ...], window_size: Tuple[int, ...], shift: Tuple[int, ...],
+                    device: torch.device) -> WindowClasses:
+    grid = [s // w for s, w in zip(padded, window_size)]
+    code = torch.zeros(grid, dtype=torch.long)  # bit per shifted axis: the window is the last one there
+    for i, (g, t) in enumerate(zip(grid, shift)):
+        last = torch.zeros(g, dtype=torch.long)
+        if t:
+            last[-1] = 1
+        shape = [1] * len(grid)
+        shape[i] = -1
+        code = code * 2 + last.view(shape)
+    code = code.reshape(-1)
+    perm = torch.argsort(code, stable=True)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    _, counts = torch.unique_consecutive(code[perm], return_counts=True)
+    first = torch.cumsum(counts, 0) - counts
+    masks = _shift_window_mask(padded, window_size, shift, torch.device("cpu"))[perm[first]]
+    masked = tuple(bool(m.any()) for m in masks)
+    return WindowClasses(perm.to(device), inv.to(device), tuple(int(c) for c in counts), masks.to(device), masked)
+
+
+def window_classes(padded: Sequence[int], window_size: Sequence[int], shift: Sequence[int],
+                   device: torch.device | str = "cpu") -> WindowClasses:
+    """Group the windows of a shifted map by shift mask: at most ``2^d`` classes.
+
+    After the roll, a window mixes regions only where it is the last window along a shifted axis, so the
+    windows of one class (the set of axes where they are last) share one ``(N_p, N_p)`` mask; most are interior
+    (no mask). Attention then runs per class with one small cached ``(1, h, L, L)`` mask instead of a
+    ``(N_r, h, L, L)`` one. Order: classes by code (interior first), raster order inside a class. Cached per
+    (padded shape, window, shift, device).
+    """
+    return _window_classes(tuple(int(s) for s in padded), tuple(int(w) for w in window_size),
+                           tuple(int(t) for t in shift), torch.device(device))
+
+
 @functools.lru_cache(maxsize=128)
 @_normal_tensors
 def _shifted_window_index(padded: Tuple[int, ...], window_size: Tuple[int, ...], shift: Tuple[int, ...],
-                          device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+                          device: torch.device, by_class: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     n = math.prod(padded)
     flat = torch.arange(n).view(1, *padded, 1)
-    idx = window_partition(roll(flat, shift, -1), window_size).reshape(-1)
+    idx = window_partition(roll(flat, shift, -1), window_size)  # (N_r, N_p)
+    if by_class:
+        idx = idx[_window_classes(padded, window_size, shift, torch.device("cpu")).perm]
+    idx = idx.reshape(-1)
     inv = torch.empty_like(idx)
     inv[idx] = torch.arange(n)
     return idx.to(device), inv.to(device)
@@ -221,19 +282,21 @@ def _shifted_window_index(padded: Tuple[int, ...], window_size: Tuple[int, ...],
 @functools.lru_cache(maxsize=128)
 @_normal_tensors
 def _prefixed_positions(padded: Tuple[int, ...], window_size: Tuple[int, ...], shift: Tuple[int, ...],
-                        num_prefix: int, device: torch.device) -> torch.Tensor:
+                        num_prefix: int, device: torch.device, by_class: bool = False) -> torch.Tensor:
     n_p = math.prod(window_size)
-    _, inv = _shifted_window_index(padded, window_size, shift, torch.device("cpu"))
+    _, inv = _shifted_window_index(padded, window_size, shift, torch.device("cpu"), by_class)
     return ((inv // n_p) * (num_prefix + n_p) + num_prefix + inv % n_p).to(device)
 
 
 def partition_with_prefix(x: torch.Tensor, window_size: Sequence[int], shift: Sequence[int],
-                          prefix: torch.Tensor) -> torch.Tensor:
+                          prefix: torch.Tensor, by_class: bool = False) -> torch.Tensor:
     """``[prefix; windows(roll(x))]`` written into one buffer (no ``cat`` of a partitioned copy).
 
     ``x (B, *Sp, C)`` with ``Sp`` a multiple of the window, ``prefix (B * N_r, P, C)`` ->
     ``(B * N_r, P + N_p, C)``; equals ``torch.cat([prefix, window_partition(roll(x, shift, -1), ws)], 1)``.
     Unshifted: one permuted copy into the buffer; shifted: one scatter (``index_copy_`` with a cached index).
+    ``by_class`` (shifted only): the windows of each image in :func:`window_classes` order (``prefix`` given in
+    that order too).
     """
     B, *Sp, C = x.shape
     ws = tuple(int(w) for w in window_size)
@@ -244,7 +307,7 @@ def partition_with_prefix(x: torch.Tensor, window_size: Sequence[int], shift: Se
     if not any(shift):
         z[:, P:].view(B, *grid, *ws, C).copy_(_window_grid_view(x, ws))
         return z
-    pos = _prefixed_positions(tuple(int(s) for s in Sp), ws, tuple(int(t) for t in shift), P, x.device)
+    pos = _prefixed_positions(tuple(int(s) for s in Sp), ws, tuple(int(t) for t in shift), P, x.device, by_class)
     if B > 1:
         step = z.shape[0] // B * (P + n_p)
         pos = (pos.unsqueeze(0) + torch.arange(B, device=x.device).unsqueeze(1) * step).reshape(-1)
@@ -253,16 +316,18 @@ def partition_with_prefix(x: torch.Tensor, window_size: Sequence[int], shift: Se
 
 
 def shifted_window_index(padded: Sequence[int], window_size: Sequence[int], shift: Sequence[int],
-                         device: torch.device | str = "cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+                         device: torch.device | str = "cpu", by_class: bool = False
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Roll + partition as one gather: ``(idx, inv)``, two ``(prod(Sp),)`` index vectors.
 
     For ``x (B, *Sp, C)``: ``x.reshape(B, -1, C).index_select(1, idx)`` equals
     ``window_partition(roll(x, shift, -1), ws)`` (viewed as ``(B, N_r * N_p, C)``), and ``inv`` undoes it:
     ``w.reshape(B, -1, C).index_select(1, inv)`` equals ``roll(window_reverse(w, ws, Sp), shift, +1)``. One copy
-    instead of one per rolled axis plus one for the permutation. Cached per (shape, window, shift, device).
+    instead of one per rolled axis plus one for the permutation. ``by_class``: the windows of each image in
+    :func:`window_classes` order instead of raster order. Cached per (shape, window, shift, device, order).
     """
     return _shifted_window_index(tuple(int(s) for s in padded), tuple(int(w) for w in window_size),
-                                 tuple(int(t) for t in shift), torch.device(device))
+                                 tuple(int(t) for t in shift), torch.device(device), bool(by_class))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,7 +415,7 @@ class WindowAttention(nn.Module):
             cache[bkey] = self.relative_position_bias(ws).detach().contiguous()
         m = self._build_attn_mask(batch_windows, ws, mask, num_prefix, dtype, cache[bkey], prefix_queries)
         if m.numel() * m.element_size() <= self.MASK_CACHE_BYTES:
-            if len(cache) > 16:
+            if len(cache) > 64:
                 cache.clear()
                 cache["stamp"] = stamp
             cache[key] = m
@@ -383,10 +448,15 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 window_size: Sequence[int] | None = None, mask: Optional[torch.Tensor] = None,
-                num_prefix: int = 0, prefix_queries: bool = True) -> torch.Tensor:
+                num_prefix: int = 0, prefix_queries: bool = True,
+                classes: Optional[WindowClasses] = None) -> torch.Tensor:
         """``x (B_, P + N_p, C)`` -> ``(B_, P + N_p, C)``; ``(B_, N_p, C)`` with ``prefix_queries=False``: the
         prefix tokens are keys and values only (their own outputs are not computed — for a block whose
-        global-token outputs nobody reads)."""
+        global-token outputs nobody reads).
+
+        ``classes`` (instead of ``mask``): the windows of each image come in :func:`window_classes` order;
+        attention runs once per (image, class) with that class's small cached mask — no ``(B_, h, L, L)``
+        mask is built (equal to ``mask=classes.full_mask()``)."""
         B_, L, C = x.shape
         h = self.num_heads
         E = C // h
@@ -406,8 +476,13 @@ class WindowAttention(nn.Module):
         if num_prefix and not prefix_queries:
             q = q[:, :, num_prefix:]
             L -= num_prefix
-        attn_mask = self.attn_mask(B_, ws, mask, num_prefix, q.dtype, prefix_queries)
         drop = self.attn_drop if self.training else 0.0
+        if classes is not None and self.store_attn:
+            mask, classes = classes.full_mask(), None
+        if classes is not None:
+            return self.proj_drop(linear(self._attend_by_class(q, k, v, classes, ws, num_prefix, prefix_queries,
+                                                               drop).view(B_, L, C), self.proj))
+        attn_mask = self.attn_mask(B_, ws, mask, num_prefix, q.dtype, prefix_queries)
         if self.store_attn:
             attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1) + attn_mask, dim=-1)
             self.last_attn = attn.detach()
@@ -416,6 +491,25 @@ class WindowAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         out = out.transpose(1, 2).reshape(B_, L, C)
         return self.proj_drop(linear(out, self.proj))
+
+    def _attend_by_class(self, q, k, v, classes: WindowClasses, ws, num_prefix: int, prefix_queries: bool,
+                         drop: float) -> torch.Tensor:
+        """SDPA per (image, window class): ``q (B_, h, Lq, E)``, ``k, v (B_, h, Lk, E)`` -> ``(B_, Lq, h, E)``.
+        Classes are contiguous row ranges of each image, so every call reads views (no gather)."""
+        n_r = sum(classes.counts)
+        if q.shape[0] % n_r:
+            raise ValueError(f"{q.shape[0]} windows is not a multiple of the {n_r} windows of the classes")
+        masks = [self.attn_mask(1, ws, classes.masks[c:c + 1] if masked else None, num_prefix, q.dtype,
+                                prefix_queries) for c, masked in enumerate(classes.masked)]
+        outs = []
+        for b in range(q.shape[0] // n_r):
+            start = b * n_r
+            for n, m in zip(classes.counts, masks):
+                sl = slice(start, start + n)
+                outs.append(F.scaled_dot_product_attention(q[sl], k[sl], v[sl], attn_mask=m,
+                                                           dropout_p=drop).transpose(1, 2))
+                start += n
+        return torch.cat(outs, 0)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, cross={self.cross}"

@@ -1,0 +1,75 @@
+"""CPU allocator settings that keep long-volume inference small and fast (Linux/glibc; no torch import here).
+
+Sliding-window inference allocates and frees the same few hundred MB of activations for every window. With
+glibc's default *dynamic* mmap threshold, blocks freed once grow the threshold, later blocks of that size come
+from the heap, and the heap keeps the freed pages: the process RSS ends ~0.8-1 GB above the live tensors
+(measured on the Synapse-size nnFormer, ``experiments/PERFORMANCE.md``). Two settings fix that:
+
+* ``M_MMAP_THRESHOLD = 1 MiB`` (``mallopt`` here, ``MALLOC_MMAP_THRESHOLD_`` for child processes): every block
+  of 1 MiB or more is its own mapping and goes back to the OS on ``free``; a fixed threshold also switches the
+  dynamic adjustment off. Alone it costs page faults on every window.
+* ``THP_MEM_ALLOC_ENABLE=1`` (read by PyTorch's CPU allocator at its first allocation, so it must be set before
+  ``import torch``): large tensors are aligned for transparent huge pages, ~30x fewer page faults, which buys
+  the faults back.
+
+:func:`tune_allocator` applies both; ``glam3d`` commands call it before importing torch. Set
+``GLAM3D_ALLOC_TUNING=0`` to leave the allocator alone; values already in the environment win.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+from typing import Dict
+
+#: blocks of at least this many bytes are mmapped (and unmapped on free)
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+ENV_SWITCH = "GLAM3D_ALLOC_TUNING"
+
+
+def _glibc():
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def tune_allocator(enable: bool | None = None) -> Dict[str, object]:
+    """Apply the settings above to this process and (through the environment) to its children.
+
+    ``enable=None`` reads ``GLAM3D_ALLOC_TUNING`` (default on). Returns what is in effect:
+    ``{"enabled", "thp_env", "mmap_threshold_env", "mallopt", "torch_imported"}`` (THP only takes effect when
+    torch was not imported yet; ``mallopt`` is False off glibc)."""
+    if enable is None:
+        enable = os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    state: Dict[str, object] = {"enabled": bool(enable), "torch_imported": "torch" in sys.modules, "mallopt": False}
+    if enable:
+        libc = _glibc()
+        if libc is not None:
+            os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+            os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+            try:
+                threshold = int(os.environ["MALLOC_MMAP_THRESHOLD_"])
+            except ValueError:  # glibc ignores a malformed value too
+                threshold = None
+            if threshold is not None:
+                state["mallopt"] = bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(threshold)))
+    state["thp_env"] = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    state["mmap_threshold_env"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    _STATE.clear()
+    _STATE.update(state)
+    return state
+
+
+_STATE: Dict[str, object] = {}
+
+
+def allocator_state() -> Dict[str, object]:
+    """What the last :func:`tune_allocator` call put in effect (``{}`` when it was never called)."""
+    return dict(_STATE)
