@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import sys
 from typing import Dict
 
@@ -31,7 +30,10 @@ ENV_SWITCH = "GLAM3D_ALLOC_TUNING"
 
 
 def _glibc():
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    try:  # the C library this process runs on (not a scan of the executable like platform.libc_ver)
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return None
+    except (AttributeError, ValueError, OSError):  # not a glibc system
         return None
     try:
         libc = ctypes.CDLL(None)

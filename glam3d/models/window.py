@@ -176,12 +176,23 @@ def relative_position_index(window_size: Tuple[int, ...], table_window: Tuple[in
     return _relative_position_index_cpu(tuple(window_size), table_window).to(device)
 
 
+def _grid_code(axis_labels: Sequence[torch.Tensor], base: int) -> torch.Tensor:
+    """Combine one label vector per axis into an N-D grid of mixed-radix codes:
+    ``out[i_0, ..., i_{d-1}] = sum_k axis_labels[k][i_k] * base ** (d - 1 - k)``, shape ``(len(l_0), ...)``."""
+    d = len(axis_labels)
+    code = torch.zeros((), dtype=axis_labels[0].dtype)
+    for i, lab in enumerate(axis_labels):
+        shape = [1] * d
+        shape[i] = -1
+        code = code * base + lab.view(shape)
+    return code
+
+
 @functools.lru_cache(maxsize=128)
 @_normal_tensors
 def _shift_window_mask(padded: Tuple[int, ...], window_size: Tuple[int, ...], shift: Tuple[int, ...],
                        device: torch.device) -> torch.Tensor:
     # label every voxel of the padded (rolled) map by the region it came from, as Swin does
-    labels = torch.zeros(padded, dtype=torch.float32)
     ax_labels = []
     for s, w, t in zip(padded, window_size, shift):
         lab = torch.zeros(s)
@@ -189,10 +200,7 @@ def _shift_window_mask(padded: Tuple[int, ...], window_size: Tuple[int, ...], sh
             lab[s - w:s - t] = 1
             lab[s - t:] = 2
         ax_labels.append(lab)
-    for i, lab in enumerate(ax_labels):
-        shape = [1] * len(padded)
-        shape[i] = -1
-        labels = labels * 3 + lab.view(shape)
+    labels = _grid_code(ax_labels, 3)  # (*Sp)
     win = window_partition(labels[None, ..., None], window_size).squeeze(-1)  # (N_r, N_p)
     diff = win[:, None, :] - win[:, :, None]
     mask = torch.zeros_like(diff).masked_fill_(diff != 0, MASK_VALUE)
@@ -230,16 +238,13 @@ class WindowClasses(NamedTuple):
 @_normal_tensors
 def _window_classes(padded: Tuple[int, ...], window_size: Tuple[int, ...], shift: Tuple[int, ...],
                     device: torch.device) -> WindowClasses:
-    grid = [s // w for s, w in zip(padded, window_size)]
-    code = torch.zeros(grid, dtype=torch.long)  # bit per shifted axis: the window is the last one there
-    for i, (g, t) in enumerate(zip(grid, shift)):
-        last = torch.zeros(g, dtype=torch.long)
+    lasts = []  # bit per shifted axis: the window is the last one there
+    for s, w, t in zip(padded, window_size, shift):
+        last = torch.zeros(s // w, dtype=torch.long)
         if t:
             last[-1] = 1
-        shape = [1] * len(grid)
-        shape[i] = -1
-        code = code * 2 + last.view(shape)
-    code = code.reshape(-1)
+        lasts.append(last)
+    code = _grid_code(lasts, 2).reshape(-1)  # (N_r,), raster order of the window grid
     perm = torch.argsort(code, stable=True)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel())
