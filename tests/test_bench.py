@@ -3,6 +3,7 @@
 No timing assertions (machines differ, CI is shared); only that every row, column, ratio and target is there.
 """
 import json
+import math
 
 import pytest
 import torch
@@ -85,3 +86,54 @@ def test_forward_ratio_is_median_of_paired_rounds():
     assert _paired(rows, "g", "n") == pytest.approx(1.2)
     assert _pair(rows, "g", "n", "forward_s") == pytest.approx(1.4)
     assert _paired(rows, "g", "missing") is None
+
+
+def test_median_ci_order_statistics_and_coverage():
+    """The interval is the textbook one (n=6: min-max; n=20: 6th-15th value) and covers the true median of a
+    skewed distribution in >= 95 % of samples."""
+    import random
+    from glam3d.bench import median_ci
+    assert median_ci([1.0] * 5) is None  # 2 * (1/2)^5 > 5 %: no 95 % interval from 5 values
+    assert median_ci([3, 1, 2, 6, 5, 4]) == (1, 6)
+    assert median_ci(list(range(20, 0, -1))) == (6, 15)
+    rng = random.Random(0)
+    true_median = math.log(2)  # exponential(1)
+    hits = 0
+    for _ in range(2000):
+        lo, hi = median_ci([rng.expovariate(1.0) for _ in range(15)])
+        hits += lo <= true_median <= hi
+    assert hits / 2000 >= 0.95
+
+
+def test_forward_rounds_alternate_order():
+    """Counterbalanced rounds: the order reverses every round, so no model always follows the same one."""
+    from glam3d.bench import time_forward
+    calls = []
+
+    class Rec(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x
+
+    models = {n: Rec(n) for n in "abc"}
+    times = time_forward(models, {n: torch.zeros(1) for n in "abc"}, repeats=3, device="cpu")
+    assert calls == list("abc" "cba" "abc" "cba")  # warm-up round, then 3 timed rounds
+    assert all(len(t) == 3 for t in times.values())
+
+
+def test_forward_target_unclear_when_threshold_inside_interval():
+    from glam3d.bench import _targets
+    ratios = {"synapse": {"glam_over_nnformer_forward": 1.19, "glam_over_nnformer_forward_ci95": (1.15, 1.24),
+                          "glam_over_nnformer_sw": None},
+              "tiny": {}}
+    status = lambda: {t["target"]: t for t in _targets({}, ratios, {})}["glam_forward_ratio"]
+    t = status()
+    assert t["status"] == "UNCLEAR" and "1.150-1.240" in t["note"]
+    ratios["synapse"]["glam_over_nnformer_forward_ci95"] = (1.12, 1.19)
+    assert status()["status"] == "PASS"
+    ratios["synapse"].update(glam_over_nnformer_forward=1.25, glam_over_nnformer_forward_ci95=(1.21, 1.3))
+    assert status()["status"] == "FAIL"
