@@ -9,8 +9,9 @@ from the heap, and the heap keeps the freed pages: the process RSS ends ~0.8-1 G
   of 1 MiB or more is its own mapping and goes back to the OS on ``free``; a fixed threshold also switches the
   dynamic adjustment off. Alone it costs page faults on every window.
 * ``THP_MEM_ALLOC_ENABLE=1`` (read by PyTorch's CPU allocator at its first allocation, so it must be set before
-  ``import torch``): large tensors are aligned for transparent huge pages, ~30x fewer page faults, which buys
-  the faults back.
+  ``import torch``): tensors of 2 MB or more are aligned for transparent huge pages, far fewer page faults
+  per tensor, which buys most of that time back (a Synapse forward still takes ~0.1 M faults and 1.3-2 s of
+  system CPU time: every 1-32 MB tensor is still mapped, zeroed and unmapped).
 
 :func:`tune_allocator` applies both; ``glam3d`` commands call it before importing torch. Set
 ``GLAM3D_ALLOC_TUNING=0`` to leave the allocator alone; values already in the environment win.
@@ -18,7 +19,7 @@ from the heap, and the heap keeps the freed pages: the process RSS ends ~0.8-1 G
 ``GLAM3D_ALLOC_TUNING=speed`` trades memory for time instead: threshold 32 MiB (glibc's maximum) and no heap
 trimming, so the 25 MB stage-1 activations of the Synapse-size networks are reused from the heap rather than
 mapped, zeroed and unmapped for every forward (page faults and TLB flushes were 15 % of the CPU time). Measured
-on the 2-core VM: nnFormer forward 5.1-5.5 -> 4.4 s, long-CT inference 17-27 % faster, but its peak RSS
+on the 2-core VM: nnFormer forward 5.2 -> 4.25 s, long-CT inference 11-17 % less time, but its peak RSS
 1.59 -> 2.13-2.18 GB (the heap keeps what it once held).
 """
 from __future__ import annotations

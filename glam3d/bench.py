@@ -410,18 +410,23 @@ def median_ci(values: Sequence[float], confidence: float = 0.95) -> Optional[Tup
     return (xs[k - 1], xs[n - k]) if k else None
 
 
-def _paired_ci(rows: Dict[str, dict], a: str, b: str) -> Optional[Tuple[float, float]]:
+def _round_ratios(rows: Dict[str, dict], a: str, b: str) -> Optional[List[float]]:
+    """Per-round ``time_a / time_b`` of the forward timing (None when either model was not timed)."""
     ta, tb = rows.get(a, {}).get("forward_all"), rows.get(b, {}).get("forward_all")
-    return median_ci([x / y for x, y in zip(ta, tb)]) if ta and tb else None
+    return [x / y for x, y in zip(ta, tb)] if ta and tb else None
+
+
+def _paired_ci(rows: Dict[str, dict], a: str, b: str) -> Optional[Tuple[float, float]]:
+    """95 % interval of :func:`_paired` (:func:`median_ci` of the per-round ratios)."""
+    r = _round_ratios(rows, a, b)
+    return median_ci(r) if r else None
 
 
 def _paired(rows: Dict[str, dict], a: str, b: str) -> Optional[float]:
     """Median over rounds of ``time_a / time_b`` (the two forwards of a round run back to back, so a drift in
     the machine's speed between rounds cancels; the ratio of the two medians is reported beside it)."""
-    ta, tb = rows.get(a, {}).get("forward_all"), rows.get(b, {}).get("forward_all")
-    if not ta or not tb:
-        return None
-    return statistics.median(x / y for x, y in zip(ta, tb))
+    r = _round_ratios(rows, a, b)
+    return statistics.median(r) if r else None
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -524,19 +529,16 @@ def _targets(rows, ratios, res) -> List[dict]:
     size = "synapse" if ratios["synapse"]["glam_over_nnformer_forward"] is not None else "tiny"
     out = []
 
-    def add(key, value, ok, note=""):
+    def add(key, value, ok, note="", status=None):
         desc, _ = TARGETS[key]
         out.append({"target": key, "description": desc, "value": value,
-                    "status": "n/a" if ok is None else ("PASS" if ok else "FAIL"), "note": note})
+                    "status": status or ("n/a" if ok is None else ("PASS" if ok else "FAIL")), "note": note})
 
     r, ci = ratios[size]["glam_over_nnformer_forward"], ratios[size]["glam_over_nnformer_forward_ci95"]
     thr = TARGETS["glam_forward_ratio"][1]
-    if r is not None and ci is not None and ci[0] <= thr < ci[1]:  # the threshold lies inside the 95 % interval
-        add("glam_forward_ratio", r, None, f"{size} size; 95 % CI {ci[0]:.3f}-{ci[1]:.3f}")
-        out[-1]["status"] = "UNCLEAR"
-    else:
-        add("glam_forward_ratio", r, None if r is None else r <= thr,
-            f"{size} size" + (f"; 95 % CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""))
+    unclear = r is not None and ci is not None and ci[0] <= thr < ci[1]  # the threshold inside the 95 % interval
+    add("glam_forward_ratio", r, None if r is None else r <= thr,
+        f"{size} size" + (f"; 95 % CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""), "UNCLEAR" if unclear else None)
     r = ratios[size]["glam_over_nnformer_sw"]
     add("glam_sw_ratio", r, None if r is None else r >= TARGETS["glam_sw_ratio"][1], f"{size} size")
     f = rows.get("nnformer_synapse", {}).get("peak_fraction")
