@@ -20,8 +20,10 @@
   (:class:`~glam3d.engine.inference.NpySlabReader`, CT clip + scale as ``normalize``,
   :class:`~glam3d.engine.inference.NpySlabWriter`), or from an in-memory int16 array (``long_ct_in_memory``);
 * a training step of the tiny config (forward + backward + SGD step, batch 2, deep supervision);
-* on a GPU: forward time with bf16 autocast and the longest ``512x512`` scan inferred without running out of
-  memory.
+* with bf16 autocast (section ``bf16``, default on a GPU): forward time and sliding-window throughput again,
+  and the bf16 matmul peak;
+* on a GPU (section ``gpu``): the longest ``D x 512 x 512`` scan inferred without running out of memory, with
+  the GPU peak of every probe.
 
 It then prints the ratios (GLAM-nnFormer / nnFormer forward time, sliding-window throughput ratio, glam3d /
 SwinUNETR voxels per second) and PASS / FAIL per target.
@@ -50,6 +52,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .alloc import allocator_state
+from .commands.bench import SECTIONS  # the CLI's list (a light module: no torch import at parse time)
 
 __all__ = ["BenchConfig", "run_bench", "format_report", "to_markdown", "matmul_peak_gflops", "time_forward",
            "TARGETS", "FULL_MODELS", "QUICK_MODELS"]
@@ -93,7 +96,8 @@ class BenchConfig:
     train_repeats: int = 3
     matmul_size: Optional[int] = None           # default 2048; quick 512
     threads: Optional[int] = None               # torch threads (default: torch's)
-    sections: Optional[List[str]] = None        # subset of forward, sw, scaling, long_ct, train, gpu
+    sections: Optional[List[str]] = None        # subset of SECTIONS (default: all; bf16 and gpu on CUDA only)
+    largest_limit: int = 4096                   # gpu section: longest D x 512 x 512 tried
     progress: bool = False
 
     def resolved(self) -> "BenchConfig":
@@ -113,7 +117,8 @@ class BenchConfig:
         if q:
             c.repeats = min(c.repeats, 2)
             c.train_repeats = min(c.train_repeats, 2)
-        c.sections = list(c.sections or ["forward", "sw", "scaling", "long_ct", "train", "gpu"])
+        cuda = torch.device(c.device).type == "cuda"
+        c.sections = list(c.sections or [s for s in SECTIONS if cuda or s not in ("bf16", "gpu")])
         return c
 
 
@@ -229,7 +234,26 @@ def _child_setup(spec: dict):
         torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec["device"])
     model = _build(spec["model"], device)
-    return device, model, tuple(model.default_crop), tuple(spec["volume"])
+    roi = tuple(model.default_crop)
+    spec["warmed_up"] = _warm_up(model, device, roi, spec)
+    return device, model, roi, tuple(spec["volume"])
+
+
+def _warm_up(model, device: torch.device, roi, spec: dict) -> bool:
+    """One untimed forward of a batch of windows (same batch size and autocast as the measurement) before a
+    sliding-window line is timed — on CUDA always (the first use of each kernel loads it lazily and creates the
+    cuBLAS / cuDNN handles: seconds, paid once by a long-running inference, and different for fp32 and bf16),
+    elsewhere when ``spec["warmup"]`` (the recorded CPU lines were measured cold; CPU first-call costs are
+    small beside a 5 s window). Returns whether it ran."""
+    if device.type != "cuda" and not spec.get("warmup"):
+        return False
+    from .engine.inference import resolve_amp
+    amp = resolve_amp(spec.get("amp", False), device)
+    x = torch.randn(spec["sw_batch_size"], model.in_channels, *roi, device=device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        model(x)
+    _sync(device)
+    return True
 
 
 def _measure(spec: dict, device: torch.device, roi, vol, run: Callable[[], torch.Tensor]) -> dict:
@@ -245,7 +269,8 @@ def _measure(spec: dict, device: torch.device, roi, vol, run: Callable[[], torch
     dt = time.perf_counter() - t
     res = {"model": spec["model"], "volume": list(vol), "roi": list(roi), "overlap": spec["overlap"],
            "sw_batch_size": spec["sw_batch_size"], "seconds": dt, "voxels_per_s": math.prod(vol) / dt,
-           "peak_rss": _peak_rss(), "rss_before": rss_before, "labels_shape": list(labels.shape)}
+           "peak_rss": _peak_rss(), "rss_before": rss_before, "labels_shape": list(labels.shape),
+           "warmed_up": spec.get("warmed_up", False)}
     if device.type == "cuda":
         res["gpu_peak"] = torch.cuda.max_memory_allocated(device)
     return res
@@ -360,25 +385,29 @@ def _train_step_time(name: str, device, repeats: int, batch: int = 2) -> dict:
     return {"model": name, "batch": batch, "crop": list(crop), "seconds": statistics.median(ts), "all": ts}
 
 
-def _largest_volume_gpu(name: str, device, hw=(512, 512), start: int = 256, limit: int = 4096,
-                        timeout: float = 300) -> dict:
-    """Longest ``D x 512 x 512`` scan inferred without CUDA OOM (doubling, then one bisection step)."""
-    ok, bad, d = 0, None, start
-    while d <= limit:
+def _largest_volume(name: str, device, hw=(512, 512), start: int = 256, limit: int = 4096,
+                    timeout: float = 300) -> dict:
+    """Longest ``D x 512 x 512`` scan inferred without running out of memory (bf16, overlap 0, two windows per
+    forward; doubling from ``start`` up to ``limit``, then one bisection step after a failure). Every probe is
+    a child process; ``probes`` keeps each one's depth, seconds, GPU peak (or error)."""
+    probes = []
+
+    def probe(d):
         r = _run_child({"model": name, "volume": [d, *hw], "device": str(device), "overlap": 0.0,
                         "sw_batch_size": 2, "amp": "bf16"}, timeout=timeout)
-        if "error" in r:
+        probes.append({"depth": d, **{k: r.get(k) for k in ("seconds", "gpu_peak", "peak_rss", "error")}})
+        return "error" not in r
+
+    ok, bad, d = 0, None, start
+    while d <= limit:
+        if not probe(d):
             bad = d
             break
         ok, d = d, d * 2
-    if bad is not None and ok:
-        mid = (ok + bad) // 2
-        r = _run_child({"model": name, "volume": [mid, *hw], "device": str(device), "overlap": 0.0,
-                        "sw_batch_size": 2, "amp": "bf16"}, timeout=timeout)
-        if "error" not in r:
-            ok = mid
+    if bad is not None and ok and probe((ok + bad) // 2):
+        ok = (ok + bad) // 2
     return {"model": name, "largest_depth": ok, "hw": list(hw), "searched_up_to": limit,
-            "first_failure": bad}
+            "first_failure": bad, "probes": probes}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -410,22 +439,23 @@ def median_ci(values: Sequence[float], confidence: float = 0.95) -> Optional[Tup
     return (xs[k - 1], xs[n - k]) if k else None
 
 
-def _round_ratios(rows: Dict[str, dict], a: str, b: str) -> Optional[List[float]]:
-    """Per-round ``time_a / time_b`` of the forward timing (None when either model was not timed)."""
-    ta, tb = rows.get(a, {}).get("forward_all"), rows.get(b, {}).get("forward_all")
+def _round_ratios(rows: Dict[str, dict], a: str, b: str, key: str = "forward_all") -> Optional[List[float]]:
+    """Per-round ``time_a / time_b`` of a forward timing (``key``: ``forward_all`` or ``forward_bf16_all``;
+    None when either model was not timed)."""
+    ta, tb = rows.get(a, {}).get(key), rows.get(b, {}).get(key)
     return [x / y for x, y in zip(ta, tb)] if ta and tb else None
 
 
-def _paired_ci(rows: Dict[str, dict], a: str, b: str) -> Optional[Tuple[float, float]]:
+def _paired_ci(rows: Dict[str, dict], a: str, b: str, key: str = "forward_all") -> Optional[Tuple[float, float]]:
     """95 % interval of :func:`_paired` (:func:`median_ci` of the per-round ratios)."""
-    r = _round_ratios(rows, a, b)
+    r = _round_ratios(rows, a, b, key)
     return median_ci(r) if r else None
 
 
-def _paired(rows: Dict[str, dict], a: str, b: str) -> Optional[float]:
+def _paired(rows: Dict[str, dict], a: str, b: str, key: str = "forward_all") -> Optional[float]:
     """Median over rounds of ``time_a / time_b`` (the two forwards of a round run back to back, so a drift in
     the machine's speed between rounds cancels; the ratio of the two medians is reported beside it)."""
-    r = _round_ratios(rows, a, b)
+    r = _round_ratios(rows, a, b, key)
     return statistics.median(r) if r else None
 
 
@@ -441,11 +471,16 @@ def run_bench(cfg: BenchConfig) -> dict:
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cuda_tf32": ({"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32,
+                       "cudnn_version": torch.backends.cudnn.version()} if device.type == "cuda" else None),
         "allocator": allocator_state()}}
 
     _log(cfg, f"matmul peak ({cfg.matmul_size}^3 fp32)")
     peak = matmul_peak_gflops(cfg.matmul_size, repeats=7 if not cfg.quick else 3, device=device)
     res["matmul_peak_gflops"] = peak
+    if "bf16" in cfg.sections:
+        res["matmul_peak_bf16_gflops"] = matmul_peak_gflops(cfg.matmul_size, repeats=7 if not cfg.quick else 3,
+                                                            device=device, dtype=torch.bfloat16)
 
     rows: Dict[str, dict] = {}
     for name in cfg.models:
@@ -456,19 +491,24 @@ def run_bench(cfg: BenchConfig) -> dict:
                       "macs_G": count_macs(m, shape) / 1e9}
         del m
 
-    if "forward" in cfg.sections:
-        _log(cfg, f"forward timing, {cfg.repeats} rounds over {len(cfg.models)} models")
+    if "forward" in cfg.sections or "bf16" in cfg.sections:
         models = {n: _build(n, device) for n in cfg.models}
         inputs = {n: torch.randn(1, m.in_channels, *m.default_crop, device=device) for n, m in models.items()}
+    if "forward" in cfg.sections:
+        _log(cfg, f"forward timing, {cfg.repeats} rounds over {len(cfg.models)} models")
         times = time_forward(models, inputs, cfg.repeats, device)
         for n, ts in times.items():
             s = statistics.median(ts)
             gf = 2 * rows[n]["macs_G"] / s
             rows[n].update(forward_s=s, forward_all=ts, gflops=gf, peak_fraction=gf / peak)
-        if device.type == "cuda" and "gpu" in cfg.sections:
-            tb = time_forward(models, inputs, cfg.repeats, device, amp=torch.bfloat16)
-            for n, ts in tb.items():
-                rows[n]["forward_bf16_s"] = statistics.median(ts)
+    if "bf16" in cfg.sections:
+        _log(cfg, f"forward timing with bf16 autocast, {cfg.repeats} rounds over {len(cfg.models)} models")
+        for n, ts in time_forward(models, inputs, cfg.repeats, device, amp=torch.bfloat16).items():
+            s = statistics.median(ts)
+            gf = 2 * rows[n]["macs_G"] / s
+            rows[n].update(forward_bf16_s=s, forward_bf16_all=ts, gflops_bf16=gf,
+                           peak_fraction_bf16=gf / res["matmul_peak_bf16_gflops"])
+    if "forward" in cfg.sections or "bf16" in cfg.sections:
         del models, inputs
 
     if "sw" in cfg.sections:
@@ -480,6 +520,15 @@ def run_bench(cfg: BenchConfig) -> dict:
             if "error" not in r:
                 rows[n].update(sw_voxels_per_s=r["voxels_per_s"], sw_seconds=r["seconds"],
                                sw_peak_rss=r["peak_rss"], sw_gpu_peak=r.get("gpu_peak"))
+    if "bf16" in cfg.sections:
+        for n in cfg.models:
+            _log(cfg, f"sliding window {n}, bf16 autocast (child process)")
+            r = _run_child({"model": n, "volume": list(cfg.sw_volume), "device": str(device), "amp": "bf16",
+                            "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size, "threads": cfg.threads})
+            rows[n]["sw_bf16"] = r
+            if "error" not in r:
+                rows[n].update(sw_bf16_voxels_per_s=r["voxels_per_s"], sw_bf16_gpu_peak=r.get("gpu_peak"),
+                               sw_bf16_peak_rss=r["peak_rss"])
     res["rows"] = [rows[n] for n in cfg.models]
 
     def scan(model, volumes, overlap, label, **extra):
@@ -503,8 +552,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         _log(cfg, f"training step {cfg.train_model}")
         res["train"] = _train_step_time(cfg.train_model, device, cfg.train_repeats)
     if device.type == "cuda" and "gpu" in cfg.sections:
-        _log(cfg, "largest volume without OOM")
-        res["largest_volume"] = _largest_volume_gpu(cfg.long_ct_model, device)
+        _log(cfg, f"largest volume without OOM (up to {cfg.largest_limit}x512x512, child processes)")
+        res["largest_volume"] = _largest_volume(cfg.long_ct_model, device, limit=cfg.largest_limit)
 
     # ratios and targets ----------------------------------------------------------------------------------
     ratios = {}
@@ -517,6 +566,10 @@ def run_bench(cfg: BenchConfig) -> dict:
             "glam_over_nnformer_sw": _pair(rows, g, v, "sw_voxels_per_s"),
             "glam_over_swin_unetr_sw": _pair(rows, g, s, "sw_voxels_per_s"),
             "nnformer_over_swin_unetr_sw": _pair(rows, v, s, "sw_voxels_per_s"),
+            "glam_over_nnformer_forward_bf16": _paired(rows, g, v, "forward_bf16_all"),
+            "glam_over_nnformer_forward_bf16_ci95": _paired_ci(rows, g, v, "forward_bf16_all"),
+            "glam_over_nnformer_sw_bf16": _pair(rows, g, v, "sw_bf16_voxels_per_s"),
+            "glam_over_swin_unetr_sw_bf16": _pair(rows, g, s, "sw_bf16_voxels_per_s"),
         }
     res["ratios"] = ratios
     res["targets"] = _targets(rows, ratios, res)
@@ -579,10 +632,13 @@ def _tables(res: dict):
     """The report as (title, header, rows) tables of strings (shared by the text and Markdown writers)."""
     tabs = []
     gpu = res["machine"]["device"].startswith("cuda")
+    bf16 = "matmul_peak_bf16_gflops" in res
     head = ["model", "crop", "params (M)", "MACs (G)", "fwd (s)", "GFLOP/s", "% peak", "SW vox/s", "SW s",
             "peak RSS (GB)"]
     if gpu:
-        head += ["fwd bf16 (s)", "GPU peak (GB)"]
+        head += ["GPU peak (GB)"]
+    if bf16:
+        head += ["fwd bf16 (s)", "% bf16 peak", "SW bf16 vox/s"] + (["GPU peak bf16 (GB)"] if gpu else [])
     body = []
     for r in res["rows"]:
         line = [r["model"], "x".join(map(str, r["crop"])), _f(r["params_M"]), _f(r["macs_G"]),
@@ -592,10 +648,17 @@ def _tables(res: dict):
         if "sw" in r and "error" in r["sw"]:
             line[7] = "error"
         if gpu:
-            line += [_f(r.get("forward_bf16_s"), "{:.3f}"), _gb(r.get("sw_gpu_peak"))]
+            line += [_gb(r.get("sw_gpu_peak"))]
+        if bf16:
+            line += [_f(r.get("forward_bf16_s"), "{:.3f}"),
+                     _f(None if r.get("peak_fraction_bf16") is None else 100 * r["peak_fraction_bf16"], "{:.1f}"),
+                     "error" if "error" in r.get("sw_bf16", {}) else _f(r.get("sw_bf16_voxels_per_s"), "{:,.0f}")]
+            line += [_gb(r.get("sw_bf16_gpu_peak"))] if gpu else []
         body.append(line)
     sw = res["config"]["sw_volume"]
-    tabs.append((f"models (matmul peak {res['matmul_peak_gflops']:.1f} GFLOP/s fp32; sliding window on "
+    peaks = f"{res['matmul_peak_gflops']:.1f} GFLOP/s fp32" + (
+        f", {res['matmul_peak_bf16_gflops']:.1f} bf16" if bf16 else "")
+    tabs.append((f"models (matmul peak {peaks}; sliding window on "
                  f"{'x'.join(map(str, sw))}, overlap {res['config']['overlap']}, Gaussian)", head, body))
 
     body = []
@@ -631,9 +694,13 @@ def _tables(res: dict):
                                     _f(t["seconds"], "{:.3f}")]]))
     if res.get("largest_volume"):
         lv = res["largest_volume"]
-        tabs.append(("largest volume without OOM (GPU, bf16)", ["model", "largest D", "H x W", "first failure"],
-                     [[lv["model"], str(lv["largest_depth"]), "x".join(map(str, lv["hw"])),
-                       str(lv["first_failure"])]]))
+        tabs.append(("largest volume without OOM (GPU, bf16, overlap 0): every probe",
+                     ["model", "D x H x W", "time (s)", "GPU peak (GB)", "peak RSS (GB)", "result"],
+                     [[lv["model"], "x".join(map(str, [p["depth"], *lv["hw"]])), _f(p.get("seconds"), "{:.1f}"),
+                       _gb(p.get("gpu_peak")), _gb(p.get("peak_rss")), p.get("error") or "ok"]
+                      for p in lv.get("probes", [])]
+                     + [[lv["model"], f"largest: {lv['largest_depth']}x" + "x".join(map(str, lv["hw"])), "-", "-",
+                         "-", f"searched up to {lv['searched_up_to']}; first failure {lv['first_failure']}"]]))
     body = []
     for t in res["targets"]:
         v = t["value"]

@@ -137,3 +137,72 @@ def test_forward_target_unclear_when_threshold_inside_interval():
     assert status()["status"] == "PASS"
     ratios["synapse"].update(glam_over_nnformer_forward=1.25, glam_over_nnformer_forward_ci95=(1.21, 1.3))
     assert status()["status"] == "FAIL"
+
+
+def test_bf16_section_on_any_device():
+    """``--sections bf16`` works on a CPU too (the GPU default adds it): bf16 forward times, their paired ratio,
+    bf16 sliding-window throughput, the bf16 matmul peak, and the extra table columns."""
+    cfg = BenchConfig(quick=True, models=["glam_nnformer_tiny", "nnformer_tiny"], repeats=2, threads=1,
+                      matmul_size=128, sw_volume=(32, 64, 64), sections=["forward", "bf16"])
+    res = run_bench(cfg)
+    assert res["matmul_peak_bf16_gflops"] > 0
+    for r in res["rows"]:
+        assert r["forward_bf16_s"] > 0 and len(r["forward_bf16_all"]) == 2
+        assert r["sw_bf16_voxels_per_s"] > 0, r.get("sw_bf16")
+        assert "sw_voxels_per_s" not in r  # the fp32 sliding window was not asked for
+    tiny = res["ratios"]["tiny"]
+    expect = sorted(a / b for a, b in zip(res["rows"][0]["forward_bf16_all"], res["rows"][1]["forward_bf16_all"]))
+    assert tiny["glam_over_nnformer_forward_bf16"] == pytest.approx(sum(expect) / 2)
+    assert tiny["glam_over_nnformer_sw_bf16"] == pytest.approx(
+        res["rows"][0]["sw_bf16_voxels_per_s"] / res["rows"][1]["sw_bf16_voxels_per_s"])
+    head = _tables(res)[0][1]
+    assert "fwd bf16 (s)" in head and "SW bf16 vox/s" in head and "GPU peak (GB)" not in head
+    assert "bf16" not in BenchConfig(quick=True).resolved().sections  # CPU default: not measured
+
+
+def test_largest_volume_search(monkeypatch):
+    """Doubling from 256 until a probe fails, then one bisection step; every probe recorded."""
+    import glam3d.bench as bench
+    seen = []
+
+    def fake_child(spec, timeout=None):
+        d = spec["volume"][0]
+        seen.append(d)
+        assert spec["amp"] == "bf16" and spec["overlap"] == 0.0 and spec["volume"][1:] == [512, 512]
+        return {"error": "exit 1: CUDA out of memory"} if d > 1500 else {"seconds": d / 100, "gpu_peak": 1e9}
+
+    monkeypatch.setattr(bench, "_run_child", fake_child)
+    lv = bench._largest_volume("nnformer_tiny", "cuda", limit=4096)
+    assert seen == [256, 512, 1024, 2048, 1536]
+    assert lv["largest_depth"] == 1024 and lv["first_failure"] == 2048
+    assert [p["depth"] for p in lv["probes"]] == seen and lv["probes"][3]["error"].endswith("out of memory")
+    seen.clear()
+    lv = bench._largest_volume("nnformer_tiny", "cuda", limit=1024)
+    assert seen == [256, 512, 1024] and lv["largest_depth"] == 1024 and lv["first_failure"] is None
+
+
+def test_sliding_window_child_warm_up(monkeypatch):
+    """The warm-up forward runs with the measurement's batch size and autocast (always on CUDA; on a CPU when
+    asked) and never inside the timed region: the model sees exactly one extra batch before predict_volume."""
+    import glam3d.bench as bench
+    calls = []
+    real_build = bench._build
+
+    def build(name, device, seed=0):
+        m = real_build(name, device, seed)
+        m.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
+        return m
+
+    monkeypatch.setattr(bench, "_build", build)
+    spec = {"model": "nnformer_tiny", "volume": [32, 64, 64], "device": "cpu", "overlap": 0.0, "sw_batch_size": 1,
+            "threads": 1}
+    cold = bench._worker(dict(spec))
+    assert cold["warmed_up"] is False and len(calls) == 1  # one window, no warm-up
+    calls.clear()
+    warm = bench._worker(dict(spec, warmup=True, amp="bf16"))
+    assert warm["warmed_up"] is True and calls == [(1, 1, 32, 64, 64)] * 2
+    assert warm["labels_shape"] == [32, 64, 64]
+
+
+def test_cli_bad_sw_batch_size():
+    assert main(["bench", "--quick", "--sw-batch-size", "0"]) == 2
