@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, on any CUDA machine: the benchmark on the GPU (fp32 + bf16, largest scan), the CUDA
-# tests, then a training run through torchrun with bf16 AMP (and a short fp16 one, a resume), CUDA inference in
-# the scan's own geometry (GPU and CPU stitching, the same checkpoint on the CPU) and the Dice report.
+# The GPU checks in one go, on any CUDA machine: the benchmark on the GPU (fp32, bf16, CUDA-graph replays, the
+# largest scan), the CUDA tests, then a training run through torchrun with bf16 AMP (and a short fp16 one, a
+# resume), CUDA inference in the scan's own geometry (GPU and CPU stitching, the same checkpoint on the CPU) and
+# the Dice report.
 #   bash experiments/gpu_check.sh PRE RAW OUT [BENCH_SECONDS]
 #     PRE: a preprocessed phantom/Synapse folder (dataset.json + cases/), RAW: a BTCV-style folder (img/, label/)
 #     with the scans to segment, OUT: where the logs and the benchmark tables go.
@@ -33,7 +34,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to OUT/NAME.log, pri
 cat "$OUT/env.log"
 
 TAIL=70 step bench "$BENCH_S" $PY -m glam3d bench --device cuda --repeats 15 --largest-limit 1024 \
-    --sections forward sw scaling train bf16 gpu --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md"
+    --sections forward bf16 graph sw scaling train gpu --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md"
 
 TAIL=12 step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 

@@ -22,6 +22,8 @@
 * a training step of the tiny config (forward + backward + SGD step, batch 2, deep supervision);
 * with bf16 autocast (section ``bf16``, default on a GPU): forward time and sliding-window throughput again,
   and the bf16 matmul peak;
+* on a GPU (section ``graph``): forward time again with each model's forward captured once as a CUDA graph
+  and replayed (fp32 and bf16), which takes the host's kernel dispatch out of the time;
 * on a GPU (section ``gpu``): the longest ``D x 512 x 512`` scan inferred without running out of memory, with
   the GPU peak of every probe.
 
@@ -118,7 +120,7 @@ class BenchConfig:
             c.repeats = min(c.repeats, 2)
             c.train_repeats = min(c.train_repeats, 2)
         cuda = torch.device(c.device).type == "cuda"
-        c.sections = list(c.sections or [s for s in SECTIONS if cuda or s not in ("bf16", "gpu")])
+        c.sections = list(c.sections or [s for s in SECTIONS if cuda or s not in ("bf16", "graph", "gpu")])
         return c
 
 
@@ -164,30 +166,67 @@ def _build(name: str, device, seed: int = 0):
     return build_model(name).to(device).eval()
 
 
+def _time_rounds(runs: Dict[str, Callable[[], object]], repeats: int, device) -> Dict[str, List[float]]:
+    """Seconds per call of each ``runs[name]()``, interleaved: one untimed warm-up round, then ``repeats``
+    rounds over all of them, in the given order in even rounds and reversed in odd ones (counterbalanced: a
+    model that always ran right after another one would inherit its cache and allocator state)."""
+    device = torch.device(device)
+    times: Dict[str, List[float]] = {k: [] for k in runs}
+    order = list(runs.items())
+    for rnd in range(repeats + 1):
+        for name, run in (order if rnd % 2 == 0 else order[::-1]):
+            _sync(device)
+            t = time.perf_counter()
+            run()
+            _sync(device)
+            if rnd:
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
+def _autocast(device: torch.device, amp: Optional[torch.dtype], cache: bool = True):
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=cache)
+
+
 def time_forward(models: Dict[str, torch.nn.Module], inputs: Dict[str, torch.Tensor], repeats: int, device,
                  amp: Optional[torch.dtype] = None) -> Dict[str, List[float]]:
-    """Seconds per forward, interleaved: one warm-up each, then ``repeats`` rounds over all models, in the
-    given order in even rounds and reversed in odd ones (counterbalanced: a model that always ran right after
-    another one would inherit its cache and allocator state)."""
+    """Seconds per forward (``torch.inference_mode``, optional autocast), timed by :func:`_time_rounds`."""
     device = torch.device(device)
-    times: Dict[str, List[float]] = {k: [] for k in models}
-    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else None
-    order = list(models.items())
-    with torch.inference_mode():
-        for rnd in range(repeats + 1):
-            for name, m in (order if rnd % 2 == 0 else order[::-1]):
-                x = inputs[name]
-                _sync(device)
-                t = time.perf_counter()
-                if ctx is None:
+
+    def runner(m, x):
+        def run():
+            with torch.inference_mode(), _autocast(device, amp):
+                m(x)
+        return run
+
+    return _time_rounds({n: runner(m, inputs[n]) for n, m in models.items()}, repeats, device)
+
+
+def capture_graphs(models: Dict[str, torch.nn.Module], inputs: Dict[str, torch.Tensor], device,
+                   amp: Optional[torch.dtype] = None) -> Dict[str, object]:
+    """CUDA only: each model's forward on its (static) input captured once as a CUDA graph, so that a replay
+    launches every kernel of the forward without the host dispatching them one by one (at batch 1 the H100
+    waits on that dispatch). Three forwards on a side stream first (the models' cached masks and indices are
+    built outside the capture), autocast without its weight-cast cache (required inside a capture). Returns
+    name -> ``CUDAGraph`` (``replay()``), or the one-line error of a failed capture."""
+    device = torch.device(device)
+    out: Dict[str, object] = {}
+    for name, m in models.items():
+        x = inputs[name]
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), torch.inference_mode(), _autocast(device, amp, cache=False):
+                for _ in range(3):
                     m(x)
-                else:
-                    with ctx():
-                        m(x)
-                _sync(device)
-                if rnd:
-                    times[name].append(time.perf_counter() - t)
-    return times
+            torch.cuda.current_stream(device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g), torch.inference_mode(), _autocast(device, amp, cache=False):
+                m(x)
+            out[name] = g
+        except Exception as err:  # report it in the table, measure the others
+            out[name] = f"{type(err).__name__}: {(str(err).strip().splitlines() or ['?'])[0][:160]}"
+    return out
 
 
 def _rss_now() -> int:
@@ -491,7 +530,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                       "macs_G": count_macs(m, shape) / 1e9}
         del m
 
-    if "forward" in cfg.sections or "bf16" in cfg.sections:
+    timed = {"forward", "bf16", "graph"} & set(cfg.sections)
+    if timed:
         models = {n: _build(n, device) for n in cfg.models}
         inputs = {n: torch.randn(1, m.in_channels, *m.default_crop, device=device) for n, m in models.items()}
     if "forward" in cfg.sections:
@@ -508,7 +548,21 @@ def run_bench(cfg: BenchConfig) -> dict:
             gf = 2 * rows[n]["macs_G"] / s
             rows[n].update(forward_bf16_s=s, forward_bf16_all=ts, gflops_bf16=gf,
                            peak_fraction_bf16=gf / res["matmul_peak_bf16_gflops"])
-    if "forward" in cfg.sections or "bf16" in cfg.sections:
+    if "graph" in cfg.sections and device.type != "cuda":
+        res["graph_skipped"] = "CUDA graphs need a CUDA device"
+    elif "graph" in cfg.sections:
+        for label, amp in (("graph", None), ("graph_bf16", torch.bfloat16)):
+            _log(cfg, f"forward timing, CUDA graph replays{' (bf16 autocast)' if amp else ''}")
+            graphs = capture_graphs(models, inputs, device, amp)
+            ok = {n: g.replay for n, g in graphs.items() if not isinstance(g, str)}
+            for n, g in graphs.items():
+                if isinstance(g, str):
+                    rows[n][f"forward_{label}_error"] = g
+            for n, ts in _time_rounds(ok, cfg.repeats, device).items():
+                rows[n].update({f"forward_{label}_s": statistics.median(ts), f"forward_{label}_all": ts})
+            del graphs, ok
+            torch.cuda.empty_cache()
+    if timed:
         del models, inputs
 
     if "sw" in cfg.sections:
@@ -568,6 +622,10 @@ def run_bench(cfg: BenchConfig) -> dict:
             "nnformer_over_swin_unetr_sw": _pair(rows, v, s, "sw_voxels_per_s"),
             "glam_over_nnformer_forward_bf16": _paired(rows, g, v, "forward_bf16_all"),
             "glam_over_nnformer_forward_bf16_ci95": _paired_ci(rows, g, v, "forward_bf16_all"),
+            "glam_over_nnformer_forward_graph": _paired(rows, g, v, "forward_graph_all"),
+            "glam_over_nnformer_forward_graph_ci95": _paired_ci(rows, g, v, "forward_graph_all"),
+            "glam_over_nnformer_forward_graph_bf16": _paired(rows, g, v, "forward_graph_bf16_all"),
+            "glam_over_nnformer_forward_graph_bf16_ci95": _paired_ci(rows, g, v, "forward_graph_bf16_all"),
             "glam_over_nnformer_sw_bf16": _pair(rows, g, v, "sw_bf16_voxels_per_s"),
             "glam_over_swin_unetr_sw_bf16": _pair(rows, g, s, "sw_bf16_voxels_per_s"),
         }
@@ -633,12 +691,15 @@ def _tables(res: dict):
     tabs = []
     gpu = res["machine"]["device"].startswith("cuda")
     bf16 = "matmul_peak_bf16_gflops" in res
+    graph = any(k.startswith("forward_graph") for r in res["rows"] for k in r)
     head = ["model", "crop", "params (M)", "MACs (G)", "fwd (s)", "GFLOP/s", "% peak", "SW vox/s", "SW s",
             "peak RSS (GB)"]
     if gpu:
         head += ["GPU peak (GB)"]
     if bf16:
         head += ["fwd bf16 (s)", "% bf16 peak", "SW bf16 vox/s"] + (["GPU peak bf16 (GB)"] if gpu else [])
+    if graph:
+        head += ["fwd graph (s)", "fwd graph bf16 (s)"]
     body = []
     for r in res["rows"]:
         line = [r["model"], "x".join(map(str, r["crop"])), _f(r["params_M"]), _f(r["macs_G"]),
@@ -654,6 +715,9 @@ def _tables(res: dict):
                      _f(None if r.get("peak_fraction_bf16") is None else 100 * r["peak_fraction_bf16"], "{:.1f}"),
                      "error" if "error" in r.get("sw_bf16", {}) else _f(r.get("sw_bf16_voxels_per_s"), "{:,.0f}")]
             line += [_gb(r.get("sw_bf16_gpu_peak"))] if gpu else []
+        if graph:
+            line += ["error" if r.get(f"forward_{k}_error") else _f(r.get(f"forward_{k}_s"), "{:.4f}")
+                     for k in ("graph", "graph_bf16")]
         body.append(line)
     sw = res["config"]["sw_volume"]
     peaks = f"{res['matmul_peak_gflops']:.1f} GFLOP/s fp32" + (

@@ -206,3 +206,24 @@ def test_sliding_window_child_warm_up(monkeypatch):
 
 def test_cli_bad_sw_batch_size():
     assert main(["bench", "--quick", "--sw-batch-size", "0"]) == 2
+
+
+def test_graph_section_needs_cuda_and_reports_failed_captures(quick_result):
+    """Off CUDA the graph section is skipped with a reason (no columns); a capture that fails is reported per
+    model instead of stopping the run; captured timings and errors get their own columns."""
+    import copy
+
+    from glam3d.bench import capture_graphs
+    res = run_bench(BenchConfig(quick=True, models=["nnformer_tiny"], repeats=1, threads=1, matmul_size=128,
+                                sections=["forward", "graph"]))
+    assert res["graph_skipped"] and "fwd graph (s)" not in _tables(res)[0][1]
+    if not torch.cuda.is_available():
+        m = torch.nn.Linear(2, 2)
+        out = capture_graphs({"a": m, "b": m}, {"a": torch.zeros(1, 2), "b": torch.zeros(1, 2)}, "cpu")
+        assert set(out) == {"a", "b"} and all(isinstance(v, str) and ":" in v for v in out.values())
+    fake = copy.deepcopy(quick_result)
+    fake["rows"][0].update(forward_graph_s=0.0123, forward_graph_bf16_s=0.0101)
+    fake["rows"][1].update(forward_graph_error="RuntimeError: capture failed")
+    head, body = _tables(fake)[0][1:]
+    i = head.index("fwd graph (s)")
+    assert body[0][i:i + 2] == ["0.0123", "0.0101"] and body[1][i] == "error" and body[2][i] == "-"
