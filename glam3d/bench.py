@@ -289,7 +289,7 @@ def _warm_up(model, device: torch.device, roi, spec: dict) -> bool:
     from .engine.inference import resolve_amp
     amp = resolve_amp(spec.get("amp", False), device)
     x = torch.randn(spec["sw_batch_size"], model.in_channels, *roi, device=device)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    with torch.inference_mode(), _autocast(device, amp):
         model(x)
     _sync(device)
     return True
@@ -498,6 +498,18 @@ def _paired(rows: Dict[str, dict], a: str, b: str, key: str = "forward_all") -> 
     return statistics.median(r) if r else None
 
 
+def _record_times(rows: Dict[str, dict], times: Dict[str, List[float]], suffix: str,
+                  peak: Optional[float] = None) -> None:
+    """Store a forward timing in each model's row: ``forward{suffix}_s`` (median) and ``forward{suffix}_all``;
+    with ``peak`` (GFLOP/s) also ``gflops{suffix}`` (2 x MACs / median) and ``peak_fraction{suffix}``."""
+    for n, ts in times.items():
+        s = statistics.median(ts)
+        rows[n].update({f"forward{suffix}_s": s, f"forward{suffix}_all": ts})
+        if peak:
+            gf = 2 * rows[n]["macs_G"] / s
+            rows[n].update({f"gflops{suffix}": gf, f"peak_fraction{suffix}": gf / peak})
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure everything (see the module docstring); returns a JSON-serialisable dict."""
     from .models.complexity import count_macs, count_parameters
@@ -536,18 +548,11 @@ def run_bench(cfg: BenchConfig) -> dict:
         inputs = {n: torch.randn(1, m.in_channels, *m.default_crop, device=device) for n, m in models.items()}
     if "forward" in cfg.sections:
         _log(cfg, f"forward timing, {cfg.repeats} rounds over {len(cfg.models)} models")
-        times = time_forward(models, inputs, cfg.repeats, device)
-        for n, ts in times.items():
-            s = statistics.median(ts)
-            gf = 2 * rows[n]["macs_G"] / s
-            rows[n].update(forward_s=s, forward_all=ts, gflops=gf, peak_fraction=gf / peak)
+        _record_times(rows, time_forward(models, inputs, cfg.repeats, device), "", peak)
     if "bf16" in cfg.sections:
         _log(cfg, f"forward timing with bf16 autocast, {cfg.repeats} rounds over {len(cfg.models)} models")
-        for n, ts in time_forward(models, inputs, cfg.repeats, device, amp=torch.bfloat16).items():
-            s = statistics.median(ts)
-            gf = 2 * rows[n]["macs_G"] / s
-            rows[n].update(forward_bf16_s=s, forward_bf16_all=ts, gflops_bf16=gf,
-                           peak_fraction_bf16=gf / res["matmul_peak_bf16_gflops"])
+        _record_times(rows, time_forward(models, inputs, cfg.repeats, device, amp=torch.bfloat16), "_bf16",
+                      res["matmul_peak_bf16_gflops"])
     if "graph" in cfg.sections and device.type != "cuda":
         res["graph_skipped"] = "CUDA graphs need a CUDA device"
     elif "graph" in cfg.sections:
@@ -558,31 +563,25 @@ def run_bench(cfg: BenchConfig) -> dict:
             for n, g in graphs.items():
                 if isinstance(g, str):
                     rows[n][f"forward_{label}_error"] = g
-            for n, ts in _time_rounds(ok, cfg.repeats, device).items():
-                rows[n].update({f"forward_{label}_s": statistics.median(ts), f"forward_{label}_all": ts})
+            _record_times(rows, _time_rounds(ok, cfg.repeats, device), f"_{label}")
             del graphs, ok
             torch.cuda.empty_cache()
     if timed:
         del models, inputs
 
-    if "sw" in cfg.sections:
+    # sliding window, one child per model: fp32 ("sw") and bf16 autocast ("sw_bf16"), the same fields each
+    for key, amp in (("sw", False), ("sw_bf16", "bf16")):
+        if ("sw" if amp is False else "bf16") not in cfg.sections:
+            continue
         for n in cfg.models:
-            _log(cfg, f"sliding window {n} on {'x'.join(map(str, cfg.sw_volume))} (child process)")
-            r = _run_child({"model": n, "volume": list(cfg.sw_volume), "device": str(device),
+            _log(cfg, f"sliding window {n} on {'x'.join(map(str, cfg.sw_volume))}"
+                      f"{', bf16 autocast' if amp else ''} (child process)")
+            r = _run_child({"model": n, "volume": list(cfg.sw_volume), "device": str(device), "amp": amp,
                             "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size, "threads": cfg.threads})
-            rows[n]["sw"] = r
+            rows[n][key] = r
             if "error" not in r:
-                rows[n].update(sw_voxels_per_s=r["voxels_per_s"], sw_seconds=r["seconds"],
-                               sw_peak_rss=r["peak_rss"], sw_gpu_peak=r.get("gpu_peak"))
-    if "bf16" in cfg.sections:
-        for n in cfg.models:
-            _log(cfg, f"sliding window {n}, bf16 autocast (child process)")
-            r = _run_child({"model": n, "volume": list(cfg.sw_volume), "device": str(device), "amp": "bf16",
-                            "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size, "threads": cfg.threads})
-            rows[n]["sw_bf16"] = r
-            if "error" not in r:
-                rows[n].update(sw_bf16_voxels_per_s=r["voxels_per_s"], sw_bf16_gpu_peak=r.get("gpu_peak"),
-                               sw_bf16_peak_rss=r["peak_rss"])
+                rows[n].update({f"{key}_voxels_per_s": r["voxels_per_s"], f"{key}_seconds": r["seconds"],
+                                f"{key}_peak_rss": r["peak_rss"], f"{key}_gpu_peak": r.get("gpu_peak")})
     res["rows"] = [rows[n] for n in cfg.models]
 
     def scan(model, volumes, overlap, label, **extra):

@@ -4,7 +4,7 @@ run on a lent GPU with ``pytest tests/test_cuda.py``."""
 import pytest
 import torch
 
-from glam3d.engine.inference import predict_volume
+from glam3d.engine.inference import _forward, predict_volume  # _forward: the main output of a model
 from glam3d.models import build_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,16 +33,13 @@ def test_forward_matches_cpu(name, shape):
     model = build_model(name).eval()
     x = torch.randn(shape)
     with torch.inference_mode():
-        ref = model(x)
-        ref = ref[0] if isinstance(ref, (list, tuple)) else ref
+        ref = _forward(model, x)
         model.cuda()
-        out = model(x.cuda())
-        out = out[0] if isinstance(out, (list, tuple)) else out
+        out = _forward(model, x.cuda())
         assert _rel(out.cpu(), ref) < 1e-4
         for dtype in (torch.bfloat16, torch.float16):
             with torch.autocast("cuda", dtype=dtype):
-                low = model(x.cuda())
-            low = low[0] if isinstance(low, (list, tuple)) else low
+                low = _forward(model, x.cuda())
             assert torch.isfinite(low).all()
             assert _rel(low.cpu(), ref) < 5e-2, dtype
 
@@ -74,8 +71,7 @@ def test_training_steps_reduce_the_loss(amp):
     losses = []
     for _ in range(8):
         with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(x)
-            out = out[0] if isinstance(out, (list, tuple)) else out
+            out = _forward(model, x)
             loss = torch.nn.functional.cross_entropy(out.float(), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
