@@ -6,13 +6,16 @@
 #   bash experiments/gpu_check.sh PRE RAW OUT [BENCH_SECONDS]
 #     PRE: a preprocessed phantom/Synapse folder (dataset.json + cases/), RAW: a BTCV-style folder (img/, label/)
 #     with the scans to segment, OUT: where the logs and the benchmark tables go.
-# Every step has a time limit and its own log; one failing step does not stop the others.
+#   STEPS="bench" bash experiments/gpu_check.sh …   only some of the step groups (default "bench tests e2e").
+# Every step has a time limit and its own log; one failing step does not stop the others. The benchmark rewrites
+# its JSON/Markdown after every section, so a bench step cut by its limit still leaves what it measured.
 set -uo pipefail
 PRE=${1:?usage: gpu_check.sh PRE RAW OUT [BENCH_SECONDS]}
 RAW=${2:?}
 OUT=${3:?}
 BENCH_S=${4:-360}
 PY=${PYTHON:-python3}
+STEPS=" ${STEPS:-bench tests e2e} "
 W=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -34,12 +37,13 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to OUT/NAME.log, pri
 cat "$OUT/env.log"
 
 # Synapse-size models only (the tiny rows are for CPUs and CI): ~5 min on an H100, 6 sliding-window children.
-TAIL=70 step bench "$BENCH_S" $PY -m glam3d bench --device cuda --repeats 15 --largest-limit 1024 \
+[[ $STEPS == *" bench "* ]] && TAIL=70 step bench "$BENCH_S" $PY -m glam3d bench --device cuda --repeats 15 --largest-limit 1024 \
     --models glam_nnformer_synapse nnformer_synapse swin_unetr_synapse \
     --sections forward bf16 graph sw scaling train gpu --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md"
 
-TAIL=12 step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+[[ $STEPS == *" tests "* ]] && TAIL=12 step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
+if [[ $STEPS != *" e2e "* ]]; then rm -rf "$W"; exit 0; fi
 CFG=experiments/configs/phantom_glam_nnformer_tiny.yaml
 TAIL=4 step e2e 60 torchrun --standalone --nnodes=1 --nproc_per_node=1 -m glam3d train "$CFG" --data "$PRE" \
     --out "$W/run" --device cuda -o train.amp=bf16 --epochs 4 -o train.iters_per_epoch=25 -o train.val_every=2 \

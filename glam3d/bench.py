@@ -13,7 +13,8 @@
 * sliding-window throughput (voxels/s) on a ``128x256x256`` volume with
   :func:`glam3d.engine.inference.predict_volume` (overlap 0.5, Gaussian), and its peak memory: each model runs
   in its own child process, so peaks never mix (CPU: the child's peak RSS, ``VmHWM`` / ``ru_maxrss``; GPU:
-  ``torch.cuda.max_memory_allocated``);
+  ``torch.cuda.max_memory_allocated``); with ``sw_rounds`` > 1 one child per model and round, order reversed
+  every round, medians, and the throughput ratios as medians of per-round ratios with their 95 % interval;
 * how time and memory grow with the volume (3 sizes) and with the scan length (``512x512x200`` and
   ``512x512x1000``, overlap 0, ``nnformer_synapse``), one child process per line; each long-CT child first
   writes a synthetic int16 CT to a temporary ``.npy`` and infers it from disk to disk
@@ -28,7 +29,9 @@
   the GPU peak of every probe.
 
 It then prints the ratios (GLAM-nnFormer / nnFormer forward time, sliding-window throughput ratio, glam3d /
-SwinUNETR voxels per second) and PASS / FAIL per target.
+SwinUNETR voxels per second) and PASS / FAIL per target. ``run_bench(cfg, on_section=f)`` calls ``f`` with the
+report so far after every section (``res["complete"]`` False), which is how ``glam3d bench --json`` keeps the
+measurements of a run that is cut short.
 
 Usage::
 
@@ -86,6 +89,7 @@ class BenchConfig:
     sw_volume: Optional[Sequence[int]] = None   # default (128, 256, 256); quick (48, 96, 96)
     overlap: float = 0.5
     sw_batch_size: int = 2
+    sw_rounds: int = 1                          # sliding-window children per model, order reversed every round
     scaling_model: Optional[str] = None         # default nnformer_synapse (overlap 0), quick nnformer_tiny
     scaling_volumes: Optional[List[Sequence[int]]] = None
     scaling_overlap: float = 0.0
@@ -479,8 +483,9 @@ def median_ci(values: Sequence[float], confidence: float = 0.95) -> Optional[Tup
 
 
 def _round_ratios(rows: Dict[str, dict], a: str, b: str, key: str = "forward_all") -> Optional[List[float]]:
-    """Per-round ``time_a / time_b`` of a forward timing (``key``: ``forward_all`` or ``forward_bf16_all``;
-    None when either model was not timed)."""
+    """Per-round ``a / b`` of a per-round measurement (``key``: forward times ``forward_all``,
+    ``forward_bf16_all``, ``forward_graph_all``…, or sliding-window voxels/s ``sw_all``, ``sw_bf16_all``);
+    None when either model was not measured."""
     ta, tb = rows.get(a, {}).get(key), rows.get(b, {}).get(key)
     return [x / y for x, y in zip(ta, tb)] if ta and tb else None
 
@@ -510,8 +515,28 @@ def _record_times(rows: Dict[str, dict], times: Dict[str, List[float]], suffix: 
             rows[n].update({f"gflops{suffix}": gf, f"peak_fraction{suffix}": gf / peak})
 
 
-def run_bench(cfg: BenchConfig) -> dict:
-    """Measure everything (see the module docstring); returns a JSON-serialisable dict."""
+def _sw_fields(key: str, runs: List[dict]) -> dict:
+    """A model's sliding-window fields from its rounds (child results in round order): ``{key}`` (the median
+    round's result, or the first error), ``{key}_all`` (voxels/s per round: paired by round across models),
+    ``{key}_voxels_per_s`` / ``{key}_seconds`` (medians), ``{key}_peak_rss`` / ``{key}_gpu_peak`` (maxima)."""
+    bad = [r for r in runs if "error" in r]
+    if bad:
+        return {key: bad[0]}
+    vps = [r["voxels_per_s"] for r in runs]
+    mid = sorted(range(len(runs)), key=vps.__getitem__)[(len(runs) - 1) // 2]
+    gpu = [r["gpu_peak"] for r in runs if r.get("gpu_peak") is not None]
+    return {key: runs[mid], f"{key}_all": vps, f"{key}_voxels_per_s": statistics.median(vps),
+            f"{key}_seconds": statistics.median(r["seconds"] for r in runs),
+            f"{key}_peak_rss": max(r["peak_rss"] for r in runs), f"{key}_gpu_peak": max(gpu) if gpu else None}
+
+
+def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = None) -> dict:
+    """Measure everything (see the module docstring); returns a JSON-serialisable dict.
+
+    ``on_section(res)`` is called after every finished section with the report so far (ratios and targets of
+    what is measured; ``res["complete"]`` False, ``res["sections_done"]`` the sections in it), so a run that
+    is cut short (time limit, lost machine) still leaves its measurements (``glam3d bench --json`` rewrites
+    the file each time)."""
     from .models.complexity import count_macs, count_parameters
     cfg = cfg.resolved()
     device = torch.device(cfg.device)
@@ -526,6 +551,14 @@ def run_bench(cfg: BenchConfig) -> dict:
                        "cudnn_version": torch.backends.cudnn.version()} if device.type == "cuda" else None),
         "allocator": allocator_state()}}
 
+    rows: Dict[str, dict] = {}
+    res["sections_done"] = []
+
+    def done(section: str) -> None:
+        res["sections_done"].append(section)
+        if on_section is not None:
+            on_section(_summarise(res, rows, cfg, t_start, complete=False))
+
     _log(cfg, f"matmul peak ({cfg.matmul_size}^3 fp32)")
     peak = matmul_peak_gflops(cfg.matmul_size, repeats=7 if not cfg.quick else 3, device=device)
     res["matmul_peak_gflops"] = peak
@@ -533,7 +566,6 @@ def run_bench(cfg: BenchConfig) -> dict:
         res["matmul_peak_bf16_gflops"] = matmul_peak_gflops(cfg.matmul_size, repeats=7 if not cfg.quick else 3,
                                                             device=device, dtype=torch.bfloat16)
 
-    rows: Dict[str, dict] = {}
     for name in cfg.models:
         _log(cfg, f"build + count {name}")
         m = _build(name, device)
@@ -549,10 +581,12 @@ def run_bench(cfg: BenchConfig) -> dict:
     if "forward" in cfg.sections:
         _log(cfg, f"forward timing, {cfg.repeats} rounds over {len(cfg.models)} models")
         _record_times(rows, time_forward(models, inputs, cfg.repeats, device), "", peak)
+        done("forward")
     if "bf16" in cfg.sections:
         _log(cfg, f"forward timing with bf16 autocast, {cfg.repeats} rounds over {len(cfg.models)} models")
         _record_times(rows, time_forward(models, inputs, cfg.repeats, device, amp=torch.bfloat16), "_bf16",
                       res["matmul_peak_bf16_gflops"])
+        done("forward_bf16")
     if "graph" in cfg.sections and device.type != "cuda":
         res["graph_skipped"] = "CUDA graphs need a CUDA device"
     elif "graph" in cfg.sections:
@@ -566,23 +600,30 @@ def run_bench(cfg: BenchConfig) -> dict:
             _record_times(rows, _time_rounds(ok, cfg.repeats, device), f"_{label}")
             del graphs, ok
             torch.cuda.empty_cache()
+        done("graph")
     if timed:
         del models, inputs
 
-    # sliding window, one child per model: fp32 ("sw") and bf16 autocast ("sw_bf16"), the same fields each
+    # sliding window, one child per model and round: fp32 ("sw") and bf16 autocast ("sw_bf16"), the same fields
     for key, amp in (("sw", False), ("sw_bf16", "bf16")):
         if ("sw" if amp is False else "bf16") not in cfg.sections:
             continue
-        for n in cfg.models:
-            _log(cfg, f"sliding window {n} on {'x'.join(map(str, cfg.sw_volume))}"
-                      f"{', bf16 autocast' if amp else ''} (child process)")
-            r = _run_child({"model": n, "volume": list(cfg.sw_volume), "device": str(device), "amp": amp,
-                            "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size, "threads": cfg.threads})
-            rows[n][key] = r
-            if "error" not in r:
-                rows[n].update({f"{key}_voxels_per_s": r["voxels_per_s"], f"{key}_seconds": r["seconds"],
-                                f"{key}_peak_rss": r["peak_rss"], f"{key}_gpu_peak": r.get("gpu_peak")})
-    res["rows"] = [rows[n] for n in cfg.models]
+        runs: Dict[str, List[dict]] = {n: [] for n in cfg.models}
+        for rnd in range(cfg.sw_rounds):
+            for n in (cfg.models if rnd % 2 == 0 else cfg.models[::-1]):
+                _log(cfg, f"sliding window {n} on {'x'.join(map(str, cfg.sw_volume))}"
+                          f"{', bf16 autocast' if amp else ''}"
+                          f"{f', round {rnd + 1}/{cfg.sw_rounds}' if cfg.sw_rounds > 1 else ''} (child process)")
+                runs[n].append(_run_child({"model": n, "volume": list(cfg.sw_volume), "device": str(device),
+                                           "amp": amp, "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size,
+                                           "threads": cfg.threads}))
+        for n, rs in runs.items():
+            rows[n].update(_sw_fields(key, rs))
+        done(key)
+    if device.type == "cuda" and "gpu" in cfg.sections:
+        _log(cfg, f"largest volume without OOM (up to {cfg.largest_limit}x512x512, child processes)")
+        res["largest_volume"] = _largest_volume(cfg.long_ct_model, device, limit=cfg.largest_limit)
+        done("gpu")
 
     def scan(model, volumes, overlap, label, **extra):
         out = []
@@ -596,19 +637,23 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     if "scaling" in cfg.sections:
         res["scaling"] = scan(cfg.scaling_model, cfg.scaling_volumes, cfg.scaling_overlap, "scaling")
+        done("scaling")
     if "long_ct" in cfg.sections:
         res["long_ct"] = scan(cfg.long_ct_model, cfg.long_ct_volumes, cfg.long_ct_overlap,
                               "long CT (in memory)" if cfg.long_ct_in_memory else "long CT (.npy to .npy)",
                               long_ct=True, in_memory=cfg.long_ct_in_memory,
                               sw_batch_size=cfg.long_ct_sw_batch_size)
+        done("long_ct")
     if "train" in cfg.sections:
         _log(cfg, f"training step {cfg.train_model}")
         res["train"] = _train_step_time(cfg.train_model, device, cfg.train_repeats)
-    if device.type == "cuda" and "gpu" in cfg.sections:
-        _log(cfg, f"largest volume without OOM (up to {cfg.largest_limit}x512x512, child processes)")
-        res["largest_volume"] = _largest_volume(cfg.long_ct_model, device, limit=cfg.largest_limit)
+        done("train")
+    return _summarise(res, rows, cfg, t_start, complete=True)
 
-    # ratios and targets ----------------------------------------------------------------------------------
+
+def _summarise(res: dict, rows: Dict[str, dict], cfg: BenchConfig, t_start: float, complete: bool) -> dict:
+    """Fill ``res`` with the rows, ratios and targets of what is measured so far; returns ``res``."""
+    res["rows"] = [rows[n] for n in cfg.models if n in rows]
     ratios = {}
     for size in ("synapse", "tiny"):
         g, v, s = f"glam_nnformer_{size}", f"nnformer_{size}", f"swin_unetr_{size}"
@@ -616,27 +661,31 @@ def run_bench(cfg: BenchConfig) -> dict:
             "glam_over_nnformer_forward": _paired(rows, g, v),
             "glam_over_nnformer_forward_ci95": _paired_ci(rows, g, v),
             "glam_over_nnformer_forward_of_medians": _pair(rows, g, v, "forward_s"),
-            "glam_over_nnformer_sw": _pair(rows, g, v, "sw_voxels_per_s"),
-            "glam_over_swin_unetr_sw": _pair(rows, g, s, "sw_voxels_per_s"),
-            "nnformer_over_swin_unetr_sw": _pair(rows, v, s, "sw_voxels_per_s"),
+            "glam_over_nnformer_sw": _paired(rows, g, v, "sw_all"),
+            "glam_over_nnformer_sw_ci95": _paired_ci(rows, g, v, "sw_all"),
+            "glam_over_swin_unetr_sw": _paired(rows, g, s, "sw_all"),
+            "nnformer_over_swin_unetr_sw": _paired(rows, v, s, "sw_all"),
             "glam_over_nnformer_forward_bf16": _paired(rows, g, v, "forward_bf16_all"),
             "glam_over_nnformer_forward_bf16_ci95": _paired_ci(rows, g, v, "forward_bf16_all"),
             "glam_over_nnformer_forward_graph": _paired(rows, g, v, "forward_graph_all"),
             "glam_over_nnformer_forward_graph_ci95": _paired_ci(rows, g, v, "forward_graph_all"),
             "glam_over_nnformer_forward_graph_bf16": _paired(rows, g, v, "forward_graph_bf16_all"),
             "glam_over_nnformer_forward_graph_bf16_ci95": _paired_ci(rows, g, v, "forward_graph_bf16_all"),
-            "glam_over_nnformer_sw_bf16": _pair(rows, g, v, "sw_bf16_voxels_per_s"),
-            "glam_over_swin_unetr_sw_bf16": _pair(rows, g, s, "sw_bf16_voxels_per_s"),
+            "glam_over_nnformer_sw_bf16": _paired(rows, g, v, "sw_bf16_all"),
+            "glam_over_nnformer_sw_bf16_ci95": _paired_ci(rows, g, v, "sw_bf16_all"),
+            "glam_over_swin_unetr_sw_bf16": _paired(rows, g, s, "sw_bf16_all"),
         }
     res["ratios"] = ratios
     res["targets"] = _targets(rows, ratios, res)
     res["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res["total_seconds"] = time.perf_counter() - t_start
+    res["complete"] = complete
     return res
 
 
 def _targets(rows, ratios, res) -> List[dict]:
-    size = "synapse" if ratios["synapse"]["glam_over_nnformer_forward"] is not None else "tiny"
+    syn = ratios["synapse"]
+    size = "synapse" if (syn["glam_over_nnformer_forward"], syn["glam_over_nnformer_sw"]) != (None, None) else "tiny"
     out = []
 
     def add(key, value, ok, note="", status=None):
@@ -644,13 +693,14 @@ def _targets(rows, ratios, res) -> List[dict]:
         out.append({"target": key, "description": desc, "value": value,
                     "status": status or ("n/a" if ok is None else ("PASS" if ok else "FAIL")), "note": note})
 
-    r, ci = ratios[size]["glam_over_nnformer_forward"], ratios[size]["glam_over_nnformer_forward_ci95"]
-    thr = TARGETS["glam_forward_ratio"][1]
-    unclear = r is not None and ci is not None and ci[0] <= thr < ci[1]  # the threshold inside the 95 % interval
-    add("glam_forward_ratio", r, None if r is None else r <= thr,
-        f"{size} size" + (f"; 95 % CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""), "UNCLEAR" if unclear else None)
-    r = ratios[size]["glam_over_nnformer_sw"]
-    add("glam_sw_ratio", r, None if r is None else r >= TARGETS["glam_sw_ratio"][1], f"{size} size")
+    for key, name, upper in (("glam_forward_ratio", "forward", True), ("glam_sw_ratio", "sw", False)):
+        r, ci = ratios[size][f"glam_over_nnformer_{name}"], ratios[size].get(f"glam_over_nnformer_{name}_ci95")
+        thr = TARGETS[key][1]
+        ok = None if r is None else (r <= thr if upper else r >= thr)
+        # the threshold inside the 95 % interval: the rounds do not decide
+        unclear = r is not None and ci is not None and (ci[0] <= thr < ci[1] if upper else ci[0] < thr <= ci[1])
+        add(key, r, ok, f"{size} size" + (f"; 95 % CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""),
+            "UNCLEAR" if unclear else None)
     f = rows.get("nnformer_synapse", {}).get("peak_fraction")
     add("nnformer_peak_fraction", f, None if f is None else f >= TARGETS["nnformer_peak_fraction"][1],
         "" if f is not None else "nnformer_synapse not measured")
@@ -722,7 +772,9 @@ def _tables(res: dict):
     peaks = f"{res['matmul_peak_gflops']:.1f} GFLOP/s fp32" + (
         f", {res['matmul_peak_bf16_gflops']:.1f} bf16" if bf16 else "")
     tabs.append((f"models (matmul peak {peaks}; sliding window on "
-                 f"{'x'.join(map(str, sw))}, overlap {res['config']['overlap']}, Gaussian)", head, body))
+                 f"{'x'.join(map(str, sw))}, overlap {res['config']['overlap']}, Gaussian"
+                 + (f", median of {res['config']['sw_rounds']} rounds" if res["config"].get("sw_rounds", 1) > 1
+                    else "") + ")", head, body))
 
     body = []
     for size, rr in res["ratios"].items():
@@ -779,7 +831,7 @@ def format_report(res: dict) -> str:
     m = res["machine"]
     lines = [f"glam3d bench: {m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ''}, torch {m['torch']}, "
              f"{m['threads']} threads, {m['cpu_count']} CPUs, load average {_load(m)}, allocator {_alloc(m)}; "
-             f"total {res['total_seconds']:.0f} s"]
+             f"total {res['total_seconds']:.0f} s{_partial(res)}"]
     for title, head, body in _tables(res):
         widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(head)]
         lines += ["", title, "  ".join(h.ljust(w) for h, w in zip(head, widths)),
@@ -798,6 +850,12 @@ def _alloc(m) -> str:
     return (f"{a['profile']} profile: " if a.get("profile") else "") + ("+".join(parts) or "default")
 
 
+def _partial(res: dict) -> str:
+    if res.get("complete", True):
+        return ""
+    return f"; PARTIAL (run still going or cut short; done: {', '.join(res.get('sections_done', [])) or 'none'})"
+
+
 def _load(m) -> str:
     a, b = m.get("loadavg_start"), m.get("loadavg_end")
     if not a:
@@ -809,7 +867,7 @@ def to_markdown(res: dict) -> str:
     """The same report as Markdown tables."""
     m = res["machine"]
     lines = [f"_glam3d bench: {m['device']}, torch {m['torch']}, {m['threads']} threads, {m['cpu_count']} CPUs, "
-             f"load average {_load(m)}, allocator {_alloc(m)}; total {res['total_seconds']:.0f} s_"]
+             f"load average {_load(m)}, allocator {_alloc(m)}; total {res['total_seconds']:.0f} s{_partial(res)}_"]
     for title, head, body in _tables(res):
         lines += ["", f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in body]

@@ -227,3 +227,80 @@ def test_graph_section_needs_cuda_and_reports_failed_captures(quick_result):
     head, body = _tables(fake)[0][1:]
     i = head.index("fwd graph (s)")
     assert body[0][i:i + 2] == ["0.0123", "0.0101"] and body[1][i] == "error" and body[2][i] == "-"
+
+
+def test_sliding_window_rounds_are_paired_and_counterbalanced(monkeypatch):
+    """``sw_rounds``: one child per model and round, the order reversed every round; throughput is the median
+    over rounds, the GLAM / nnFormer ratio the median of the per-round ratios with its 95 % interval, and the
+    target reads UNCLEAR when 0.85 lies inside that interval."""
+    import glam3d.bench as bench
+    order, speed = [], {"glam_nnformer_tiny": [80, 90, 85, 70, 95, 88], "nnformer_tiny": [100, 100, 99, 90, 100, 100]}
+
+    def fake_child(spec, timeout=None):
+        n = spec["model"]
+        order.append(n)
+        v = speed[n][sum(o == n for o in order) - 1]
+        return {"voxels_per_s": float(v), "seconds": 1000.0 / v, "peak_rss": 1e9 + v, "overlap": spec["overlap"]}
+
+    monkeypatch.setattr(bench, "_run_child", fake_child)
+    models = ["glam_nnformer_tiny", "nnformer_tiny"]
+    res = run_bench(BenchConfig(quick=True, models=models, sections=["sw"], sw_rounds=6, matmul_size=64))
+    assert order == (models + models[::-1]) * 3
+    g, v = res["rows"]
+    assert g["sw_all"] == speed["glam_nnformer_tiny"] and g["sw_voxels_per_s"] == 86.5
+    assert g["sw_peak_rss"] == 1e9 + 95 and g["sw"]["voxels_per_s"] in (85, 88)
+    per_round = sorted(a / b for a, b in zip(*speed.values()))
+    tiny = res["ratios"]["tiny"]
+    assert tiny["glam_over_nnformer_sw"] == pytest.approx((per_round[2] + per_round[3]) / 2)
+    assert tiny["glam_over_nnformer_sw_ci95"] == pytest.approx((per_round[0], per_round[-1]))
+    t = {t["target"]: t for t in res["targets"]}["glam_sw_ratio"]
+    assert t["status"] == "UNCLEAR" and "95 % CI 0.778-0.950" in t["note"]
+    assert "median of 6 rounds" in _tables(res)[0][0]
+    # one round: the plain ratio, no interval; a failed round marks the model's line as an error
+    order.clear()
+    speed["glam_nnformer_tiny"] = [80, "boom"]
+    real = fake_child
+
+    def failing(spec, timeout=None):
+        if spec["model"] == "glam_nnformer_tiny" and "glam_nnformer_tiny" in order:
+            order.append(spec["model"])
+            return {"error": "exit 1: boom"}
+        return real(spec, timeout)
+
+    monkeypatch.setattr(bench, "_run_child", failing)
+    res = run_bench(BenchConfig(quick=True, models=models, sections=["sw"], sw_rounds=2, matmul_size=64))
+    g = res["rows"][0]
+    assert g["sw"]["error"] == "exit 1: boom" and "sw_voxels_per_s" not in g
+    assert res["ratios"]["tiny"]["glam_over_nnformer_sw"] is None
+    assert _tables(res)[0][2][0][7] == "error"
+
+
+def test_cli_bad_sw_rounds():
+    assert main(["bench", "--quick", "--sw-rounds", "0"]) == 2
+
+
+def test_cut_run_keeps_finished_sections(tmp_path, monkeypatch):
+    """--json / --markdown are rewritten after every section: when a later section dies (a time limit, a lost
+    machine) the files hold what was measured, marked PARTIAL, with the ratios of the finished sections."""
+    import glam3d.bench as bench
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt  # what `timeout` / Ctrl-C does to a long section
+
+    monkeypatch.setattr(bench, "_train_step_time", cut)
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    rc = main(["bench", "--quick", "--models", "glam_nnformer_tiny", "nnformer_tiny", "--sections", "forward",
+               "train", "--repeats", "2", "--threads", "1", "--no-progress", "--json", str(out_json),
+               "--markdown", str(out_md)])
+    assert rc == 130  # "interrupted"
+    res = json.loads(out_json.read_text())
+    assert res["complete"] is False and res["sections_done"] == ["forward"]
+    assert all(len(r["forward_all"]) == 2 for r in res["rows"]) and "train" not in res
+    assert res["ratios"]["tiny"]["glam_over_nnformer_forward"] > 0
+    assert "PARTIAL" in out_md.read_text() and "done: forward" in out_md.read_text()
+    # a finished run says so, and its report carries no PARTIAL mark
+    seen = []
+    res = run_bench(BenchConfig(quick=True, models=["nnformer_tiny"], sections=["forward"], repeats=1, threads=1,
+                                matmul_size=64), on_section=lambda r: seen.append((list(r["sections_done"]),
+                                                                                   r["complete"])))
+    assert seen == [(["forward"], False)] and res["complete"] is True and "PARTIAL" not in format_report(res)

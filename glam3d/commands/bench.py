@@ -12,6 +12,8 @@ examples:
   glam3d bench --quick                          # tiny models, small volumes (seconds; tests and CI)
   glam3d bench --markdown bench.md --json bench.json
   glam3d bench --models nnformer glam_nnformer --sections forward sw --repeats 5
+  glam3d bench --models glam_nnformer_synapse nnformer_synapse --sections sw --sw-rounds 6
+                                                # sliding-window ratio with its 95% interval
   glam3d bench --device cuda --repeats 15       # + bf16 columns and the longest 512x512 scan that fits
 The full CPU run takes several minutes (Synapse-size networks); every model's sliding-window run is a child
 process so its peak memory is its own.
@@ -48,6 +50,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch-size", type=int, default=2, metavar="N",
                    help="windows per forward for the sliding-window and growth lines (default 2)")
+    p.add_argument("--sw-rounds", type=int, default=1, metavar="N",
+                   help="sliding-window runs per model, order reversed every round; the GLAM / nnFormer "
+                        "throughput ratio is then the median per-round ratio, with a 95%% interval from 6 rounds "
+                        "(default 1)")
     p.add_argument("--scaling-model", metavar="NAME", help="model for the volume-growth lines")
     p.add_argument("--scaling-volumes", type=_volume, nargs="+", metavar="DxHxW")
     p.add_argument("--long-ct-model", metavar="NAME",
@@ -89,6 +95,8 @@ def run(args) -> int:
         raise UserError(f"--repeats={args.repeats} must be >= 1")
     if args.sw_batch_size < 1:
         raise UserError(f"--sw-batch-size={args.sw_batch_size} must be >= 1")
+    if args.sw_rounds < 1:
+        raise UserError(f"--sw-rounds={args.sw_rounds} must be >= 1")
     if args.long_ct_sw_batch_size < 1:
         raise UserError(f"--long-ct-sw-batch-size={args.long_ct_sw_batch_size} must be >= 1")
     if args.largest_limit < 1:
@@ -99,25 +107,29 @@ def run(args) -> int:
         import torch
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: no CUDA device is available")
+    def write(res: dict) -> None:
+        """--json / --markdown, rewritten (atomically) after every section: a cut run keeps what it measured."""
+        if args.json:
+            atomic_write_text(args.json, json.dumps(res, indent=2, default=list) + "\n")
+        if args.markdown:
+            atomic_write_text(args.markdown, to_markdown(res))
+
     try:
         models = _expand(args.models) if args.models else None
         if models and args.quick:
             models = [m for m in models if m.endswith("_tiny")] or models
         cfg = BenchConfig(models=models, device=args.device, repeats=args.repeats, quick=args.quick,
                           sw_volume=args.sw_volume, overlap=args.overlap,
-                          sw_batch_size=args.sw_batch_size, scaling_model=args.scaling_model,
+                          sw_batch_size=args.sw_batch_size, sw_rounds=args.sw_rounds, scaling_model=args.scaling_model,
                           scaling_volumes=args.scaling_volumes, long_ct_model=args.long_ct_model,
                           long_ct_volumes=args.long_ct_volumes, long_ct_overlap=args.long_ct_overlap,
                           long_ct_in_memory=args.long_ct_in_memory,
                           long_ct_sw_batch_size=args.long_ct_sw_batch_size,
                           threads=args.threads, sections=args.sections, largest_limit=args.largest_limit,
                           progress=not args.no_progress)
-        res = run_bench(cfg)
+        res = run_bench(cfg, on_section=write if args.json or args.markdown else None)
     except ValueError as err:
         raise UserError(str(err)) from None
     print(format_report(res))
-    if args.json:
-        atomic_write_text(args.json, json.dumps(res, indent=2, default=list) + "\n")
-    if args.markdown:
-        atomic_write_text(args.markdown, to_markdown(res))
+    write(res)
     return 0
