@@ -490,17 +490,19 @@ def _round_ratios(rows: Dict[str, dict], a: str, b: str, key: str = "forward_all
     return [x / y for x, y in zip(ta, tb)] if ta and tb else None
 
 
-def _paired_ci(rows: Dict[str, dict], a: str, b: str, key: str = "forward_all") -> Optional[Tuple[float, float]]:
-    """95 % interval of :func:`_paired` (:func:`median_ci` of the per-round ratios)."""
-    r = _round_ratios(rows, a, b, key)
-    return median_ci(r) if r else None
-
-
 def _paired(rows: Dict[str, dict], a: str, b: str, key: str = "forward_all") -> Optional[float]:
-    """Median over rounds of ``time_a / time_b`` (the two forwards of a round run back to back, so a drift in
-    the machine's speed between rounds cancels; the ratio of the two medians is reported beside it)."""
+    """Median over rounds of the per-round ratio ``a / b`` (the two measurements of a round run back to back,
+    so a drift in the machine's speed between rounds cancels; the ratio of the two medians is reported beside
+    the forward one)."""
     r = _round_ratios(rows, a, b, key)
     return statistics.median(r) if r else None
+
+
+def _paired_with_ci(rows: Dict[str, dict], a: str, b: str, key: str, name: str) -> dict:
+    """``{name: _paired(…), name + "_ci95": median_ci of the same per-round ratios}`` (None when not measured;
+    the interval also None under 6 rounds)."""
+    r = _round_ratios(rows, a, b, key)
+    return {name: statistics.median(r) if r else None, f"{name}_ci95": median_ci(r) if r else None}
 
 
 def _record_times(rows: Dict[str, dict], times: Dict[str, List[float]], suffix: str,
@@ -604,6 +606,11 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
     if timed:
         del models, inputs
 
+    def child_spec(model, volume, overlap, **extra) -> dict:
+        """One sliding-window child's job (``extra`` adds or overrides: amp, long_ct, sw_batch_size…)."""
+        return {"model": model, "volume": list(volume), "device": str(device), "overlap": overlap,
+                "sw_batch_size": cfg.sw_batch_size, "threads": cfg.threads, **extra}
+
     # sliding window, one child per model and round: fp32 ("sw") and bf16 autocast ("sw_bf16"), the same fields
     for key, amp in (("sw", False), ("sw_bf16", "bf16")):
         if ("sw" if amp is False else "bf16") not in cfg.sections:
@@ -614,9 +621,7 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
                 _log(cfg, f"sliding window {n} on {'x'.join(map(str, cfg.sw_volume))}"
                           f"{', bf16 autocast' if amp else ''}"
                           f"{f', round {rnd + 1}/{cfg.sw_rounds}' if cfg.sw_rounds > 1 else ''} (child process)")
-                runs[n].append(_run_child({"model": n, "volume": list(cfg.sw_volume), "device": str(device),
-                                           "amp": amp, "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size,
-                                           "threads": cfg.threads}))
+                runs[n].append(_run_child(child_spec(n, cfg.sw_volume, cfg.overlap, amp=amp)))
         for n, rs in runs.items():
             rows[n].update(_sw_fields(key, rs))
         done(key)
@@ -629,10 +634,7 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
         out = []
         for v in volumes:
             _log(cfg, f"{label}: {model} on {'x'.join(map(str, v))}, overlap {overlap} (child process)")
-            spec = {"model": model, "volume": list(v), "device": str(device), "overlap": overlap,
-                    "sw_batch_size": cfg.sw_batch_size, "threads": cfg.threads}
-            spec.update(extra)
-            out.append(_run_child(spec))
+            out.append(_run_child(child_spec(model, v, overlap, **extra)))
         return out
 
     if "scaling" in cfg.sections:
@@ -657,23 +659,13 @@ def _summarise(res: dict, rows: Dict[str, dict], cfg: BenchConfig, t_start: floa
     ratios = {}
     for size in ("synapse", "tiny"):
         g, v, s = f"glam_nnformer_{size}", f"nnformer_{size}", f"swin_unetr_{size}"
+        glam = lambda key: _paired_with_ci(rows, g, v, f"{key}_all", f"glam_over_nnformer_{key}")  # noqa: E731
         ratios[size] = {
-            "glam_over_nnformer_forward": _paired(rows, g, v),
-            "glam_over_nnformer_forward_ci95": _paired_ci(rows, g, v),
-            "glam_over_nnformer_forward_of_medians": _pair(rows, g, v, "forward_s"),
-            "glam_over_nnformer_sw": _paired(rows, g, v, "sw_all"),
-            "glam_over_nnformer_sw_ci95": _paired_ci(rows, g, v, "sw_all"),
-            "glam_over_swin_unetr_sw": _paired(rows, g, s, "sw_all"),
+            **glam("forward"), "glam_over_nnformer_forward_of_medians": _pair(rows, g, v, "forward_s"),
+            **glam("sw"), "glam_over_swin_unetr_sw": _paired(rows, g, s, "sw_all"),
             "nnformer_over_swin_unetr_sw": _paired(rows, v, s, "sw_all"),
-            "glam_over_nnformer_forward_bf16": _paired(rows, g, v, "forward_bf16_all"),
-            "glam_over_nnformer_forward_bf16_ci95": _paired_ci(rows, g, v, "forward_bf16_all"),
-            "glam_over_nnformer_forward_graph": _paired(rows, g, v, "forward_graph_all"),
-            "glam_over_nnformer_forward_graph_ci95": _paired_ci(rows, g, v, "forward_graph_all"),
-            "glam_over_nnformer_forward_graph_bf16": _paired(rows, g, v, "forward_graph_bf16_all"),
-            "glam_over_nnformer_forward_graph_bf16_ci95": _paired_ci(rows, g, v, "forward_graph_bf16_all"),
-            "glam_over_nnformer_sw_bf16": _paired(rows, g, v, "sw_bf16_all"),
-            "glam_over_nnformer_sw_bf16_ci95": _paired_ci(rows, g, v, "sw_bf16_all"),
-            "glam_over_swin_unetr_sw_bf16": _paired(rows, g, s, "sw_bf16_all"),
+            **glam("forward_bf16"), **glam("forward_graph"), **glam("forward_graph_bf16"),
+            **glam("sw_bf16"), "glam_over_swin_unetr_sw_bf16": _paired(rows, g, s, "sw_bf16_all"),
         }
     res["ratios"] = ratios
     res["targets"] = _targets(rows, ratios, res)

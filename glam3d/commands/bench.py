@@ -107,6 +107,7 @@ def run(args) -> int:
         import torch
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: no CUDA device is available")
+
     def write(res: dict) -> None:
         """--json / --markdown, rewritten (atomically) after every section: a cut run keeps what it measured."""
         if args.json:
