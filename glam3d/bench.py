@@ -165,9 +165,10 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5, device="cpu", dtype=torc
 
 
 def _build(name: str, device, seed: int = 0):
-    from .models import build_model
+    """Build a model spec (``NAME[:key=value]...``, :func:`glam3d.models.parse_model_spec`) in eval mode."""
+    from .models import build_model_spec
     torch.manual_seed(seed)
-    return build_model(name).to(device).eval()
+    return build_model_spec(name).to(device).eval()
 
 
 def _time_rounds(runs: Dict[str, Callable[[], object]], repeats: int, device) -> Dict[str, List[float]]:
@@ -396,8 +397,8 @@ def _train_step_time(name: str, device, repeats: int, batch: int = 2) -> dict:
     """Median seconds of forward + backward + SGD step (batch 2, deep-supervision CE loss)."""
     import torch.nn.functional as F
     torch.manual_seed(0)
-    from .models import build_model
-    model = build_model(name).to(device).train()
+    from .models import build_model_spec
+    model = build_model_spec(name).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
     crop = tuple(model.default_crop)
     x = torch.randn(batch, model.in_channels, *crop, device=device)
@@ -667,12 +668,35 @@ def _summarise(res: dict, rows: Dict[str, dict], cfg: BenchConfig, t_start: floa
             **glam("forward_bf16"), **glam("forward_graph"), **glam("forward_graph_bf16"),
             **glam("sw_bf16"), "glam_over_swin_unetr_sw_bf16": _paired(rows, g, s, "sw_bf16_all"),
         }
+    ratios.update(_variant_ratios(rows, cfg.models))
     res["ratios"] = ratios
     res["targets"] = _targets(rows, ratios, res)
     res["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res["total_seconds"] = time.perf_counter() - t_start
     res["complete"] = complete
     return res
+
+
+def _variant_ratios(rows: Dict[str, dict], models: Sequence[str]) -> Dict[str, dict]:
+    """Ratios of every model given with options (``NAME:key=value``) over its vanilla twin of the same size when
+    that was measured too (``glam_nnformer_synapse:global_num_heads=3`` over ``nnformer_synapse``), and over the
+    same variant without options: ``{spec: {"over_<twin>_forward": …, "over_<twin>_forward_ci95": …,
+    "over_<twin>_sw": …, "over_<NAME>_forward": …}}``."""
+    from .models import parse_model_spec
+    from .models.registry import resolve
+    out = {}
+    for spec in models:
+        name, overrides = parse_model_spec(spec)
+        if not overrides:
+            continue
+        fam, size = resolve(name)
+        r = {}
+        for ref in ([f"{fam.twin}_{size}"] if fam.twin else []) + [name]:
+            if ref in rows and ref != spec:
+                for key in ("forward", "sw"):
+                    r.update(_paired_with_ci(rows, spec, ref, f"{key}_all", f"over_{ref}_{key}"))
+        out[spec] = {k: v for k, v in r.items() if v is not None}
+    return out
 
 
 def _targets(rows, ratios, res) -> List[dict]:
@@ -775,7 +799,7 @@ def _tables(res: dict):
                 body.append([size, k, "-".join(f"{x:.3f}" for x in v)])
             elif v is not None:
                 body.append([size, k, _f(v, "{:.3f}")])
-    tabs.append(("ratios", ["size", "ratio", "value"], body))
+    tabs.append(("ratios", ["size / model", "ratio", "value"], body))
 
     for key, title in (("scaling", "growth with the volume"), ("long_ct", "long CT (scan length)")):
         if res.get(key):

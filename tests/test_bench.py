@@ -4,6 +4,7 @@ No timing assertions (machines differ, CI is shared); only that every row, colum
 """
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -304,3 +305,42 @@ def test_cut_run_keeps_finished_sections(tmp_path, monkeypatch):
                                 matmul_size=64), on_section=lambda r: seen.append((list(r["sections_done"]),
                                                                                    r["complete"])))
     assert seen == [(["forward"], False)] and res["complete"] is True and "PARTIAL" not in format_report(res)
+
+
+def test_variant_with_options_gets_its_own_ratios(monkeypatch, capsys):
+    """``--models NAME:key=value``: the variant is measured beside the others (rows keyed by the spec, children
+    build it with its options) and its per-round ratios over its vanilla twin and over NAME are reported; the
+    targets stay on the default network."""
+    import glam3d.bench as bench
+    spec = "glam_nnformer_tiny:global_num_heads=[1,2,4,8]"
+    speed = {"glam_nnformer_tiny": [80, 84, 82, 81, 83, 85], spec: [88, 90, 86, 89, 87, 91],
+             "nnformer_tiny": [100, 100, 100, 100, 100, 100]}
+    seen = []
+
+    def fake_child(spec_, timeout=None):
+        n = spec_["model"]
+        seen.append(n)
+        v = speed[n][sum(o == n for o in seen) - 1]
+        return {"voxels_per_s": float(v), "seconds": 1.0, "peak_rss": 1e9, "overlap": spec_["overlap"]}
+
+    monkeypatch.setattr(bench, "_run_child", fake_child)
+    models = ["glam_nnformer_tiny", spec, "nnformer_tiny"]
+    res = run_bench(BenchConfig(quick=True, models=models, sections=["sw"], sw_rounds=6, matmul_size=64))
+    assert [r["model"] for r in res["rows"]] == models and set(seen) == set(models)
+    assert res["rows"][1]["params_M"] == res["rows"][0]["params_M"]
+    assert res["rows"][1]["macs_G"] == res["rows"][0]["macs_G"]
+    r = res["ratios"][spec]
+    assert r["over_nnformer_tiny_sw"] == pytest.approx(0.885)
+    assert r["over_nnformer_tiny_sw_ci95"] == pytest.approx((0.86, 0.91))
+    assert r["over_glam_nnformer_tiny_sw"] == pytest.approx(statistics.median(
+        a / b for a, b in zip(speed[spec], speed["glam_nnformer_tiny"])))
+    assert "over_nnformer_tiny_forward" not in r  # not measured: left out, not None
+    assert res["ratios"]["tiny"]["glam_over_nnformer_sw"] == pytest.approx(0.825)
+    t = {t["target"]: t for t in res["targets"]}["glam_sw_ratio"]
+    assert t["value"] == pytest.approx(0.825)  # the default network's, not the variant's
+    text = format_report(res)
+    assert f"{spec}  over_nnformer_tiny_sw " in text
+    # the CLI checks a spec before measuring anything: one line naming it, exit 2
+    assert main(["bench", "--quick", "--models", "glam_nnformer_tiny:nosuch=1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "glam_nnformer_tiny:nosuch=1" in err[0] and "nosuch" in err[0]

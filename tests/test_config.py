@@ -51,6 +51,8 @@ def test_ablations_inherit_and_override():
         assert cfg.optim.lr == 0.01 and cfg.train.epochs == 1000  # inherited
     assert load_config(CONFIGS / "synapse_glam_nnformer_nogmsa.yaml").model.overrides["gmsa"] is False
     assert load_config(CONFIGS / "synapse_glam_nnformer_nonlu.yaml").model.overrides["nlu"] is False
+    gmsa64 = load_config(CONFIGS / "synapse_glam_nnformer_gmsa64.yaml").model
+    assert gmsa64.overrides == {"deep_supervision": True, "global_num_heads": [3, 6, 12, 24]}
     assert load_config(CONFIGS / "synapse_nnformer.yaml").model.name == "nnformer_synapse"
     tiny = load_config(CONFIGS / "phantom_glam_nnformer_tiny.yaml")
     assert tiny.model.name == "glam_nnformer_tiny" and tiny.optim.name == "adamw" and tiny.train.amp == "none"

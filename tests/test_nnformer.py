@@ -4,7 +4,7 @@ import argparse
 import pytest
 import torch
 
-from glam3d.models import build_model, list_models
+from glam3d.models import build_model, build_model_spec, check_model_spec, list_models, parse_model_spec
 from glam3d.models.complexity import count_macs, count_macs_by_name, count_parameters, format_table, model_table
 
 torch.set_num_threads(1)
@@ -88,6 +88,51 @@ def test_glam_switches():
     assert per_stage.stages[0].num_global_tokens == 4 and per_stage.dec_stages[1].num_global_tokens == 2
     with torch.no_grad():
         assert per_stage.eval()(x).shape == (1, 9, 32, 64, 64)
+
+
+def test_global_num_heads_changes_only_gmsa():
+    """``global_num_heads`` splits G-MSA's attention differently: same parameters (the same state dict loads),
+    same multiply-adds, a different function; the window blocks do not see it (with G-MSA off the outputs are
+    equal)."""
+    torch.manual_seed(0)
+    a = build_model("glam_nnformer_tiny").eval()
+    b = build_model("glam_nnformer_tiny", global_num_heads=[1, 2, 4, 8]).eval()
+    # sharper G-MSA attention than at initialisation (nearly uniform there, whatever the heads)
+    sd = {k: v * 30 if ".gmsa." in k and k.endswith("qkv.weight") else v for k, v in a.state_dict().items()}
+    a.load_state_dict(sd)
+    b.load_state_dict(sd)  # strict: same keys and shapes
+    assert [g.attn.num_heads for g in b.stages[0].gmsa] == [1] and b.stages[1].gmsa[0].attn.num_heads == 2
+    assert b.dec_stages[0].gmsa[0].attn.num_heads == 1 and a.stages[0].gmsa[0].attn.num_heads == 2
+    assert all(blk.attn.num_heads == 2 for blk in b.stages[0].blocks)  # W-MSA keeps num_heads
+    shape = (1, 1, 32, 64, 64)
+    assert count_macs(_meta("glam_nnformer_tiny", global_num_heads=[1, 2, 4, 8]), shape) == \
+        count_macs(_meta("glam_nnformer_tiny"), shape)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert (a(x) - b(x)).abs().max() > 1e-4
+        c = build_model("glam_nnformer_tiny", gmsa=False).eval()
+        d = build_model("glam_nnformer_tiny", gmsa=False, global_num_heads=1).eval()
+        d.load_state_dict(c.state_dict())
+        torch.testing.assert_close(c(x), d(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="global_num_heads\\[0\\]=5 must divide the stage dim 24"):
+        build_model("glam_nnformer_tiny", global_num_heads=5)
+    with pytest.raises(ValueError, match="global_num_heads"):
+        build_model("glam_nnformer_tiny", global_num_heads=[1, 2])
+
+
+def test_model_specs():
+    """``NAME:key=value`` specs (``glam3d bench --models``): YAML values, errors that name the spec."""
+    assert parse_model_spec("glam_nnformer_tiny") == ("glam_nnformer_tiny", {})
+    assert parse_model_spec("glam_nnformer_tiny:global_num_heads=[1,2,4,8]:nlu=false") == \
+        ("glam_nnformer_tiny", {"global_num_heads": [1, 2, 4, 8], "nlu": False})
+    m = build_model_spec("glam_nnformer_tiny:num_global_tokens=4")
+    assert m.num_global_tokens == [4, 4, 0, 0] and m.glam3d_spec["kwargs"] == {"num_global_tokens": 4}
+    assert check_model_spec("glam_nnformer_synapse:global_num_heads=[3,6,12,24]").startswith("glam_nnformer")
+    for spec, msg in (("glam_nnformer_tiny:nosuch=1", "unexpected keyword"), ("glam_nnformer_tiny:nlu", "key=value"),
+                      ("glam_nnformer_tiny:global_num_heads=7", "global_num_heads"),
+                      ("glam_nnformer_tiny:nlu=[", "unreadable"), ("nosuchnet_tiny:nlu=false", "unknown model")):
+        with pytest.raises(ValueError, match=msg):
+            check_model_spec(spec)
 
 
 def test_vanilla_twin_equals_nnformer_output():

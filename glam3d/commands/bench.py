@@ -14,6 +14,9 @@ examples:
   glam3d bench --models nnformer glam_nnformer --sections forward sw --repeats 5
   glam3d bench --models glam_nnformer_synapse nnformer_synapse --sections sw --sw-rounds 6
                                                 # sliding-window ratio with its 95% interval
+  glam3d bench --models glam_nnformer_synapse 'glam_nnformer_synapse:global_num_heads=[3,6,12,24]' \\
+               nnformer_synapse --sections forward --repeats 15
+                                                # a variant with options beside the default and its twin
   glam3d bench --device cuda --repeats 15       # + bf16 columns and the longest 512x512 scan that fits
 The full CPU run takes several minutes (Synapse-size networks); every model's sliding-window run is a child
 process so its peak memory is its own.
@@ -41,7 +44,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny models only, small volumes")
     p.add_argument("--models", nargs="+", metavar="NAME",
                    help="variants or families (default: glam_nnformer, nnformer, swin_unetr at synapse and tiny "
-                        "sizes; tiny only with --quick)")
+                        "sizes; tiny only with --quick); a variant with options, NAME:key=value[:key=value], is "
+                        "measured beside the others and its ratios over its vanilla twin and over NAME are added")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per model after a warm-up (default 3)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -74,10 +78,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _expand(names):
-    from ..models import list_models
+    """Families to their synapse and tiny variants; ``NAME:key=value`` specs checked as given."""
+    from ..models import check_model_spec, list_models
     known = list_models()
     out = []
     for n in names:
+        if ":" in n:
+            out += [check_model_spec(n)] if n not in out else []
+            continue
         hits = [n] if n in known else [v for v in known if v.startswith(n + "_") and v[len(n) + 1:] in
                                        ("synapse", "tiny") and not (n == "nnformer" and v.startswith("glam"))]
         if not hits:
@@ -118,7 +126,7 @@ def run(args) -> int:
     try:
         models = _expand(args.models) if args.models else None
         if models and args.quick:
-            models = [m for m in models if m.endswith("_tiny")] or models
+            models = [m for m in models if m.split(":")[0].endswith("_tiny")] or models
         cfg = BenchConfig(models=models, device=args.device, repeats=args.repeats, quick=args.quick,
                           sw_volume=args.sw_volume, overlap=args.overlap,
                           sw_batch_size=args.sw_batch_size, sw_rounds=args.sw_rounds, scaling_model=args.scaling_model,

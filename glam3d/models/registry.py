@@ -7,6 +7,10 @@ Each family registers one builder ``fn(**kwargs) -> nn.Module`` and a table of s
 Every built model exposes ``spatial_dims``, ``in_channels``, ``num_classes`` and ``default_crop`` (the input
 size its config is made for), and records ``model.glam3d_spec = {"name": ..., "kwargs": {...}}`` so a checkpoint
 can rebuild it.
+
+A *model spec* is a variant name with options: ``"NAME[:key=value]..."`` (values in YAML, e.g.
+``"glam_nnformer_synapse:global_num_heads=[3,6,12,24]"``); :func:`parse_model_spec` splits it,
+:func:`build_model_spec` builds it, :func:`check_model_spec` validates it without allocating weights.
 """
 from __future__ import annotations
 
@@ -75,6 +79,45 @@ def model_config(name: str, size: str | None = None, **overrides) -> tuple[Famil
     cfg = copy.deepcopy(fam.sizes[size])
     cfg.update(overrides)
     return fam, size, cfg
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict]:
+    """``"NAME[:key=value]..."`` -> ``(NAME, {key: value})`` (values parsed as YAML: numbers, booleans, lists).
+
+    >>> parse_model_spec("glam_nnformer_synapse:global_num_heads=[3,6,12,24]:nlu=false")
+    ('glam_nnformer_synapse', {'global_num_heads': [3, 6, 12, 24], 'nlu': False})
+    """
+    import yaml
+    name, *items = spec.split(":")
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"model {spec!r}: option {item!r} is not key=value")
+        try:
+            overrides[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ValueError(f"model {spec!r}: option {item!r} has an unreadable value") from None
+    return name.strip(), overrides
+
+
+def build_model_spec(spec: str) -> nn.Module:
+    """Build ``"NAME[:key=value]..."`` (see :func:`parse_model_spec`)."""
+    name, overrides = parse_model_spec(spec)
+    return build_model(name, **overrides)
+
+
+def check_model_spec(spec: str) -> str:
+    """Raise ValueError naming the spec when it does not build (unknown name, option or value); weights are
+    made on the meta device, so this is cheap for any size. Returns the spec."""
+    import torch
+    try:
+        with torch.device("meta"):
+            build_model_spec(spec)
+    except (TypeError, ValueError) as err:
+        msg = str(err)
+        raise ValueError(msg if spec in msg else f"model {spec!r}: {msg}") from None
+    return spec
 
 
 def build_model(name: str, size: str | None = None, **overrides) -> nn.Module:

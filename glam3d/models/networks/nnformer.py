@@ -152,6 +152,9 @@ class NnFormer(nn.Module):
         deep_supervision: training-mode output ``[full, 1/2, 1/4]``.
         num_global_tokens: GLAM tokens per window, int or one per encoder stage (0 = vanilla nnFormer).
         gmsa, global_pos_embed, global_clamp: GLAM options (:class:`~glam3d.models.glam.GLAMLayer`).
+        global_num_heads: heads of each stage's G-MSA, int or one per encoder stage (the decoder levels reuse
+            stages 1-3's); default ``num_heads``. The paper leaves it open; it changes neither the parameters nor
+            the multiply-adds, only how the attention is split (see ``experiments/PERFORMANCE.md``, change 17).
         glam_decoder: global tokens in the decoder stages too (with the encoder stage's count).
         glam_single_window: keep global tokens in stages whose map is one window at ``crop_size``.
         nlu: upsample with NLU instead of patch expanding in the decoder.
@@ -167,7 +170,7 @@ class NnFormer(nn.Module):
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.2, deep_supervision: bool = True, num_global_tokens=0,
                  gmsa: bool = True, nlu: bool = False, glam_decoder: bool = True, glam_single_window: bool = False,
-                 global_pos_embed: bool = False, global_clamp: bool = False):
+                 global_pos_embed: bool = False, global_clamp: bool = False, global_num_heads=None):
         super().__init__()
         n = len(depths)
         if n < 2:
@@ -189,6 +192,11 @@ class NnFormer(nn.Module):
         if any(c % dv for c, dv in zip(crop, self.divisor)):
             raise ValueError(f"crop_size={crop} must be divisible by patch_size * 2**{n - 1} = {self.divisor}")
         ng = list(to_ntuple(num_global_tokens, n, "num_global_tokens"))
+        gh = list(num_heads) if global_num_heads is None else list(to_ntuple(global_num_heads, n,
+                                                                                 "global_num_heads"))
+        for i, (d, h) in enumerate(zip(dims, gh)):
+            if h < 1 or d % h:
+                raise ValueError(f"global_num_heads[{i}]={h} must divide the stage dim {d} (embed_dim={embed_dim})")
         res = [tuple(c // p // 2 ** i for c, p in zip(crop, patch)) for i in range(n)]
         windows = [to_ntuple(w, 3, "window_size") for w in window_size]
         self.single_window = [math.prod(window_geometry(r, w, False)[3]) == 1 for r, w in zip(res, windows)]
@@ -211,6 +219,7 @@ class NnFormer(nn.Module):
         self.downsamples = nn.ModuleList()
         for i in range(n):
             self.stages.append(GLAMLayer(dims[i], depths[i], num_heads[i], windows[i], num_global_tokens=ng[i],
+                                         global_num_heads=gh[i],
                                          drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
                                          input_resolution=res[i], **glam))
             self.skip_norms.append(nn.LayerNorm(dims[i]))
@@ -230,7 +239,7 @@ class NnFormer(nn.Module):
             else:
                 self.ups.append(PatchExpanding(dims[k + 1]))
             self.dec_stages.append(GLAMLayer(dims[k], dec_depths[k], num_heads[k], windows[k],
-                                             num_global_tokens=ng[k] if glam_decoder else 0,
+                                             num_global_tokens=ng[k] if glam_decoder else 0, global_num_heads=gh[k],
                                              drop_path=ddpr[start:start + dec_depths[k]], input_resolution=res[k],
                                              cross_attention=True, **glam))
         n_heads = n - 1 if deep_supervision else 1
