@@ -692,7 +692,7 @@ def _variant_ratios(rows: Dict[str, dict], models: Sequence[str]) -> Dict[str, d
         fam, size = resolve(name)
         r = {}
         for ref in ([f"{fam.twin}_{size}"] if fam.twin else []) + [name]:
-            if ref in rows and ref != spec:
+            if ref in rows:
                 for key in ("forward", "sw"):
                     r.update(_paired_with_ci(rows, spec, ref, f"{key}_all", f"over_{ref}_{key}"))
         out[spec] = {k: v for k, v in r.items() if v is not None}

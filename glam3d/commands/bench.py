@@ -126,7 +126,8 @@ def run(args) -> int:
     try:
         models = _expand(args.models) if args.models else None
         if models and args.quick:
-            models = [m for m in models if m.split(":")[0].endswith("_tiny")] or models
+            from ..models import parse_model_spec
+            models = [m for m in models if parse_model_spec(m)[0].endswith("_tiny")] or models
         cfg = BenchConfig(models=models, device=args.device, repeats=args.repeats, quick=args.quick,
                           sw_volume=args.sw_volume, overlap=args.overlap,
                           sw_batch_size=args.sw_batch_size, sw_rounds=args.sw_rounds, scaling_model=args.scaling_model,

@@ -185,18 +185,16 @@ class NnFormer(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes} must be >= 1")
         dims = [embed_dim * 2 ** i for i in range(n)]
-        for i, (d, h) in enumerate(zip(dims, num_heads)):
-            if h < 1 or d % h:
-                raise ValueError(f"num_heads[{i}]={h} must divide the stage dim {d} (embed_dim={embed_dim})")
+        gh = list(num_heads) if global_num_heads is None else list(to_ntuple(global_num_heads, n,
+                                                                                 "global_num_heads"))
+        for name, heads in (("num_heads", num_heads), ("global_num_heads", gh)):
+            for i, (d, h) in enumerate(zip(dims, heads)):
+                if h < 1 or d % h:
+                    raise ValueError(f"{name}[{i}]={h} must divide the stage dim {d} (embed_dim={embed_dim})")
         self.divisor = tuple(p * 2 ** (n - 1) for p in patch)
         if any(c % dv for c, dv in zip(crop, self.divisor)):
             raise ValueError(f"crop_size={crop} must be divisible by patch_size * 2**{n - 1} = {self.divisor}")
         ng = list(to_ntuple(num_global_tokens, n, "num_global_tokens"))
-        gh = list(num_heads) if global_num_heads is None else list(to_ntuple(global_num_heads, n,
-                                                                                 "global_num_heads"))
-        for i, (d, h) in enumerate(zip(dims, gh)):
-            if h < 1 or d % h:
-                raise ValueError(f"global_num_heads[{i}]={h} must divide the stage dim {d} (embed_dim={embed_dim})")
         res = [tuple(c // p // 2 ** i for c, p in zip(crop, patch)) for i in range(n)]
         windows = [to_ntuple(w, 3, "window_size") for w in window_size]
         self.single_window = [math.prod(window_geometry(r, w, False)[3]) == 1 for r, w in zip(res, windows)]
