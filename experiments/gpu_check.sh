@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, on any CUDA machine: the benchmark on the GPU (fp32, bf16, CUDA-graph replays, the
+# The GPU checks in one go, on any CUDA machine: the benchmark on the GPU (fp32, bf16, CUDA-graph replays, torch.compile, the
 # largest scan), the CUDA tests, then a training run through torchrun with bf16 AMP (and a short fp16 one, a
 # resume), CUDA inference in the scan's own geometry (GPU and CPU stitching, the same checkpoint on the CPU) and
 # the Dice report.
@@ -39,7 +39,7 @@ cat "$OUT/env.log"
 # Synapse-size models only (the tiny rows are for CPUs and CI): ~5 min on an H100, 6 sliding-window children.
 [[ $STEPS == *" bench "* ]] && TAIL=70 step bench "$BENCH_S" $PY -m glam3d bench --device cuda --repeats 15 --largest-limit 1024 \
     --models glam_nnformer_synapse nnformer_synapse swin_unetr_synapse \
-    --sections forward bf16 graph sw scaling train gpu --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md"
+    --sections forward bf16 graph compiled sw scaling train gpu --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md"
 
 [[ $STEPS == *" tests "* ]] && TAIL=12 step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 

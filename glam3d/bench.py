@@ -124,7 +124,7 @@ class BenchConfig:
             c.repeats = min(c.repeats, 2)
             c.train_repeats = min(c.train_repeats, 2)
         cuda = torch.device(c.device).type == "cuda"
-        c.sections = list(c.sections or [s for s in SECTIONS if cuda or s not in ("bf16", "graph", "gpu")])
+        c.sections = list(c.sections or [s for s in SECTIONS if cuda or s not in ("bf16", "graph", "compiled", "gpu")])
         return c
 
 
@@ -207,6 +207,11 @@ def time_forward(models: Dict[str, torch.nn.Module], inputs: Dict[str, torch.Ten
     return _time_rounds({n: runner(m, inputs[n]) for n, m in models.items()}, repeats, device)
 
 
+def _one_line(err: BaseException) -> str:
+    """``"TypeName: first line of the message"`` (at most 160 characters of it), for a table cell."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or ['?'])[0][:160]}"
+
+
 def capture_graphs(models: Dict[str, torch.nn.Module], inputs: Dict[str, torch.Tensor], device,
                    amp: Optional[torch.dtype] = None) -> Dict[str, object]:
     """CUDA only: each model's forward on its (static) input captured once as a CUDA graph, so that a replay
@@ -230,7 +235,29 @@ def capture_graphs(models: Dict[str, torch.nn.Module], inputs: Dict[str, torch.T
                 m(x)
             out[name] = g
         except Exception as err:  # report it in the table, measure the others
-            out[name] = f"{type(err).__name__}: {(str(err).strip().splitlines() or ['?'])[0][:160]}"
+            out[name] = _one_line(err)
+    return out
+
+
+def compile_models(models: Dict[str, torch.nn.Module], inputs: Dict[str, torch.Tensor], device,
+                   rows: Dict[str, dict]) -> Dict[str, Callable]:
+    """Each model through :func:`glam3d.engine.compile.compile_network` for inference (static shapes; frozen
+    weights on CPU) and called once on its input, which compiles it: ``rows[name]["compile_s"]`` is that first
+    call. A model that fails to compile gets ``forward_compiled_error`` (one line) and is left out."""
+    from .engine.compile import compile_network
+    out = {}
+    for name, m in models.items():
+        try:
+            c = compile_network(m, inference=True, device=device)
+            _sync(device)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                c(inputs[name])
+            _sync(device)
+            rows[name]["compile_s"] = time.perf_counter() - t
+            out[name] = c
+        except Exception as err:  # report it in the table, measure the others
+            rows[name]["forward_compiled_error"] = _one_line(err)
     return out
 
 
@@ -577,7 +604,7 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
                       "macs_G": count_macs(m, shape) / 1e9}
         del m
 
-    timed = {"forward", "bf16", "graph"} & set(cfg.sections)
+    timed = {"forward", "bf16", "graph", "compiled"} & set(cfg.sections)
     if timed:
         models = {n: _build(n, device) for n in cfg.models}
         inputs = {n: torch.randn(1, m.in_channels, *m.default_crop, device=device) for n, m in models.items()}
@@ -604,6 +631,12 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
             del graphs, ok
             torch.cuda.empty_cache()
         done("graph")
+    if "compiled" in cfg.sections:
+        _log(cfg, f"forward timing, torch.compile (compiling {len(cfg.models)} models first)")
+        compiled = compile_models(models, inputs, device, rows)
+        _record_times(rows, time_forward(compiled, inputs, cfg.repeats, device), "_compiled", peak)
+        del compiled
+        done("compiled")
     if timed:
         del models, inputs
 
@@ -665,7 +698,7 @@ def _summarise(res: dict, rows: Dict[str, dict], cfg: BenchConfig, t_start: floa
             **glam("forward"), "glam_over_nnformer_forward_of_medians": _pair(rows, g, v, "forward_s"),
             **glam("sw"), "glam_over_swin_unetr_sw": _paired(rows, g, s, "sw_all"),
             "nnformer_over_swin_unetr_sw": _paired(rows, v, s, "sw_all"),
-            **glam("forward_bf16"), **glam("forward_graph"), **glam("forward_graph_bf16"),
+            **glam("forward_bf16"), **glam("forward_graph"), **glam("forward_graph_bf16"), **glam("forward_compiled"),
             **glam("sw_bf16"), "glam_over_swin_unetr_sw_bf16": _paired(rows, g, s, "sw_bf16_all"),
         }
     ratios.update(_variant_ratios(rows, cfg.models))
@@ -757,6 +790,7 @@ def _tables(res: dict):
     gpu = res["machine"]["device"].startswith("cuda")
     bf16 = "matmul_peak_bf16_gflops" in res
     graph = any(k.startswith("forward_graph") for r in res["rows"] for k in r)
+    compiled = any(k.startswith("forward_compiled") for r in res["rows"] for k in r)
     head = ["model", "crop", "params (M)", "MACs (G)", "fwd (s)", "GFLOP/s", "% peak", "SW vox/s", "SW s",
             "peak RSS (GB)"]
     if gpu:
@@ -765,6 +799,8 @@ def _tables(res: dict):
         head += ["fwd bf16 (s)", "% bf16 peak", "SW bf16 vox/s"] + (["GPU peak bf16 (GB)"] if gpu else [])
     if graph:
         head += ["fwd graph (s)", "fwd graph bf16 (s)"]
+    if compiled:
+        head += ["fwd compiled (s)", "compile (s)"]
     body = []
     for r in res["rows"]:
         line = [r["model"], "x".join(map(str, r["crop"])), _f(r["params_M"]), _f(r["macs_G"]),
@@ -783,6 +819,9 @@ def _tables(res: dict):
         if graph:
             line += ["error" if r.get(f"forward_{k}_error") else _f(r.get(f"forward_{k}_s"), "{:.4f}")
                      for k in ("graph", "graph_bf16")]
+        if compiled:
+            line += ["error" if r.get("forward_compiled_error") else _f(r.get("forward_compiled_s"), "{:.3f}"),
+                     _f(r.get("compile_s"), "{:.0f}")]
         body.append(line)
     sw = res["config"]["sw_volume"]
     peaks = f"{res['matmul_peak_gflops']:.1f} GFLOP/s fp32" + (

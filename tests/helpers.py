@@ -5,8 +5,10 @@ BN-free ``TinyNet`` of ``test_train.py`` for training.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import locale
 import os
 import subprocess
 import sys
@@ -31,6 +33,17 @@ TINY_NET = {"name": "nnformer_tiny",
             "kwargs": {"num_classes": 9, "crop_size": (16, 32, 32), "embed_dim": 12, "depths": (1, 1, 1, 1),
                        "num_heads": (1, 1, 2, 2), "window_size": (2, 2, 2, 1), "deep_supervision": False,
                        "drop_path_rate": 0.0}}
+
+
+@contextlib.contextmanager
+def keep_locale():
+    """Restore the process locale afterwards: SimpleITK's DICOM writer (GDCM) leaves the C locale behind, and
+    every later text file the test process opens without an encoding would then be read as ASCII."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def save_nii(arr, path, affine=AFFINE):

@@ -393,7 +393,8 @@ def _dicom_series(folder: Path, uid: str, sizes, spacing=(0.9, 0.8, 2.5)):
                          ("0028|0030", f"{spacing[1]}\\{spacing[0]}"), ("0018|0050", str(spacing[2]))):
             sl.SetMetaData(tag, val)
         writer.SetFileName(str(folder / f"{uid[-3:]}_{k:03d}.dcm"))
-        writer.Execute(sl)
+        with H.keep_locale():
+            writer.Execute(sl)
 
 
 def predict_dicom_mixed_series(tmp):

@@ -344,3 +344,47 @@ def test_variant_with_options_gets_its_own_ratios(monkeypatch, capsys):
     assert main(["bench", "--quick", "--models", "glam_nnformer_tiny:nosuch=1", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "glam_nnformer_tiny:nosuch=1" in err[0] and "nosuch" in err[0]
+
+
+def test_compiled_section_times_compiled_models_and_reports_failures(monkeypatch):
+    """`--sections compiled`: each model goes through compile_network (inference, static shapes), its first
+    call is reported as the compile time, the compiled forwards are timed in paired rounds with the GLAM /
+    nnFormer ratio; a model that fails to compile gets an error cell and the others are still measured.
+    (Backend swapped for aot_eager: inductor takes minutes per network on two cores.)"""
+    real_compile, seen = torch.compile, []
+
+    def fake_compile(model, **kw):
+        seen.append(kw)
+        if getattr(model, "fail_compile", False):
+            raise RuntimeError("inductor exploded\nsecond line")
+        return real_compile(model, backend="aot_eager", fullgraph=True, dynamic=kw.get("dynamic"))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    models = ["glam_nnformer_tiny", "nnformer_tiny"]
+    res = run_bench(BenchConfig(quick=True, models=models, repeats=2, threads=1, matmul_size=128,
+                                sections=["compiled"]))
+    assert seen and all(kw.get("dynamic") is False for kw in seen)
+    for r in res["rows"]:
+        assert len(r["forward_compiled_all"]) == 2 and r["compile_s"] > 0 and r["gflops_compiled"] > 0
+    assert res["ratios"]["tiny"]["glam_over_nnformer_forward_compiled"] > 0
+    head, body = _tables(res)[0][1:]
+    i = head.index("fwd compiled (s)")
+    assert all(line[i] not in ("-", "error") for line in body) and head[i + 1] == "compile (s)"
+
+    import glam3d.bench as bench
+    build = bench._build
+
+    def failing_build(name, device, seed=0):
+        m = build(name, device, seed)
+        m.fail_compile = name == "nnformer_tiny"
+        return m
+
+    monkeypatch.setattr(bench, "_build", failing_build)
+    res = run_bench(BenchConfig(quick=True, models=models, repeats=1, threads=1, matmul_size=128,
+                                sections=["compiled"]))
+    rows = {r["model"]: r for r in res["rows"]}
+    assert rows["nnformer_tiny"]["forward_compiled_error"] == "RuntimeError: inductor exploded"
+    assert "forward_compiled_s" in rows["glam_nnformer_tiny"]
+    assert res["ratios"]["tiny"]["glam_over_nnformer_forward_compiled"] is None
+    head, body = _tables(res)[0][1:]
+    assert [line[head.index("fwd compiled (s)")] == "error" for line in body] == [False, True]

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+import helpers as H
+
 from glam3d import cli
 from glam3d.cli import main
 from glam3d.engine.checkpoint import save_checkpoint
@@ -239,7 +241,8 @@ def test_dicom_series_lps_to_ras(tmp_path):
                          ("0018|0050", "2.5")):
             sl.SetMetaData(tag, val)
         writer.SetFileName(str(d / f"{k:03d}.dcm"))
-        writer.Execute(sl)
+        with H.keep_locale():
+            writer.Execute(sl)
     cases = collect_cases([str(d)])
     assert len(cases) == 1 and cases[0].kind == "dicom" and cases[0].name == "series"
     img = read_dicom_series(d, cases[0].series_id)

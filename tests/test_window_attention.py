@@ -189,3 +189,25 @@ def test_attention_by_class_equals_full_mask(ws, Sp, shift, prefix, prefix_queri
         attn(x, None, ws, num_prefix=prefix, prefix_queries=prefix_queries, classes=c)
         sizes = [v.shape for k, v in attn._mask_cache.items() if k != "stamp" and k[0] != "bias"]
     assert sizes and all(s[0] == 1 for s in sizes)
+
+
+@pytest.mark.parametrize("ws,grid,shift", [((2, 3), (1, 4), (1, 1)), ((4, 4), (3, 1), (2, 0)), ((3, 2), (2, 2), (1, 1)),
+                                           ((2, 2, 2), (1, 1, 1), (1, 1, 1)), ((2, 4, 2), (3, 2, 1), (1, 2, 0)),
+                                           ((4, 2, 2), (2, 3, 2), (3, 1, 1))])
+def test_window_classes_from_shapes_equal_classes_from_masks(ws, grid, shift):
+    """Class sizes and "masked" flags come from the shapes alone (so torch.compile can trace them): they must
+    equal what the masks say — every window of a class carries the class's mask, and a class is flagged masked
+    exactly when that mask has a non-zero entry (single-window axes and shifts other than w/2 included)."""
+    from glam3d.models.window import window_classes
+    Sp = tuple(g * w for g, w in zip(grid, ws))
+    c = window_classes(Sp, ws, shift)
+    full = shift_window_mask(Sp, ws, shift)
+    assert sum(c.counts) == full.shape[0] and all(n > 0 for n in c.counts)
+    start = 0
+    for k, n in enumerate(c.counts):
+        members = full[c.perm[start:start + n]]
+        assert torch.equal(members, c.masks[k].expand_as(members))
+        assert c.masked[k] == bool(c.masks[k].any())
+        start += n
+    distinct = {tuple(m.flatten().tolist()) for m in full}
+    assert len(distinct) == len(c.counts)  # windows with the same mask are in one class

@@ -24,8 +24,9 @@ process so its peak memory is its own.
 
 #: what ``glam3d bench`` can measure; "bf16" (autocast forward + sliding window, and the bf16 matmul peak) runs on
 #: any device when asked for, "graph" (forward as CUDA-graph replays) and "gpu" (longest scan without running out
-#: of memory) on CUDA only; the three are in the default set on CUDA alone.
-SECTIONS = ["forward", "sw", "scaling", "long_ct", "train", "bf16", "graph", "gpu"]
+#: of memory) on CUDA only; "compiled" (forward through ``torch.compile``, minutes of compiling per network on a
+#: CPU) anywhere; the four are in the default set on CUDA alone.
+SECTIONS = ["forward", "sw", "scaling", "long_ct", "train", "bf16", "graph", "compiled", "gpu"]
 
 
 def _volume(text: str):

@@ -520,7 +520,9 @@ class _Trainer:
             net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=find_unused)
         if tc.compile:
-            net = torch.compile(net)
+            from .compile import compile_network
+
+            net = compile_network(net, inference=False, device=device)
 
         # ---- data -----------------------------------------------------------------------------------------------
         if self.is2d:

@@ -22,6 +22,7 @@ folded into one float ``attn_mask``. Relative-position indices and shift masks a
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import NamedTuple, Optional, Sequence, Tuple
 
@@ -139,29 +140,31 @@ def window_reverse(windows: torch.Tensor, window_size: Sequence[int], spatial_sh
     return x.permute(*perm).reshape(-1, *spatial_shape, C)
 
 
-def _normal_tensors(fn):
-    """Cached helpers build plain tensors even when first called under ``torch.inference_mode`` (an inference
-    tensor from the cache could not be used later in autograd)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.inference_mode(False):
-            return fn(*args, **kwargs)
-    return wrapper
+def _shape_cached(maxsize: int):
+    """Decorator for the index/mask builders, pure functions of shapes (hashable arguments only):
+
+    - results cached per arguments (``functools.lru_cache``);
+    - built as plain tensors even when first called under ``torch.inference_mode`` (an inference tensor from the
+      cache could not be used later in autograd);
+    - under ``torch.compile`` the builder is traced into the graph instead (dynamo would trace through the
+      cache anyway, with a warning): so builders use no data-dependent op and take their sizes from Python ints.
+    """
+    def deco(fn):
+        @functools.lru_cache(maxsize=maxsize)
+        def cached(*args, **kwargs):
+            with torch.inference_mode(False):
+                return fn(*args, **kwargs)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return fn(*args, **kwargs)
+            return cached(*args, **kwargs)
+        return call
+    return deco
 
 
-@functools.lru_cache(maxsize=64)
-@_normal_tensors
-def _relative_position_index_cpu(window_size: Tuple[int, ...], table_window: Tuple[int, ...]) -> torch.Tensor:
-    coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in window_size], indexing="ij")).flatten(1)
-    rel = coords[:, :, None] - coords[:, None, :]  # (d, N_p, N_p), in [-(w-1), w-1]
-    index = torch.zeros(rel.shape[1:], dtype=torch.long)
-    for i, tw in enumerate(table_window):
-        index = index * (2 * tw - 1) + rel[i] + tw - 1
-    return index
-
-
-@functools.lru_cache(maxsize=128)
-@_normal_tensors
+@_shape_cached(128)
 def relative_position_index(window_size: Tuple[int, ...], table_window: Tuple[int, ...] | None = None,
                             device: torch.device | str = "cpu") -> torch.Tensor:
     """Index ``(N_p, N_p)`` into a relative-position bias table of ``prod(2 * table_window - 1)`` rows.
@@ -173,14 +176,20 @@ def relative_position_index(window_size: Tuple[int, ...], table_window: Tuple[in
     table_window = tuple(window_size) if table_window is None else tuple(table_window)
     if any(w > t for w, t in zip(window_size, table_window)):
         raise ValueError(f"window_size={window_size} exceeds the bias table's window {table_window}")
-    return _relative_position_index_cpu(tuple(window_size), table_window).to(device)
+    coords = torch.stack(torch.meshgrid(*[torch.arange(w, device=device) for w in window_size],
+                                        indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :]  # (d, N_p, N_p), in [-(w-1), w-1]
+    index = torch.zeros(rel.shape[1:], dtype=torch.long, device=device)
+    for i, tw in enumerate(table_window):
+        index = index * (2 * tw - 1) + rel[i] + tw - 1
+    return index
 
 
 def _grid_code(axis_labels: Sequence[torch.Tensor], base: int) -> torch.Tensor:
     """Combine one label vector per axis into an N-D grid of mixed-radix codes:
     ``out[i_0, ..., i_{d-1}] = sum_k axis_labels[k][i_k] * base ** (d - 1 - k)``, shape ``(len(l_0), ...)``."""
     d = len(axis_labels)
-    code = torch.zeros((), dtype=axis_labels[0].dtype)
+    code = torch.zeros((), dtype=axis_labels[0].dtype, device=axis_labels[0].device)
     for i, lab in enumerate(axis_labels):
         shape = [1] * d
         shape[i] = -1
@@ -188,14 +197,13 @@ def _grid_code(axis_labels: Sequence[torch.Tensor], base: int) -> torch.Tensor:
     return code
 
 
-@functools.lru_cache(maxsize=128)
-@_normal_tensors
+@_shape_cached(128)
 def _shift_window_mask(padded: Tuple[int, ...], window_size: Tuple[int, ...], shift: Tuple[int, ...],
                        device: torch.device) -> torch.Tensor:
     # label every voxel of the padded (rolled) map by the region it came from, as Swin does
     ax_labels = []
     for s, w, t in zip(padded, window_size, shift):
-        lab = torch.zeros(s)
+        lab = torch.zeros(s, device=device)
         if t:
             lab[s - w:s - t] = 1
             lab[s - t:] = 2
@@ -203,8 +211,7 @@ def _shift_window_mask(padded: Tuple[int, ...], window_size: Tuple[int, ...], sh
     labels = _grid_code(ax_labels, 3)  # (*Sp)
     win = window_partition(labels[None, ..., None], window_size).squeeze(-1)  # (N_r, N_p)
     diff = win[:, None, :] - win[:, :, None]
-    mask = torch.zeros_like(diff).masked_fill_(diff != 0, MASK_VALUE)
-    return mask.to(device)
+    return torch.zeros_like(diff).masked_fill_(diff != 0, MASK_VALUE)
 
 
 def shift_window_mask(padded: Sequence[int], window_size: Sequence[int], shift: Sequence[int],
@@ -234,25 +241,33 @@ class WindowClasses(NamedTuple):
         return self.masks.repeat_interleave(counts, dim=0)
 
 
-@functools.lru_cache(maxsize=128)
-@_normal_tensors
+@_shape_cached(128)
 def _window_classes(padded: Tuple[int, ...], window_size: Tuple[int, ...], shift: Tuple[int, ...],
                     device: torch.device) -> WindowClasses:
-    lasts = []  # bit per shifted axis: the window is the last one there
+    lasts, n_by_bit, cut = [], [], []  # per axis: bit "last window along a shifted axis", windows per bit
     for s, w, t in zip(padded, window_size, shift):
-        last = torch.zeros(s // w, dtype=torch.long)
+        last = torch.zeros(s // w, dtype=torch.long, device=device)
         if t:
             last[-1] = 1
         lasts.append(last)
+        n_by_bit.append((s // w - 1, 1) if t else (s // w, 0))
+        cut.append(0 < t < w)  # the last window holds two rolled regions along this axis
     code = _grid_code(lasts, 2).reshape(-1)  # (N_r,), raster order of the window grid
     perm = torch.argsort(code, stable=True)
     inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel())
-    _, counts = torch.unique_consecutive(code[perm], return_counts=True)
-    first = torch.cumsum(counts, 0) - counts
-    masks = _shift_window_mask(padded, window_size, shift, torch.device("cpu"))[perm[first]]
-    masked = tuple(bool(m.any()) for m in masks)
-    return WindowClasses(perm.to(device), inv.to(device), tuple(int(c) for c in counts), masks.to(device), masked)
+    inv[perm] = torch.arange(perm.numel(), device=device)
+    # class sizes and masks from the shapes alone (no data-dependent op: torch.compile traces this function)
+    counts, masked = [], []
+    for bits in itertools.product((0, 1), repeat=len(padded)):  # code order, axis 0 most significant
+        n = 1
+        for nb, b in zip(n_by_bit, bits):
+            n *= nb[b]
+        if n:
+            counts.append(n)
+            masked.append(any(b and c for b, c in zip(bits, cut)))
+    first = [sum(counts[:i]) for i in range(len(counts))]
+    masks = _shift_window_mask(padded, window_size, shift, device)[perm[first]]
+    return WindowClasses(perm, inv, tuple(counts), masks, tuple(masked))
 
 
 def window_classes(padded: Sequence[int], window_size: Sequence[int], shift: Sequence[int],
@@ -269,28 +284,26 @@ def window_classes(padded: Sequence[int], window_size: Sequence[int], shift: Seq
                            tuple(int(t) for t in shift), torch.device(device))
 
 
-@functools.lru_cache(maxsize=128)
-@_normal_tensors
+@_shape_cached(128)
 def _shifted_window_index(padded: Tuple[int, ...], window_size: Tuple[int, ...], shift: Tuple[int, ...],
                           device: torch.device, by_class: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     n = math.prod(padded)
-    flat = torch.arange(n).view(1, *padded, 1)
+    flat = torch.arange(n, device=device).view(1, *padded, 1)
     idx = window_partition(roll(flat, shift, -1), window_size)  # (N_r, N_p)
     if by_class:
-        idx = idx[_window_classes(padded, window_size, shift, torch.device("cpu")).perm]
+        idx = idx[_window_classes(padded, window_size, shift, device).perm]
     idx = idx.reshape(-1)
     inv = torch.empty_like(idx)
-    inv[idx] = torch.arange(n)
-    return idx.to(device), inv.to(device)
+    inv[idx] = torch.arange(n, device=device)
+    return idx, inv
 
 
-@functools.lru_cache(maxsize=128)
-@_normal_tensors
+@_shape_cached(128)
 def _prefixed_positions(padded: Tuple[int, ...], window_size: Tuple[int, ...], shift: Tuple[int, ...],
                         num_prefix: int, device: torch.device, by_class: bool = False) -> torch.Tensor:
     n_p = math.prod(window_size)
-    _, inv = _shifted_window_index(padded, window_size, shift, torch.device("cpu"), by_class)
-    return ((inv // n_p) * (num_prefix + n_p) + num_prefix + inv % n_p).to(device)
+    _, inv = _shifted_window_index(padded, window_size, shift, device, by_class)
+    return (inv // n_p) * (num_prefix + n_p) + num_prefix + inv % n_p
 
 
 def partition_with_prefix(x: torch.Tensor, window_size: Sequence[int], shift: Sequence[int],
@@ -402,7 +415,8 @@ class WindowAttention(nn.Module):
         mask, prefix, dtype) and rebuilt when the bias table changes (its version counter / storage).
         """
         table = self.relative_position_bias_table
-        if torch.is_grad_enabled() and table.requires_grad:
+        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
+            # traced by torch.compile: built in the graph (a Python-side cache keyed on storage would break it)
             return self._build_attn_mask(batch_windows, window_size, mask, num_prefix, dtype, None, prefix_queries)
         cache = self.__dict__.setdefault("_mask_cache", {})
         stamp = (table._version, table.data_ptr(), table.device, table.dtype)
