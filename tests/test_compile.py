@@ -116,8 +116,6 @@ def test_train_compile_trains_the_compiled_network(tmp_path, monkeypatch):
     """`train.compile: true` goes through compile_network (static shapes) and the loss is the eager loss.
     The backend is swapped for aot_eager with fullgraph=True here (inductor's training compile takes minutes
     on two cores): a graph break in the training step fails the test."""
-    import sys
-
     import test_train as TT
 
     seen = []
@@ -127,9 +125,6 @@ def test_train_compile_trains_the_compiled_network(tmp_path, monkeypatch):
         seen.append(kw)
         return real_compile(model, backend="aot_eager", fullgraph=True, dynamic=kw.get("dynamic"))
 
-    TT.write_tinynet(tmp_path / "mods")
-    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
-    sys.modules.pop("glam3d_tinynet", None)
     data = TT.make_dataset(tmp_path / "data")
     losses = []
     for compiled in (False, True):

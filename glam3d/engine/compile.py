@@ -49,11 +49,10 @@ def compile_network(model: torch.nn.Module, *, inference: bool, device: torch.de
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; one of {', '.join(COMPILE_MODES)}")
     device = torch.device(device)
-    options = {"freezing": True} if inference and device.type == "cpu" else None
     # static shapes: the window helpers need Python ints; a new shape compiles a new graph (rare: fixed crops)
     kwargs = {"dynamic": False}
-    if options is not None and mode == "default":
-        kwargs["options"] = options  # torch.compile takes either options or a non-default mode
+    if inference and device.type == "cpu" and mode == "default":
+        kwargs["options"] = {"freezing": True}  # torch.compile takes either options or a mode, not both
     else:
         kwargs["mode"] = mode
     net = torch.compile(model, **kwargs)
