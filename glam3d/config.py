@@ -167,7 +167,7 @@ class TrainConfig:
     epochs: int = 1000
     iters_per_epoch: int = 250
     val_every: int = 50  # epochs between validations (and at the last epoch); 0: never
-    amp: Literal["none", "bf16", "fp16"] = "bf16"  # GPU only; CPU always runs float32
+    amp: Literal["none", "bf16", "fp16"] = "bf16"  # bf16: CPU and GPU; fp16 (GradScaler): CUDA only
     compile: bool = False  # torch.compile the network
     seed: int = 12345
     deterministic: bool = False  # torch.use_deterministic_algorithms; bit-exact resume on CPU

@@ -158,7 +158,18 @@ def test_bf16_section_on_any_device():
         res["rows"][0]["sw_bf16_voxels_per_s"] / res["rows"][1]["sw_bf16_voxels_per_s"])
     head = _tables(res)[0][1]
     assert "fwd bf16 (s)" in head and "SW bf16 vox/s" in head and "GPU peak (GB)" not in head
-    assert "bf16" not in BenchConfig(quick=True).resolved().sections  # CPU default: not measured
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_default_on_cpus_with_native_bf16(monkeypatch, native):
+    """The CPU default measures bf16 only where the CPU computes it natively (AVX512-BF16 / AMX), where it is
+    the faster way to run; sections given explicitly are kept as given."""
+    import glam3d.engine.inference as inf
+
+    monkeypatch.setattr(inf, "cpu_bf16_native", lambda: native)
+    assert ("bf16" in BenchConfig(quick=True).resolved().sections) is native
+    assert "graph" not in BenchConfig(quick=True).resolved().sections
+    assert BenchConfig(quick=True, sections=["forward"]).resolved().sections == ["forward"]
 
 
 def test_largest_volume_search(monkeypatch):
@@ -388,3 +399,21 @@ def test_compiled_section_times_compiled_models_and_reports_failures(monkeypatch
     assert res["ratios"]["tiny"]["glam_over_nnformer_forward_compiled"] is None
     head, body = _tables(res)[0][1:]
     assert [line[head.index("fwd compiled (s)")] == "error" for line in body] == [False, True]
+
+
+def test_long_ct_linearity_is_per_window():
+    """Time is compared per window: a 200-slice scan needs 4 rows of 64-slice windows (1.28x its voxels), 1,000
+    slices 16 rows, so s/voxel differs by the window grid's rounding while s/window shows any real slowdown."""
+    from glam3d.bench import _targets
+
+    def row(d, windows, seconds):
+        return {"model": "nnformer_synapse", "volume": [d, 512, 512], "overlap": 0.0, "windows": windows,
+                "seconds": seconds, "peak_rss": 1.6e9, "rss_before": 1.0e9}
+
+    empty = {k: None for k in ("glam_over_nnformer_forward", "glam_over_nnformer_sw")}
+    for slow, status in ((1.0, "PASS"), (1.5, "FAIL")):
+        res = {"long_ct": [row(200, 64, 229.2), row(1000, 256, 887.5 * slow)]}
+        t = {x["target"]: x for x in _targets({}, {"synapse": empty, "tiny": empty}, res)}["long_ct_linear"]
+        assert t["status"] == status
+        assert t["value"] == pytest.approx((887.5 * slow / 256) / (229.2 / 64))
+        assert "s/voxel ratio %.3f" % ((887.5 * slow / 1000) / (229.2 / 200)) in t["note"]

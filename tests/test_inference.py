@@ -5,7 +5,8 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from glam3d.engine.inference import NpySlabReader, NpySlabWriter, predict_volume, resolve_amp, window_grid
+from glam3d.engine.inference import (NpySlabReader, NpySlabWriter, cpu_bf16_native, predict_volume, resolve_amp,
+                                     window_grid)
 
 
 class TinyNet(torch.nn.Module):
@@ -172,6 +173,11 @@ def test_bad_arguments():
         resolve_amp("fp8", torch.device("cpu"))
     assert resolve_amp(None, torch.device("cpu")) is None
     assert resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
+    assert resolve_amp(torch.bfloat16, "cpu") is torch.bfloat16 and resolve_amp("off", "cuda") is None
+    assert resolve_amp("fp16", "cuda") is torch.float16 and resolve_amp(torch.float16, "cuda") is torch.float16
+    with pytest.raises(ValueError, match="fp16 autocast is a GPU path"):
+        resolve_amp("fp16", torch.device("cpu"))
+    assert isinstance(cpu_bf16_native(), bool)
 
 
 def test_amp_bf16_on_cpu_runs():

@@ -24,8 +24,10 @@ HU = {0: 0.0, 1: 95.0, 2: 155.0, 3: 215.0}  # body 0 HU; organ i at -125 + 400 *
 class Oracle(torch.nn.Module):
     """Reads the class off the (transunet-normalised) intensity: a train-free model with known answers."""
     in_channels, num_classes, spatial_dims, default_crop = 1, 4, 3, (16, 16, 16)
+    autocast_seen: list = []  # the CPU autocast dtype (None: off) of every forward
 
     def forward(self, x):
+        Oracle.autocast_seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
         cls = torch.clamp(torch.round((x[:, 0] - 0.4) / 0.15), 0, 3).long()
         cls[x[:, 0] < 0.43] = 0  # midway between body (0.31) and aorta (0.55)
         return 10.0 * torch.nn.functional.one_hot(cls, 4).permute(0, 4, 1, 2, 3).float()
@@ -253,3 +255,30 @@ def test_dicom_series_lps_to_ras(tmp_path):
         ras = img.affine @ np.r_[ijk, 1]
         assert np.allclose(ras[:3], lps * [-1, -1, 1], atol=1e-4)
         assert data[ijk] == arr[ijk[2], ijk[1], ijk[0]]
+
+
+def test_cpu_amp(tmp_path, capsys, monkeypatch):
+    """On a CPU: float32 by default, bf16 autocast when asked (recorded in the manifest; a warning where the CPU
+    has no native bf16), fp16 refused in one line before anything is written."""
+    import glam3d.engine.inference as inf
+
+    img, _, raw = make_scan("RAS")
+    nib.save(img, tmp_path / "a.nii.gz")
+    ck = write_checkpoint(tmp_path / "ck.pt", [3.0, 1.5, 1.5])
+    base = ["predict", "--checkpoint", str(ck), "--input", str(tmp_path / "a.nii.gz"), "--device", "cpu", "--quiet"]
+    for amp, seen, native in (("auto", None, True), ("bf16", torch.bfloat16, True), ("bf16", torch.bfloat16, False)):
+        monkeypatch.setattr(inf, "cpu_bf16_native", lambda native=native: native)
+        Oracle.autocast_seen.clear()
+        out = tmp_path / f"pred_{amp}_{native}"
+        assert main(base + ["--output", str(out), "--amp", amp]) == 0
+        assert Oracle.autocast_seen and set(Oracle.autocast_seen) == {seen}
+        assert np.array_equal(np.asanyarray(nib.load(out / "a.nii.gz").dataobj), raw)
+        man = json.loads((out / "predictions.json").read_text())
+        assert man["inference"]["amp"] == ("off" if seen is None else "bf16")
+        err = capsys.readouterr().err
+        assert ("no native bf16" in err) is (amp == "bf16" and not native)
+    out = tmp_path / "pred_fp16"
+    assert main(base + ["--output", str(out), "--amp", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --amp") and "fp16" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

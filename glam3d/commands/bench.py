@@ -25,7 +25,8 @@ process so its peak memory is its own.
 #: what ``glam3d bench`` can measure; "bf16" (autocast forward + sliding window, and the bf16 matmul peak) runs on
 #: any device when asked for, "graph" (forward as CUDA-graph replays) and "gpu" (longest scan without running out
 #: of memory) on CUDA only; "compiled" (forward through ``torch.compile``, minutes of compiling per network on a
-#: CPU) anywhere; the four are in the default set on CUDA alone.
+#: CPU) anywhere; the four are in the default set on CUDA, and "bf16" also on CPUs that compute bf16 natively
+#: (AVX512-BF16 / AMX).
 SECTIONS = ["forward", "sw", "scaling", "long_ct", "train", "bf16", "graph", "compiled", "gpu"]
 
 

@@ -61,7 +61,9 @@ def add_parser(subparsers):
     p.add_argument("--stitch-device", default=None, metavar="DEVICE",
                    help="where windows are blended (default: --device); 'cpu' for scans too large for the GPU")
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
-                   help="mixed precision on GPU (auto: bf16 where supported; CPU always float32)")
+                   help="mixed precision (auto: bf16 on GPUs that support it, else fp16; float32 on CPU). bf16 "
+                        "on a CPU with AVX512-BF16 or AMX runs the network ~1.7x faster than float32 (labels may "
+                        "differ at a few boundary voxels); fp16 is GPU-only")
     p.add_argument("--probabilities", action="store_true",
                    help="also write <case>_probabilities.nii.gz (softmax per class, in the input geometry)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
@@ -301,7 +303,7 @@ def run(args) -> int:
     import torch
 
     from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from ..engine.inference import predict_volume, resolve_amp
+    from ..engine.inference import cpu_bf16_native, predict_volume, resolve_amp
     from ..metrics.report import code_version
     from ..utils.io import atomic_path, atomic_write_json, sweep_stale_temps
 
@@ -340,9 +342,12 @@ def run(args) -> int:
     if args.stitch_device:
         stitch = _resolve_device(args.stitch_device, local_rank)
     try:
-        resolve_amp(args.amp, device)
+        amp_dtype = resolve_amp(args.amp, device)
     except ValueError as err:
         raise UserError(f"--amp: {err}") from None
+    if amp_dtype == torch.bfloat16 and device.type == "cpu" and not cpu_bf16_native() and rank == 0:
+        print("warning: --amp bf16: this CPU has no native bf16 (AVX512-BF16 / AMX); bf16 is emulated and slower "
+              "than float32 here", file=sys.stderr)
     model = model_from_checkpoint(state, ckpt_path).to(device).eval()
     settings = inference_settings(state, model, args)
     in_ch = getattr(model, "in_channels", None)
@@ -367,7 +372,7 @@ def run(args) -> int:
         "labels": state.get("labels"),
         "label_values": (plan or {}).get("label_values"),
         "inference": {**settings, "device": str(device), "stitch_device": str(stitch or device),
-                      "amp": args.amp if device.type == "cuda" else "off (CPU)", "probabilities": args.probabilities,
+                      "amp": {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype], "probabilities": args.probabilities,
                       "world_size": world},
         "cases": {},
     }

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
-__all__ = ["predict_volume", "window_grid", "resolve_amp", "SlabStats", "NpySlabReader", "NpySlabWriter"]
+__all__ = ["predict_volume", "window_grid", "resolve_amp", "cpu_bf16_native", "SlabStats", "NpySlabReader", "NpySlabWriter"]
 
 _PLANES_PER_STEP = 4
 
@@ -76,23 +76,40 @@ def window_grid(image_size: Sequence[int], roi_size: Sequence[int], overlap: flo
     return dense_patch_slices(tuple(image_size), tuple(roi_size), tuple(interval))
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bf16 natively in oneDNN (AVX512-BF16 or AMX: Intel Cooper Lake / Sapphire Rapids
+    and later, AMD Zen 4 and later). Elsewhere bf16 autocast on the CPU is emulated and slower than float32."""
+    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None and torch.backends.mkldnn.is_available() else False
+    except RuntimeError:
+        return False
+
+
 def resolve_amp(amp, device: torch.device) -> Optional[torch.dtype]:
-    """``amp``: ``None``/``"auto"`` (bf16 on a CUDA GPU that supports it, else fp16; off on CPU), ``True``
-    (same as auto), ``False``/``"off"``/``"none"``, ``"bf16"``/``"bfloat16"``, ``"fp16"``/``"float16"``."""
+    """Autocast dtype for ``amp`` on ``device`` (``None``: float32).
+
+    ``None``/``"auto"``/``True``: bf16 on a CUDA GPU that supports it, else fp16; float32 on CPU (bf16 on a CPU
+    is the user's choice: faster where :func:`cpu_bf16_native`, never bit-equal to float32).
+    ``False``/``"off"``/``"none"``/``"fp32"``: float32. ``"bf16"``/``"bfloat16"``: bf16 on any device.
+    ``"fp16"``/``"float16"``: CUDA only (ValueError on CPU, where fp16 autocast is slow and unscaled).
+    """
+    device = torch.device(device)
     if amp is None or amp is True or (isinstance(amp, str) and amp.lower() == "auto"):
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp is False or (isinstance(amp, str) and amp.lower() in ("off", "none", "false", "no", "fp32")):
         return None
-    if isinstance(amp, torch.dtype):
-        return amp
-    key = str(amp).lower()
-    if key in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if key in ("fp16", "float16", "half"):
-        return torch.float16
-    raise ValueError(f"amp must be one of auto, off, bf16, fp16; got {amp!r}")
+    key = str(amp).lower().replace("torch.", "")
+    dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}.get(key)
+    if dtype is None:
+        raise ValueError(f"amp must be one of auto, off, bf16, fp16; got {amp!r}")
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("fp16 autocast is a GPU path; on a CPU use bf16 (fast where the CPU has AVX512-BF16 or "
+                         "AMX) or off")
+    return dtype
 
 
 # ---------------------------------------------------------------------------------------------------------------

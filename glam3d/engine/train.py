@@ -60,6 +60,7 @@ from ..utils.io import atomic_write_json, atomic_write_text, sweep_stale_temps
 from . import distributed as dist
 from .checkpoint import (UnsafeCheckpoint, load_checkpoint, load_model_weights, rng_state, save_checkpoint,
                          set_rng_state)
+from .inference import cpu_bf16_native, predict_volume
 from .logging import RunLogger
 from .optim import build_optimizer, build_scheduler, clip_gradients
 
@@ -270,8 +271,6 @@ def per_class_dice(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) ->
 
 def _predict(model, image, vcfg, roi, device, amp):
     """Validation labels ``(D, H, W)`` uint8 by the same slab-streamed sliding window as ``glam3d predict``."""
-    from .inference import predict_volume
-
     return predict_volume(model, image, roi_size=roi, overlap=vcfg.overlap, sw_batch_size=vcfg.sw_batch_size,
                           mode=vcfg.mode, mirror=vcfg.mirror, device=device, amp=amp)
 
@@ -568,6 +567,9 @@ class _Trainer:
             log.info(f"resuming from epoch {start_epoch + 1}, iteration {start_step} (step {global_it})")
         if tc.amp != amp:
             log.info(f"train.amp={tc.amp} applies on CUDA only: training in float32 on {device}")
+        elif amp == "bf16" and device.type == "cpu" and not cpu_bf16_native():
+            log.info("train.amp=bf16 on a CPU without native bf16 (AVX512-BF16 / AMX): emulated, slower than "
+                     "float32 here (train.amp=none)")
 
         # ---- loop -----------------------------------------------------------------------------------------------
         patches_per_step = cfg.data.batch_size * (1 if self.is2d else cfg.data.num_samples)
