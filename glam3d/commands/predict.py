@@ -62,8 +62,8 @@ def add_parser(subparsers):
                    help="where windows are blended (default: --device); 'cpu' for scans too large for the GPU")
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="mixed precision (auto: bf16 on GPUs that support it, else fp16; float32 on CPU). bf16 "
-                        "on a CPU with AVX512-BF16 or AMX runs the network ~1.7x faster than float32 (labels may "
-                        "differ at a few boundary voxels); fp16 is GPU-only")
+                        "on a CPU with AVX512-BF16 or AMX runs the network 1.3-1.5x faster than float32 (labels "
+                        "may differ at a few boundary voxels); fp16 is GPU-only")
     p.add_argument("--probabilities", action="store_true",
                    help="also write <case>_probabilities.nii.gz (softmax per class, in the input geometry)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
@@ -372,8 +372,8 @@ def run(args) -> int:
         "labels": state.get("labels"),
         "label_values": (plan or {}).get("label_values"),
         "inference": {**settings, "device": str(device), "stitch_device": str(stitch or device),
-                      "amp": {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype], "probabilities": args.probabilities,
-                      "world_size": world},
+                      "amp": {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
+                      "probabilities": args.probabilities, "world_size": world},
         "cases": {},
     }
     prev = _read_manifest(out_dir / MANIFEST)

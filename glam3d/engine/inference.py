@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
-__all__ = ["predict_volume", "window_grid", "resolve_amp", "cpu_bf16_native", "SlabStats", "NpySlabReader", "NpySlabWriter"]
+__all__ = ["predict_volume", "window_grid", "resolve_amp", "cpu_bf16_native", "SlabStats",
+           "NpySlabReader", "NpySlabWriter"]
 
 _PLANES_PER_STEP = 4
 
