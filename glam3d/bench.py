@@ -56,7 +56,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .alloc import allocator_state
+from .alloc import ENV_SWITCH, allocator_state, tune_allocator
 from .commands.bench import SECTIONS  # the CLI's list (a light module: no torch import at parse time)
 
 __all__ = ["BenchConfig", "run_bench", "format_report", "to_markdown", "matmul_peak_gflops", "time_forward",
@@ -913,7 +913,9 @@ def _alloc(m) -> str:
         return "default"
     parts = (["THP"] if a.get("thp_env") == "1" and not a.get("torch_imported") else []) + \
         ([f"mmap>={int(a['mmap_threshold_env']) >> 10} KiB"] if a.get("mallopt") else []) + \
-        (["no trim"] if a.get("mallopt") and a.get("trim_threshold_env") else [])
+        (["no trim"] if a.get("mallopt") and a.get("trim_threshold_env") else []) + \
+        ([f"CPU cache (slack {a['cache']['slack_bytes'] >> 20} MiB)"] if a.get("cache") else []) + \
+        ([f"cache unavailable: {a['cache_error']}"] if a.get("cache_error") else [])
     return (f"{a['profile']} profile: " if a.get("profile") else "") + ("+".join(parts) or "default")
 
 
@@ -944,6 +946,8 @@ def to_markdown(res: dict) -> str:
 def _main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "--worker":
+        if os.environ.get(ENV_SWITCH, "").strip().lower() == "cache":  # the parent's profile (torch is imported)
+            tune_allocator("cache")
         print(json.dumps(_worker(json.loads(argv[1]))), flush=True)
         return 0
     from .cli import main

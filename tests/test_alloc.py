@@ -42,7 +42,7 @@ def _child(**env):
 
 @glibc_only
 def test_tuned_allocator_returns_freed_blocks():
-    tuned, default = _child(), _child(GLAM3D_ALLOC_TUNING="0")
+    tuned, default = _child(GLAM3D_ALLOC_TUNING="memory"), _child(GLAM3D_ALLOC_TUNING="0")
     assert tuned["state"]["mallopt"] and tuned["state"]["thp_env"] == "1" and not tuned["state"]["torch_imported"]
     assert tuned["state"]["profile"] == "memory" and tuned["state"]["trim_threshold_env"] is None
     assert default["state"] == {"enabled": False, "profile": None, "torch_imported": False, "mallopt": False,
@@ -54,7 +54,7 @@ def test_tuned_allocator_returns_freed_blocks():
 
 @glibc_only
 def test_user_environment_wins():
-    r = _child(THP_MEM_ALLOC_ENABLE="0", MALLOC_MMAP_THRESHOLD_="not-a-number")
+    r = _child(GLAM3D_ALLOC_TUNING="memory", THP_MEM_ALLOC_ENABLE="0", MALLOC_MMAP_THRESHOLD_="not-a-number")
     assert r["state"]["thp_env"] == "0" and r["state"]["mmap_threshold_env"] == "not-a-number"
     assert r["state"]["mallopt"] is False  # a malformed threshold is not applied
 
@@ -64,7 +64,7 @@ def test_speed_profile_reuses_the_heap():
     """``speed``: the 4 MB blocks stay in the (untrimmed) heap and are reused without page faults; the memory
     profile maps, faults in and unmaps them every round (huge pages off here so that faults count pages)."""
     speed = _child(GLAM3D_ALLOC_TUNING="speed", THP_MEM_ALLOC_ENABLE="0")
-    memory = _child(THP_MEM_ALLOC_ENABLE="0")
+    memory = _child(GLAM3D_ALLOC_TUNING="memory", THP_MEM_ALLOC_ENABLE="0")
     assert speed["state"]["profile"] == "speed" and speed["state"]["mallopt"]
     assert speed["state"]["mmap_threshold_env"] == str(32 << 20)
     assert speed["state"]["trim_threshold_env"] == str(1 << 30)

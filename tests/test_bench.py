@@ -417,3 +417,17 @@ def test_long_ct_linearity_is_per_window():
         assert t["status"] == status
         assert t["value"] == pytest.approx((887.5 * slow / 256) / (229.2 / 64))
         assert "s/voxel ratio %.3f" % ((887.5 * slow / 1000) / (229.2 / 200)) in t["note"]
+
+
+def test_report_names_the_allocator_profile():
+    """The table header says which allocator profile measured it: the cache with its slack, or why it was not
+    available (the figures then are the memory profile's)."""
+    from glam3d.bench import _alloc
+    base = {"enabled": True, "thp_env": "1", "torch_imported": False, "mallopt": True,
+            "mmap_threshold_env": str(1 << 20), "trim_threshold_env": None}
+    assert _alloc({"allocator": {**base, "profile": "memory"}}) == "memory profile: THP+mmap>=1024 KiB"
+    cache = {**base, "profile": "cache", "cache": {"slack_bytes": 64 << 20, "cap_bytes": 2 << 30, "min_bytes": 1 << 20}}
+    assert _alloc({"allocator": cache}) == "cache profile: THP+mmap>=1024 KiB+CPU cache (slack 64 MiB)"
+    failed = {**base, "profile": "memory", "cache_error": "g++: not found"}
+    assert _alloc({"allocator": failed}).endswith("+cache unavailable: g++: not found")
+    assert _alloc({"allocator": {"enabled": False}}) == "default"
