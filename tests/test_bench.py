@@ -33,6 +33,10 @@ def test_rows_and_columns(quick_result):
                     "sw_peak_rss"):
             assert r.get(key) is not None and r[key] > 0, (r["model"], key, r.get("sw"))
     assert res["matmul_peak_gflops"] > 0
+    # the peak is the better of two samples (before and after the forward rounds), and "% of peak" uses it
+    assert len(res["matmul_peak_samples"]) == 2 and res["matmul_peak_gflops"] == max(res["matmul_peak_samples"])
+    for r in res["rows"]:
+        assert r["peak_fraction"] == pytest.approx(r["gflops"] / res["matmul_peak_gflops"])
     assert len(res["scaling"]) == 3 and len(res["long_ct"]) == 2
     for r in res["scaling"] + res["long_ct"]:
         assert "error" not in r, r
