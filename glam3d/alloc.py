@@ -26,7 +26,7 @@ The **cache profile** (the default; ``GLAM3D_ALLOC_TUNING=cache``) gets both: th
 then (this imports torch) a caching CPU allocator bounded by the peak of the live tensors
 (:mod:`glam3d.cpu_cache`, compiled once with the C++ compiler): on the Zen 4 VM forwards 27-29 % faster than the
 memory profile, long-CT peak 1.73 / 1.74 GB. Where it cannot be built the memory profile stays (one warning line
-when the cache was asked for by name); ``GLAM3D_ALLOC_TUNING=memory`` chooses the memory profile alone.
+when the cache was asked for by name or a ``GLAM3D_CPU_CACHE_*`` variable is set); ``GLAM3D_ALLOC_TUNING=memory`` chooses the memory profile alone.
 """
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ def tune_allocator(enable: bool | str | None = None) -> Dict[str, object]:
     if enable is None:
         enable = os.environ.get(ENV_SWITCH, "").strip().lower()
         enable = False if enable in ("0", "false", "no", "off") else enable
-    asked_for_cache = enable == "cache"
+    # asked for by name, or configured: then a fallback is worth a warning line
+    asked_for_cache = enable == "cache" or any(k.startswith("GLAM3D_CPU_CACHE_") for k in os.environ)
     profile = enable if enable in ("memory", "speed", "cache") else ("cache" if enable is not False else None)
     state: Dict[str, object] = {"enabled": profile is not None, "profile": profile,
                                 "torch_imported": "torch" in sys.modules, "mallopt": False}

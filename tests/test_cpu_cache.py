@@ -166,3 +166,8 @@ def test_bad_settings_are_refused(tmp_path):
         print(json.dumps({"msg": msg, "installed": cpu_cache.installed()}))
     """, tmp_path, GLAM3D_CPU_CACHE_SLACK_MB="lots")
     assert r["msg"] == "GLAM3D_CPU_CACHE_SLACK_MB='lots' is not a whole number of MiB" and not r["installed"]
+    # through the default profile: the memory profile, and one line, since the cache was configured
+    r = _child(FALLBACK, tmp_path, GLAM3D_CPU_CACHE_SLACK_MB="lots")
+    assert r["state"]["profile"] == "memory" and not r["installed"]
+    assert r["stderr"].strip().endswith("GLAM3D_CPU_CACHE_SLACK_MB='lots' is not a whole number of MiB")
+    assert len(r["stderr"].strip().splitlines()) == 1
