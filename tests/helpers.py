@@ -12,6 +12,7 @@ import locale
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -124,6 +125,21 @@ def env(mods=None, **extra) -> dict:
     e["MKL_NUM_THREADS"] = "1"
     e.update({k: str(v) for k, v in extra.items()})
     return e
+
+
+#: environment variables that choose or tune the CPU allocator (glam3d.alloc, glam3d.cpu_cache, glibc, PyTorch)
+ALLOCATOR_ENV = ("GLAM3D_ALLOC", "GLAM3D_CPU_CACHE", "MALLOC_", "THP_MEM")
+
+
+def allocator_child(code: str, **env) -> dict:
+    """Run ``code`` (dedented) in a fresh interpreter whose allocator settings are only ``env`` (none of this
+    process's); returns the JSON its last stdout line prints, plus ``"stderr"``. The CPU allocator is
+    process-wide, so its tests run in children."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(ALLOCATOR_ENV)}
+    full.update(env)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {"stderr": out.stderr, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
 def python(*args, mods=None, **kw) -> subprocess.Popen:

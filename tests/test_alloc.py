@@ -1,13 +1,10 @@
 """glam3d.alloc: the allocator settings return freed activation memory to the OS, and can be switched off."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from glam3d.alloc import _glibc
+from helpers import allocator_child
 
 glibc_only = pytest.mark.skipif(_glibc() is None, reason="mallopt needs Linux/glibc")
 
@@ -32,12 +29,7 @@ CHILD = textwrap.dedent("""
 
 
 def _child(**env):
-    full = {k: v for k, v in os.environ.items()
-            if k not in ("GLAM3D_ALLOC_TUNING", "THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_",
-                         "MALLOC_TRIM_THRESHOLD_")}
-    full.update(env)
-    out = subprocess.run([sys.executable, "-c", CHILD], env=full, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return allocator_child(CHILD, **env)
 
 
 @glibc_only

@@ -2,28 +2,21 @@
 same results as PyTorch's allocator, and falls back with one warning line where it cannot be built.
 
 The allocator is process-wide and cannot be taken out again, so every check runs in a child process."""
-import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
 from glam3d.alloc import _glibc
+from helpers import allocator_child
 
 needs_compiler = pytest.mark.skipif(_glibc() is None or shutil.which(os.environ.get("CXX", "g++")) is None,
                                     reason="the cache is compiled with a C++ compiler on Linux/glibc")
 
 
 def _child(code: str, tmp_path, **env) -> dict:
-    full = {k: v for k, v in os.environ.items()
-            if not k.startswith(("GLAM3D_ALLOC", "GLAM3D_CPU_CACHE", "MALLOC_", "THP_MEM"))}
-    full.update({"GLAM3D_CACHE_DIR": str(tmp_path / "build")}, **env)
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return {"stderr": out.stderr, **json.loads(out.stdout.strip().splitlines()[-1])}
+    """:func:`helpers.allocator_child` building the library into ``tmp_path`` (never the user's cache)."""
+    return allocator_child(code, GLAM3D_CACHE_DIR=str(tmp_path / "build"), **env)
 
 
 REUSE = """
