@@ -92,21 +92,23 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   void give_back(void* p) {
     std::vector<void*> evicted;
+    bool small = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto found = live_sizes_.find(p);
-      if (found == live_sizes_.end()) {  // a small block: the fallback's
-        fallback_raw_(p);
-        return;
+      if (found == live_sizes_.end()) {
+        small = true;  // the fallback's block: freed below, outside the lock
+      } else {
+        size_t size = found->second;
+        live_sizes_.erase(found);
+        live_ -= size;
+        order_.emplace_back(p, size);
+        free_.emplace(size, std::prev(order_.end()));
+        cached_ += size;
+        while (cached_ > cap_) evicted.push_back(evict_oldest());
       }
-      size_t size = found->second;
-      live_sizes_.erase(found);
-      live_ -= size;
-      order_.emplace_back(p, size);
-      free_.emplace(size, std::prev(order_.end()));
-      cached_ += size;
-      while (cached_ > cap_) evicted.push_back(evict_oldest());
     }
+    if (small) fallback_raw_(p);
     for (void* e : evicted) std::free(e);
   }
 
