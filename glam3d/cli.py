@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    tune_allocator()  # before the commands import torch (see glam3d.alloc)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help, --version and usage errors exit here, without importing torch
+    tune_allocator()  # before the command imports torch (see glam3d.alloc)
     return run_command(args._run, args)
 
 if __name__ == "__main__":

@@ -64,3 +64,22 @@ def test_speed_profile_reuses_the_heap():
     # reused: at most the one block per round that the pinned small tensor pushes to the heap top faults in
     assert speed["faults"] < memory["faults"] / 4
     assert speed["retained"] > 16 * 2**20  # the price: the heap keeps the blocks
+
+
+def test_help_and_version_do_not_import_torch():
+    """The default (cache) profile imports torch to install its allocator; that happens once a command runs, so
+    ``glam3d --help``, ``--version`` and a sub-command's ``--help`` answer without the ~2 s torch import."""
+    out = allocator_child("""
+        import json, sys
+        from glam3d.cli import main
+        seen = {}
+        for argv in (["--version"], ["--help"], ["predict", "--help"], ["bench", "--help"]):
+            try:
+                main(argv)
+            except SystemExit:
+                pass
+            seen[" ".join(argv)] = "torch" in sys.modules
+        print(json.dumps(seen))
+    """)
+    out.pop("stderr")
+    assert out and not any(out.values()), out

@@ -267,6 +267,30 @@ def test_resume_with_another_architecture(tiny):
         _train(init)
 
 
+def test_init_checkpoint_starts_from_its_weights(tiny, monkeypatch):
+    """``model.init_checkpoint``: the new run's network starts from the checkpoint's weights (read from the
+    file mapped, its optimiser state untouched) and trains from there in a fresh run folder."""
+    import glam3d.engine.train as engine
+    from glam3d.engine.checkpoint import load_checkpoint
+
+    data, tmp = tiny
+    _train(tiny_config(data, tmp / "run", train={"epochs": 1}))
+    ck = tmp / "run" / "checkpoints" / "last.pt"
+    start = {}
+    real = engine.build_optimizer
+
+    def spy(model, cfg):
+        start.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real(model, cfg)
+
+    monkeypatch.setattr(engine, "build_optimizer", spy)
+    _train(tiny_config(data, tmp / "run2", model={"init_checkpoint": str(ck)}, train={"epochs": 1}))
+    saved = load_checkpoint(ck)["model"]
+    assert start.keys() == saved.keys()
+    assert all(torch.equal(start[k], saved[k]) for k in saved)
+    assert load_checkpoint(tmp / "run2" / "checkpoints" / "last.pt")["epoch"] == 1
+
+
 def test_cli_bad_inputs_one_line(tiny, capsys):
     from glam3d.commands.train import main
 

@@ -214,11 +214,11 @@ def _run_2d_checkpoint(args) -> int:
 
     from ..config import Data2DConfig, config_from_dict
     from ..data.natural import build_2d_datasets
-    from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from ..engine.checkpoint import checkpoint_metadata, load_checkpoint, model_from_checkpoint
     from ..engine.distributed import resolve_device
     from ..metrics.miou import evaluate_segmentation, write_miou_report
 
-    state = load_checkpoint(args.checkpoint)
+    state = load_checkpoint(args.checkpoint, mmap=True)
     raw_cfg = state.get("config") or {}
     try:
         cfg = config_from_dict(raw_cfg, source=str(args.checkpoint))
@@ -234,6 +234,7 @@ def _run_2d_checkpoint(args) -> int:
         data["val_split"] = args.split
     _, val_ds, names = build_2d_datasets(data)
     model = model_from_checkpoint(state, path=args.checkpoint)
+    state = checkpoint_metadata(state)
     if getattr(model, "num_classes", len(names)) != len(names):
         raise UserError(f"the checkpoint's network predicts {model.num_classes} classes but the data at "
                         f"{data['root']} has {len(names)}", args.checkpoint)

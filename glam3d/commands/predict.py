@@ -302,7 +302,7 @@ def run(args) -> int:
     import nibabel as nib
     import torch
 
-    from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from ..engine.checkpoint import checkpoint_metadata, load_checkpoint, model_from_checkpoint
     from ..engine.inference import cpu_bf16_native, predict_volume, resolve_amp
     from ..metrics.report import code_version
     from ..utils.io import atomic_path, atomic_write_json, sweep_stale_temps
@@ -328,7 +328,7 @@ def run(args) -> int:
     for c in cases:
         _check_readable(c)
     ckpt_path = Path(args.checkpoint)
-    state = load_checkpoint(ckpt_path)
+    state = load_checkpoint(ckpt_path, mmap=True)
     plan = state.get("plan")
     if not plan:
         raise UserError("the checkpoint carries no preprocessing plan, so new scans cannot be prepared like its "
@@ -349,6 +349,7 @@ def run(args) -> int:
         print("warning: --amp bf16: this CPU has no native bf16 (AVX512-BF16 / AMX); bf16 is emulated and slower "
               "than float32 here", file=sys.stderr)
     model = model_from_checkpoint(state, ckpt_path).to(device).eval()
+    state = checkpoint_metadata(state)  # the loaded weights and optimiser state are not held during inference
     settings = inference_settings(state, model, args)
     in_ch = getattr(model, "in_channels", None)
     if args.compile is not None:

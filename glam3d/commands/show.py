@@ -91,7 +91,7 @@ def _overlay(args) -> int:
 def _attention(args) -> int:
     import torch
 
-    from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from ..engine.checkpoint import checkpoint_metadata, load_checkpoint, model_from_checkpoint
     from ..viz import render_attention
     from .predict import _pipeline, _resolve_device, inference_settings
 
@@ -102,12 +102,13 @@ def _attention(args) -> int:
         raise UserError(f"global attention maps need glam3d.models.attention_map, which is not available "
                         f"({err})") from None
     image = _load(args.image, "image")
-    state = load_checkpoint(args.checkpoint)
+    state = load_checkpoint(args.checkpoint, mmap=True)
     plan = state.get("plan")
     if not plan:
         raise UserError("the checkpoint carries no preprocessing plan", args.checkpoint)
     device = _resolve_device(args.device, -1)
     model = model_from_checkpoint(state, args.checkpoint).to(device).eval()
+    state = checkpoint_metadata(state)
     layers = [m for m in model.modules() if isinstance(m, GLAMLayer) and m.num_global_tokens and m.gmsa is not None]
     if not layers:
         raise UserError("this network has no GLAM layer with global tokens and G-MSA: no global attention map",

@@ -452,8 +452,9 @@ class _Trainer:
             for line in report.summary().splitlines():
                 log.info(line)
         if cfg.model.init_checkpoint and resume_state is None:
-            init = load_checkpoint(cfg.model.init_checkpoint)
+            init = load_checkpoint(cfg.model.init_checkpoint, mmap=True)  # its optimiser state is never read
             load_model_weights(model, init["model"], path=cfg.model.init_checkpoint)
+            del init
         device = env.device
         if self.is2d and env.distributed and tc.sync_bn and device.type == "cuda":
             if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
