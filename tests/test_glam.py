@@ -371,3 +371,29 @@ def test_class_attention_equals_full_mask_path(ws, S, n_g, cross, B, monkeypatch
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
     for a, b in zip(gr1, gr2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ws,S,n_g,cross,B", [((2, 2, 2), (5, 6, 8), 3, False, 2), ((4, 4), (12, 9), 4, False, 1),
+                                              ((2, 2, 2), (4, 4, 4), 0, True, 2), ((3, 3), (7, 7), 2, True, 2)])
+@pytest.mark.parametrize("chunk", [1, 37, 10 ** 9])
+def test_chunked_inference_equals_autograd_path(ws, S, n_g, cross, B, chunk, monkeypatch):
+    """CPU inference runs window attention on groups of windows and the MLP on chunks of tokens (added in place,
+    ``layers.CHUNK_TOKENS``): for any chunk size — one window or token at a time, sizes that cut window
+    classes and images apart, one chunk — the outputs and global tokens equal the unchunked autograd path's."""
+    from glam3d.models import layers
+    torch.manual_seed(0)
+    layer = GLAMLayer(8, 3, 2, ws, num_global_tokens=n_g, cross_attention=cross).eval()
+    x = torch.randn(B, *S, 8)  # channels-last tokens, as the networks pass them (forward_tokens)
+    ctx = torch.randn(B, *S, 8) if cross else None
+    y_ref, g_ref = layer.forward_tokens(x, ctx)  # autograd on (parameters require grad): no chunking
+    assert y_ref.requires_grad
+    monkeypatch.setattr(layers, "CHUNK_TOKENS", chunk)
+    calls = []
+    real = layers.add_mlp_
+    monkeypatch.setattr("glam3d.models.glam.add_mlp_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        y, g = layer.forward_tokens(x, ctx)
+    assert len(calls) == 3  # every block took the chunked path
+    torch.testing.assert_close(y, y_ref.detach(), rtol=1e-5, atol=1e-6)
+    if n_g:
+        torch.testing.assert_close(g, g_ref.detach(), rtol=1e-5, atol=1e-6)

@@ -75,7 +75,7 @@ def test_2d(overlap):
 
 
 def _window_bytes(k, roi):
-    return (k + 1) * int(np.prod(roi)) * 4  # K accumulator channels + the count map, float32
+    return k * int(np.prod(roi)) * 4  # K accumulator channels, float32 (a cell's count map: only at finalising)
 
 
 @pytest.mark.parametrize("depth", [64, 70])  # a multiple of the window, and not (the last row is shifted back)
@@ -93,7 +93,7 @@ def test_overlap0_holds_one_window_whatever_the_length(depth):
     assert peaks[0] == peaks[1] == _window_bytes(5, roi)
 
 
-def test_overlap_half_holds_at_most_six_tenths_of_a_slab():
+def test_overlap_half_holds_at_most_half_a_slab():
     model = TinyNet(k=5).eval()
     roi = (8, 8, 8)
     peaks = []
@@ -102,7 +102,8 @@ def test_overlap_half_holds_at_most_six_tenths_of_a_slab():
         predict_volume(model, torch.randn(1, d, 64, 64), roi, overlap=0.5, stats=stats)
         slab = (5 + 1) * roi[0] * 64 * 64 * 4  # the old slab: K x roi_d x H x W floats + its count map
         assert stats["slab_bytes"] == slab
-        assert stats["peak_accumulator_bytes"] <= 0.6 * slab, stats["peak_accumulator_bytes"] / slab
+        # the sums of one (roi_d / 2)-deep full-width layer of cells (5/12 of the slab) and the edges of the next
+        assert stats["peak_accumulator_bytes"] <= 0.5 * slab, stats["peak_accumulator_bytes"] / slab
         peaks.append(stats["peak_accumulator_bytes"])
     assert peaks[0] == peaks[1]
 

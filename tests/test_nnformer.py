@@ -193,3 +193,24 @@ def test_model_table_and_command(capsys):
     cmd.add_parser(parser.add_subparsers())
     assert cmd.run(parser.parse_args(["models", "--names", "nnformer_tiny"])) == 0
     assert "nnformer_tiny" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["nnformer_tiny", "glam_nnformer_tiny"])
+def test_cpu_inference_paths_equal_autograd_path(name, monkeypatch):
+    """CPU inference takes the memory-lean paths — window attention and MLPs in chunks of tokens (forced small
+    here), the last patch merging as one GEMM (its weight dwarfs its map), skips freed once used — and gives the
+    logits of the plain autograd path."""
+    from glam3d.models import layers
+    from glam3d.models.networks import nnformer as nnf
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    x = torch.randn(2, 1, 32, 64, 64)
+    ref = model(x)
+    assert ref.requires_grad  # the reference ran with autograd: none of the inference paths
+    monkeypatch.setattr(layers, "CHUNK_TOKENS", 100)
+    gemm = []
+    monkeypatch.setattr(nnf, "conv_as_gemm", lambda *a: gemm.append(1) or layers.conv_as_gemm(*a))
+    with torch.inference_mode():
+        y = model(x)
+    assert gemm == [1]  # the last merging (96 -> 192 channels onto 2^3 voxels); the others stay convolutions
+    torch.testing.assert_close(y, ref.detach(), rtol=1e-4, atol=1e-5)

@@ -8,9 +8,10 @@ A plain implementation (``monai.inferers.sliding_window_inference``) keeps a flo
 probability volume plus a count map until the end: for a 14-class model on a 512×512 CT of 1,000 slices that is
 about 15 GB. Here the (padded) volume is split into *cells*: the boxes of the arrangement cut by every window's
 start and stop along every axis. Windows are visited in MONAI's order (sorted by start, ``D`` first, then ``H``,
-then ``W``); a cell's float32 accumulator (``K × cell`` plus a count map) is allocated when the first window
-touching it is processed and finalised (divided by its count, reduced to labels by argmax, probabilities kept if
-asked) and freed as soon as the last window covering it is done. With overlap 0 only one window's worth of
+then ``W``); a cell's float32 accumulator (``K × cell``) is allocated when the first window touching it is
+processed and finalised (divided by its count map — the sum of the windows' weights, recomputed then in the same
+order, so no count map stays alive — reduced to labels by argmax, probabilities kept if asked) and freed as soon
+as the last window covering it is done. With overlap 0 only one window's worth of
 accumulator is ever alive; with overlap 0.5 about 0.58 of a ``roi_d``-deep full-width slab. Every voxel receives
 the same float32 additions in the same order as in MONAI's full-volume aggregation, so the labels (and
 probabilities) are equal bit for bit (``tests/test_inference.py`` checks it).
@@ -52,7 +53,8 @@ class SlabStats(dict):
     """Filled by :func:`predict_volume` when passed as ``stats=``: sizes of what inference held.
 
     Keys: ``windows``; ``image_shape`` (padded); ``cells`` (cells per axis); ``peak_accumulator_bytes`` (the
-    largest total size of the live cell accumulators + count maps, summed from the tensors actually allocated);
+    largest total size of the live cell accumulators, summed from the tensors actually allocated; a cell's count
+    map exists only while it is finalised);
     ``peak_live_cells``; ``slab_shape`` / ``slab_bytes`` (for comparison: the ``roi_d``-deep full-width slab
     ``(K, roi_d, H, W)`` + count map a plane-slab aggregator would hold); ``input_block_bytes`` (largest
     ``D``-range of the input read at once when the input is a lazy source or needed converting, else 0);
@@ -394,7 +396,7 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
     """Segment one preprocessed scan by sliding windows, keeping only the live cells of the aggregation.
 
     The padded volume is cut into cells by every window's start and stop along every axis; a cell's float32
-    accumulator (``K × cell`` + count) exists from the first window touching it to the last one, then it is
+    accumulator (``K × cell``) exists from the first window touching it to the last one, then it is
     normalised, reduced to labels and freed. Labels and probabilities equal MONAI's full-volume
     ``sliding_window_inference`` aggregation bit for bit. ``stats["peak_accumulator_bytes"]`` reports the most
     accumulator memory alive at once (one window's worth at overlap 0, whatever the scan length).
@@ -471,7 +473,7 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
     labels = None if out is not None else torch.empty(size0, dtype=torch.uint8, device=stitch)
     probs = None
     k_classes = None
-    live: dict = {}          # cell index -> (accumulator (K, *cell), count (1, *cell))
+    live: dict = {}          # cell index -> accumulator (K, *cell)
     acc = {"live": 0, "peak": 0, "cells": 0, "peak_cells": 0, "block": 0, "buf": 0, "peak_buf": 0}
     row_buffers: dict = {}   # D-interval of cells -> (planes d0, d1 of the labels, uint8 buffer) (out= only)
 
@@ -502,9 +504,17 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
             out[d0:d1] = buf if isinstance(out, torch.Tensor) else buf.cpu().numpy()
         acc["buf"] -= buf.numel()
 
+    def local(c, w):
+        """Cell ``c`` inside window ``w``: slices of the window's ``(K, *roi)`` output."""
+        return (slice(None),) + tuple(slice(bounds[k][c[k]] - w[k].start, bounds[k][c[k] + 1] - w[k].start)
+                                      for k in range(nd))
+
     def finalise(c):
-        s, n = live.pop(c)
-        acc["live"] -= s.numel() * s.element_size() + n.numel() * n.element_size()
+        s, seen = live.pop(c)
+        acc["live"] -= s.numel() * s.element_size()
+        n = torch.zeros((1,) + s.shape[1:], dtype=torch.float32, device=stitch)  # the count map, summed now in
+        for i in seen:                                                           # the windows' order, as MONAI
+            n.add_(weight[local(c, windows[i])])
         s.div_(n)  # the blended probabilities: the same division as MONAI's `output / count_map`
         src, dst = [slice(None)], []
         for k in range(nd):
@@ -595,16 +605,13 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
             i = start + j
             cells = list(itertools.product(*cell_ranges[i]))
             for c in cells:
-                local = (slice(None),) + tuple(slice(bounds[k][c[k]] - w[k].start, bounds[k][c[k] + 1] - w[k].start)
-                                               for k in range(nd))
                 entry = live.get(c)
                 if entry is None:
                     shape = tuple(bounds[k][c[k] + 1] - bounds[k][c[k]] for k in range(nd))
-                    entry = live[c] = (torch.zeros((k_classes,) + shape, dtype=torch.float32, device=stitch),
-                                       torch.zeros((1,) + shape, dtype=torch.float32, device=stitch))
-                    acc["live"] += sum(t.numel() * t.element_size() for t in entry)
-                entry[0].add_(o[local])  # `+=` on the cell: the same float32 sum, voxel by voxel, as MONAI's
-                entry[1].add_(weight[local])
+                    entry = live[c] = (torch.zeros((k_classes,) + shape, dtype=torch.float32, device=stitch), [])
+                    acc["live"] += entry[0].numel() * entry[0].element_size()
+                entry[0].add_(o[local(c, w)])  # `+=` on the cell: the same float32 sum, voxel by voxel, as MONAI's
+                entry[1].append(i)  # the windows that touched it: the count map is their weights' sum
             if acc["live"] > acc["peak"]:
                 acc["peak"] = acc["live"]
             acc["peak_cells"] = max(acc["peak_cells"], len(live))

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import DropPath, Mlp, init_weights_trunc_normal, linear, to_ntuple
+from .layers import DropPath, Mlp, add_mlp_, chunked_inference, init_weights_trunc_normal, linear, to_ntuple
 from .window import (WindowAttention, as_window_size, effective_window, pad_to_multiple, padded_shape,
                      partition_with_prefix, roll, shift_window_mask, shifted_window_index, window_classes,
                      window_partition, window_reverse)
@@ -201,13 +201,9 @@ class WindowBlock(nn.Module):
         if self.record_geometry:
             self.last_geometry = {"spatial_shape": tuple(S), "window_size": ws, "shift": sh, "padded": Sp,
                                   "grid": grid}
-        if self.cross:
-            if context is None or context.shape != x.shape:
-                raise ValueError(f"context must have the shape of x {tuple(x.shape)}, "
-                                 f"got {None if context is None else tuple(context.shape)}")
-            shortcut = x + context
-        else:
-            shortcut = x
+        if self.cross and (context is None or context.shape != x.shape):
+            raise ValueError(f"context must have the shape of x {tuple(x.shape)}, "
+                             f"got {None if context is None else tuple(context.shape)}")
         n_g = 0 if g is None else g.shape[2]
         # shifted windows grouped by mask class (windows, and their global tokens, in class order)
         classes = window_classes(Sp, ws, sh, x.device) if (
@@ -222,14 +218,19 @@ class WindowBlock(nn.Module):
         mask = shift_window_mask(Sp, ws, sh, x.device) if any(sh) and not by_class else None
         keep_g = g is not None and (need_global or self.attn.store_attn)
         out = self.attn(xw, cw, ws, mask, n_g, prefix_queries=keep_g, classes=classes)  # (B*N_r, [N_g+]N_p, C)
+        del xw, cw  # (without autograd these are freed now: lower peak memory for the residual and MLP)
         if keep_g:
-            g_out, out = out[:, :n_g], out[:, n_g:]
-        if isinstance(self.drop_path, nn.Identity):
-            x = self._add_unwindowed(shortcut, out, ws, sh, Sp, by_class)
+            g_out, out = out[:, :n_g].contiguous(), out[:, n_g:]
+        if not isinstance(self.drop_path, nn.Identity):
+            out = self.drop_path(out.view(B, -1, *out.shape[1:])).view(out.shape)
+        # residual: x, or x + context for nnFormer's skip attention (formed only now, after the attention)
+        x = self._add_unwindowed(x + context if self.cross else x, out, ws, sh, Sp, by_class)
+        del out
+        if chunked_inference(x) and x.is_contiguous() and (isinstance(self.drop_path, nn.Identity)
+                                                             or not self.training):
+            add_mlp_(x, self.norm2, self.mlp)  # x is this block's own new tensor: updated in place, in chunks
         else:
-            x = self._add_unwindowed(shortcut, self.drop_path(out.view(B, -1, *out.shape[1:])).view(out.shape),
-                                     ws, sh, Sp, by_class)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
         if not keep_g:
             return x, None
         g_out = g_out.reshape(g.shape)

@@ -4,12 +4,15 @@ Shapes: every layer here works on channels-last tokens ``(..., C)``.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["to_ntuple", "Mlp", "DropPath", "init_weights_trunc_normal", "linear"]
+__all__ = ["to_ntuple", "Mlp", "DropPath", "init_weights_trunc_normal", "linear", "CHUNK_TOKENS",
+           "chunked_inference", "add_mlp_", "conv_as_gemm", "gemm_conv_pays"]
 
 _LINEAR_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 
@@ -37,6 +40,63 @@ def linear(x: torch.Tensor, lin: nn.Linear, act: str | None = None) -> torch.Ten
         return y.view(*shape[:-1], y.shape[-1])
     y = lin(x)
     return torch.nn.functional.gelu(y) if act == "gelu" else y
+
+
+#: CPU inference: window attention runs on groups of windows of at most this many tokens, and a block's MLP on
+#: this many tokens at a time, each written into (added onto) one output: per-block temporaries stay ~20-40 MB
+#: (a stage-1 Synapse map would otherwise hold a 75 MB QKV and a 100 MB MLP hidden layer per image at once)
+CHUNK_TOKENS = 8192
+
+
+def chunked_inference(x: torch.Tensor) -> bool:
+    """Token-wise work on ``x`` may run in chunks and in place: CPU, no autograd, not traced by torch.compile.
+    (On a GPU the extra kernel launches would cost more than the memory is worth.)"""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def add_mlp_(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, chunk: int | None = None) -> torch.Tensor:
+    """``x += mlp(norm(x))`` in place, ``chunk`` (default :data:`CHUNK_TOKENS`) tokens at a time (``x (..., C)``
+    contiguous, no autograd): the pre-LN residual MLP of a transformer block without its full-size
+    temporaries. Returns ``x``."""
+    chunk = chunk or CHUNK_TOKENS
+    flat = x.view(-1, x.shape[-1])
+    for i in range(0, flat.shape[0], chunk):
+        rows = flat[i:i + chunk]
+        rows += mlp(norm(rows))
+    return x
+
+
+def gemm_conv_pays(x: torch.Tensor, conv: nn.Module, factor: int = 4) -> bool:
+    """CPU inference and a convolution whose weight is ``factor`` times larger than its im2col patches
+    (``x (B, *S, C)`` channels-last): then :func:`conv_as_gemm` beats the convolution kernel."""
+    if not chunked_inference(x) or x.dtype != torch.float32 or getattr(conv, "groups", 1) != 1 \
+            or getattr(conv, "padding_mode", "zeros") != "zeros" or any(d != 1 for d in conv.dilation):
+        return False
+    out = [(s + 2 * p - k) // st + 1 for s, k, st, p in zip(x.shape[1:-1], conv.kernel_size, conv.stride,
+                                                             conv.padding)]
+    cols = x.shape[0] * math.prod(out) * conv.weight[0].numel()
+    return conv.weight.numel() >= factor * cols
+
+
+def conv_as_gemm(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """``conv`` (an ``nn.Conv2d``/``Conv3d``, zero padding, no groups or dilation) on a channels-last map
+    ``x (B, *S, C)`` -> ``(B, *S_out, C_out)`` channels-last, as one GEMM of the im2col patches with the
+    weight read in place.
+
+    For nnFormer's last patch merging (a 127 MB weight, 4^3 outputs per image) oneDNN's convolution copies
+    the weight to the input's layout and reorders it in every call: ~250 MB of transient memory and 50 ms on a
+    2-core CPU; this takes ~10 MB and 30 ms. Equal to the convolution up to float rounding."""
+    d = x.ndim - 2
+    pad = []
+    for p in reversed(conv.padding):
+        pad += [p, p]
+    cols = F.pad(x, [0, 0] + pad)  # (B, *S + 2p, C)
+    for i, (k, st) in enumerate(zip(conv.kernel_size, conv.stride)):
+        cols = cols.unfold(1 + i, k, st)  # (B, *S_out, C, *k)
+    out = cols.shape[1:1 + d]
+    y = F.linear(cols.reshape(x.shape[0] * math.prod(out), -1), conv.weight.view(conv.out_channels, -1),
+                 conv.bias)
+    return y.view(x.shape[0], *out, conv.out_channels)
 
 
 def to_ntuple(value, n: int, name: str = "value") -> tuple:

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import linear
+from . import layers
+from .layers import chunked_inference, linear
 
 __all__ = [
     "MASK_VALUE", "effective_window", "pad_to_multiple", "window_partition", "window_reverse",
@@ -475,32 +476,29 @@ class WindowAttention(nn.Module):
 
         ``classes`` (instead of ``mask``): the windows of each image come in :func:`window_classes` order;
         attention runs once per (image, class) with that class's small cached mask — no ``(B_, h, L, L)``
-        mask is built (equal to ``mask=classes.full_mask()``)."""
+        mask is built (equal to ``mask=classes.full_mask()``).
+
+        CPU inference (:func:`~glam3d.models.layers.chunked_inference`) takes the windows in groups of at most
+        :data:`~glam3d.models.layers.CHUNK_TOKENS` tokens (projection, attention and output projection per
+        group, written into one output), so the ``(B_, L, 3C)`` QKV of the whole map never exists."""
         B_, L, C = x.shape
-        h = self.num_heads
-        E = C // h
-        if self.cross:
-            if context is None:
-                raise ValueError("context is required for cross-attention")
-            q = x if self.q is None else self.q(x)
-            q = q.view(B_, L, h, E).transpose(1, 2)
-            kv = self.kv(context).view(B_, context.shape[1], 2, h, E).permute(2, 0, 3, 1, 4)
-            k, v = kv[0], kv[1]
-        else:
-            qkv = linear(x, self.qkv).view(B_, L, 3, h, E).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.cross and context is None:
+            raise ValueError("context is required for cross-attention")
         ws = self.window_size if window_size is None else tuple(window_size)
         if math.prod(ws) + num_prefix != L:
             raise ValueError(f"sequence length {L} != num_prefix {num_prefix} + window tokens {math.prod(ws)}")
-        if num_prefix and not prefix_queries:
-            q = q[:, :, num_prefix:]
-            L -= num_prefix
         drop = self.attn_drop if self.training else 0.0
         if classes is not None and self.store_attn:
             mask, classes = classes.full_mask(), None
+        if mask is None and not self.store_attn and chunked_inference(x):
+            return self.proj_drop(self._forward_chunked(x, context, ws, num_prefix, prefix_queries, classes, drop))
+        q, k, v = self._project(x, context, num_prefix, prefix_queries)
+        Lq = q.shape[2]
         if classes is not None:
-            return self.proj_drop(linear(self._attend_by_class(q, k, v, classes, ws, num_prefix, prefix_queries,
-                                                               drop).view(B_, L, C), self.proj))
+            out = torch.cat([F.scaled_dot_product_attention(q[s:e], k[s:e], v[s:e], attn_mask=m, dropout_p=drop)
+                             .transpose(1, 2) for s, e, m in self._window_groups(B_, ws, num_prefix,
+                                                                                  prefix_queries, classes, q.dtype)])
+            return self.proj_drop(linear(out.view(B_, Lq, C), self.proj))
         attn_mask = self.attn_mask(B_, ws, mask, num_prefix, q.dtype, prefix_queries)
         if self.store_attn:
             attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1) + attn_mask, dim=-1)
@@ -508,27 +506,61 @@ class WindowAttention(nn.Module):
             out = F.dropout(attn, drop, self.training) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
-        out = out.transpose(1, 2).reshape(B_, L, C)
+        out = out.transpose(1, 2).reshape(B_, Lq, C)
         return self.proj_drop(linear(out, self.proj))
 
-    def _attend_by_class(self, q, k, v, classes: WindowClasses, ws, num_prefix: int, prefix_queries: bool,
-                         drop: float) -> torch.Tensor:
-        """SDPA per (image, window class): ``q (B_, h, Lq, E)``, ``k, v (B_, h, Lk, E)`` -> ``(B_, Lq, h, E)``.
-        Classes are contiguous row ranges of each image, so every call reads views (no gather)."""
+    def _project(self, x: torch.Tensor, context: Optional[torch.Tensor], num_prefix: int, prefix_queries: bool):
+        """Windows ``x (n, L, C)`` [, ``context (n, L, C)``] -> ``q (n, h, Lq, E)``, ``k, v (n, h, L, E)``
+        (views; ``Lq = L - P`` without prefix queries)."""
+        n, L, C = x.shape
+        h = self.num_heads
+        E = C // h
+        if self.cross:
+            q = x if self.q is None else linear(x, self.q)
+            q = q.view(n, L, h, E).transpose(1, 2)
+            kv = linear(context, self.kv).view(n, context.shape[1], 2, h, E).permute(2, 0, 3, 1, 4)
+            k, v = kv[0], kv[1]
+        else:
+            qkv = linear(x, self.qkv).view(n, L, 3, h, E).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        if num_prefix and not prefix_queries:
+            q = q[:, :, num_prefix:]
+        return q, k, v
+
+    def _window_groups(self, B_: int, ws, num_prefix: int, prefix_queries: bool,
+                       classes: Optional[WindowClasses], dtype: torch.dtype):
+        """``[(start, stop, attn_mask)]``: ranges of windows sharing one ``(1, h, Lq, L)`` mask — each
+        (image, class) with ``classes`` (contiguous row ranges: SDPA reads views, no gather), else all."""
+        if classes is None:
+            return [(0, B_, self.attn_mask(B_, ws, None, num_prefix, dtype, prefix_queries))]
         n_r = sum(classes.counts)
-        if q.shape[0] % n_r:
-            raise ValueError(f"{q.shape[0]} windows is not a multiple of the {n_r} windows of the classes")
-        masks = [self.attn_mask(1, ws, classes.masks[c:c + 1] if masked else None, num_prefix, q.dtype,
+        if B_ % n_r:
+            raise ValueError(f"{B_} windows is not a multiple of the {n_r} windows of the classes")
+        masks = [self.attn_mask(1, ws, classes.masks[c:c + 1] if masked else None, num_prefix, dtype,
                                 prefix_queries) for c, masked in enumerate(classes.masked)]
-        outs = []
-        for b in range(q.shape[0] // n_r):
-            start = b * n_r
+        groups, start = [], 0
+        for _ in range(B_ // n_r):
             for n, m in zip(classes.counts, masks):
-                sl = slice(start, start + n)
-                outs.append(F.scaled_dot_product_attention(q[sl], k[sl], v[sl], attn_mask=m,
-                                                           dropout_p=drop).transpose(1, 2))
+                groups.append((start, start + n, m))
                 start += n
-        return torch.cat(outs, 0)
+        return groups
+
+    def _forward_chunked(self, x, context, ws, num_prefix: int, prefix_queries: bool,
+                         classes: Optional[WindowClasses], drop: float) -> torch.Tensor:
+        """:meth:`forward` without autograd on CPU, :data:`~glam3d.models.layers.CHUNK_TOKENS` tokens of windows
+        at a time."""
+        B_, L, C = x.shape
+        Lq = L - num_prefix if num_prefix and not prefix_queries else L
+        out = x.new_empty(B_, Lq, C)
+        step = max(1, layers.CHUNK_TOKENS // L)
+        for s, e, m in self._window_groups(B_, ws, num_prefix, prefix_queries, classes, x.dtype):
+            for a in range(s, e, step):
+                b = min(e, a + step)
+                q, k, v = self._project(x[a:b], None if context is None else context[a:b], num_prefix,
+                                        prefix_queries)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=drop)
+                out[a:b] = linear(o.transpose(1, 2).reshape(b - a, Lq, C), self.proj)
+        return out
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, cross={self.cross}"

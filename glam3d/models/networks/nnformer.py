@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from ..glam import GLAMLayer, window_geometry
-from ..layers import to_ntuple
+from ..layers import conv_as_gemm, gemm_conv_pays, to_ntuple
 from ..nlu import NLU
 
 __all__ = ["ConvStem", "PatchMerging", "PatchExpanding", "NnFormer", "build_nnformer", "build_glam_nnformer",
@@ -111,7 +111,10 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Conv3d(dim, 2 * dim, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _cl(self.reduction(_cf(self.norm(self.act(x)))))
+        x = self.norm(self.act(x))
+        if gemm_conv_pays(x, self.reduction):  # the weight dwarfs the map (the last merging): one GEMM
+            return conv_as_gemm(x, self.reduction)
+        return _cl(self.reduction(_cf(x)))
 
 
 class PatchExpanding(nn.Module):
@@ -263,14 +266,16 @@ class NnFormer(nn.Module):
             if i < len(self.downsamples):
                 t = self.downsamples[i](t)
         t = skips[-1]
+        all_levels = self.deep_supervision and self.training
         outs = []
         for k in range(len(self.dec_stages) - 1, -1, -1):
             up = self.ups[k](t, skips[k])
             t, _ = self.dec_stages[k].forward_tokens(up, skips[k], need_global=False)
-            outs.append(t)                              # levels n-2 .. 0
-        if self.deep_supervision and self.training:
+            skips[k + 1] = skips[k] = up = None  # (freed as soon as used: lower peak memory in inference)
+            outs.append(t if all_levels else None)      # levels n-2 .. 0
+        if all_levels:
             return [self.heads[k](_cf(outs[-1 - k])) for k in range(len(self.heads))]
-        return self.heads[0](_cf(outs[-1]))
+        return self.heads[0](_cf(t))
 
 
 # ---------------------------------------------------------------------------------------------------------------
