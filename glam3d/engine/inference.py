@@ -11,10 +11,11 @@ start and stop along every axis. Windows are visited in MONAI's order (sorted by
 then ``W``); a cell's float32 accumulator (``K × cell``) is allocated when the first window touching it is
 processed and finalised (divided by its count map — the sum of the windows' weights, recomputed then in the same
 order, so no count map stays alive — reduced to labels by argmax, probabilities kept if asked) and freed as soon
-as the last window covering it is done. With overlap 0 only one window's worth of
-accumulator is ever alive; with overlap 0.5 about 0.58 of a ``roi_d``-deep full-width slab. Every voxel receives
-the same float32 additions in the same order as in MONAI's full-volume aggregation, so the labels (and
-probabilities) are equal bit for bit (``tests/test_inference.py`` checks it).
+as the last window covering it is done. With overlap 0 only one window's worth of accumulator is ever alive;
+with overlap 0.5 about half of a ``roi_d``-deep full-width slab (0.54 GB for 14 classes on 512×512 planes: the
+class sums of the ``roi_d / 2``-deep layer two window rows share). Every voxel receives the same float32
+additions in the same order as in MONAI's full-volume aggregation, so the labels (and probabilities) are equal
+bit for bit (``tests/test_inference.py`` checks it).
 
 Neither the input nor the output has to live in memory: ``image`` may be a tensor or array of any numeric dtype
 (e.g. int16 Hounsfield units, kept as they are and cast to float32 one window at a time, with an optional

@@ -272,7 +272,8 @@ class NnFormer(nn.Module):
             up = self.ups[k](t, skips[k])
             t, _ = self.dec_stages[k].forward_tokens(up, skips[k], need_global=False)
             skips[k + 1] = skips[k] = up = None  # (freed as soon as used: lower peak memory in inference)
-            outs.append(t if all_levels else None)      # levels n-2 .. 0
+            if all_levels:
+                outs.append(t)                          # levels n-2 .. 0
         if all_levels:
             return [self.heads[k](_cf(outs[-1 - k])) for k in range(len(self.heads))]
         return self.heads[0](_cf(t))
