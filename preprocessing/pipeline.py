@@ -2,7 +2,8 @@
 
 Steps of :func:`preprocess_scan` (the same for training cases and for a new scan at inference):
 
-1. read the voxels (``float32``; NIfTI scaling applied), reject NaN/inf and unexpected dimensionality;
+1. read the voxels (NIfTI scaling applied: ``float32``; integers stored unscaled, as most CTs are, stay in their
+   stored dtype), reject NaN/inf and unexpected dimensionality;
 2. reorient to ``plan["orientation"]`` (nearest axis code, nibabel orientation utilities: a permutation and flips,
    exact), then transpose to ``(C, D, H, W) = (C, z, y, x)``;
 3. crop to the body (voxels above ``plan["body_threshold"]`` HU, or non-zero voxels when it is ``None``) with a
@@ -16,6 +17,13 @@ Steps of :func:`preprocess_scan` (the same for training cases and for a new scan
    inverse mapping is the same operation backwards.
 
 :func:`restore_labels` undoes 5, 3, 2 for a label map and maps training indices back to the original label values.
+
+Memory: besides the scan as read and the result, only slabs of about :data:`SLAB_BYTES` exist — the body box,
+the normalisation and the resampling (fused: each output slab normalises and resamples the input rows it needs)
+and the restoration all run slab by slab along D (a 512×512×1,000 int16 CT: 0.52 GB read + the output; before,
+four float32 copies of the scan). Slabbed resampling equals one whole-volume SimpleITK call to 1 float32 ulp (the
+slab's output origin is one rounding away from the whole grid's); B-spline, whose prefilter spans the input,
+resamples the whole volume.
 
 Example::
 
@@ -75,11 +83,18 @@ def make_plan(target_spacing, intensity: dict, label_values: dict, *, orientatio
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def read_voxels(image: nib.Nifti1Image, name=None, allow_channels: bool = True) -> np.ndarray:
-    """Voxel array ``(X, Y, Z, C)`` float32 of a NIfTI image; one-line :class:`UserError` for unreadable data."""
+def read_voxels(image: nib.Nifti1Image, name=None, allow_channels: bool = True,
+                keep_integers: bool = False) -> np.ndarray:
+    """Voxel array ``(X, Y, Z, C)`` float32 of a NIfTI image; one-line :class:`UserError` for unreadable data.
+
+    ``keep_integers``: integer voxels stored without scaling (slope 1, intercept 0: most CTs) come back in their
+    stored dtype (int16: half the memory of float32; the values are the same numbers)."""
     name = name or image.get_filename() or "image"
+    proxy = image.dataobj
+    raw = (keep_integers and getattr(proxy, "dtype", np.dtype(np.float32)).kind in "iu"
+           and _unscaled(getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)))
     try:
-        data = np.asarray(image.dataobj, dtype=np.float32)
+        data = _read_stored(image) if raw else np.asarray(proxy, dtype=np.float32)
     except Exception as exc:  # truncated gzip, short file, ...
         raise UserError(f"cannot read the voxel data ({type(exc).__name__}: {exc})", name) from None
     if data.ndim == 5 and data.shape[3] == 1:     # (X, Y, Z, 1, C) NIfTI vector layout
@@ -90,10 +105,46 @@ def read_voxels(image: nib.Nifti1Image, name=None, allow_channels: bool = True) 
         raise UserError(f"expected a 3D image, got {data.ndim}D shape {data.shape}", name)
     if data.shape[3] > 1 and not allow_channels:
         raise UserError(f"expected a 3D image, got 4D shape {data.shape} ({data.shape[3]} volumes)", name)
-    if not np.isfinite(data).all():
+    if data.dtype.kind == "f" and not _all_finite(data):
         bad = int((~np.isfinite(data)).sum())
         raise UserError(f"{bad} NaN/inf voxels", name)
     return data
+
+
+def _read_stored(image: nib.Nifti1Image) -> np.ndarray:
+    """The stored voxels of a NIfTI file, read straight into their array (``readinto``: nibabel's own read of a
+    ``.nii.gz`` holds the decompressed bytes and the array, twice the volume). Images without a plain file behind
+    them (in memory, other proxies) are read by nibabel."""
+    from nibabel.arrayproxy import ArrayProxy
+    from nibabel.openers import ImageOpener
+
+    proxy = image.dataobj
+    fname = getattr(image.file_map.get("image"), "filename", None)
+    if type(proxy) is not ArrayProxy or not isinstance(proxy.file_like, str) or fname != proxy.file_like:
+        return np.asanyarray(proxy)
+    out = np.empty(proxy.shape, dtype=proxy.dtype, order=proxy.order)
+    buf = memoryview(out.reshape(-1, order="A")).cast("B")
+    with ImageOpener(fname, "rb") as fh:
+        fh.seek(proxy.offset)
+        got, total = 0, buf.nbytes
+        while got < total:
+            n = fh.readinto(buf[got:got + SLAB_BYTES])  # gzip's readinto reads into a temporary first
+            if not n:
+                raise EOFError(f"the file ends after {got} of {total} voxel bytes")
+            got += n
+    return out
+
+
+def _unscaled(slope, inter) -> bool:
+    """NIfTI scaling that leaves the stored values unchanged (nibabel already maps an unset slope to 1, 0)."""
+    return (float(slope), float(inter)) == (1.0, 0.0)
+
+
+def _all_finite(data: np.ndarray, chunk_bytes: int = 1 << 24) -> bool:
+    """``np.isfinite(data).all()`` for ``(X, Y, Z[, C])`` without a whole-volume boolean temporary (Z slabs)."""
+    plane = max(1, data.nbytes // max(1, data.shape[2]))
+    step = max(1, chunk_bytes // plane)
+    return all(np.isfinite(data[:, :, z:z + step]).all() for z in range(0, data.shape[2], step))
 
 
 def _orientation_transform(affine, orientation):
@@ -113,104 +164,206 @@ def voxel_sizes(affine) -> np.ndarray:
     return np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
 
 
-def resize(arr: np.ndarray, out_shape, mode: str = "linear") -> np.ndarray:
-    """Resample a 3D array to ``out_shape`` (SimpleITK); the input and output grids share their outer extent
-    (voxel i of the output is centred on input coordinate ``(i + 0.5) * n_in / n_out - 0.5``)."""
+#: output slab size (bytes of float32) of the resampling functions: their temporaries are one slab, not a volume
+SLAB_BYTES = 1 << 24
+
+
+def _slabs(out_shape, itemsize: int = 4, in_shape=None):
+    """Half-open ranges along axis 0 of an ``out_shape`` array of about :data:`SLAB_BYTES` each — and, when
+    resampling from ``in_shape``, such that the input rows a range reads are about that size too."""
+    plane = max(1, math.prod(out_shape[1:]) * itemsize)
+    if in_shape is not None:
+        plane = max(plane, math.ceil(math.prod(in_shape[1:]) * 4 * in_shape[0] / max(1, out_shape[0])))
+    step = max(1, SLAB_BYTES // plane)
+    return [(a, min(a + step, out_shape[0])) for a in range(0, out_shape[0], step)]
+
+
+def _source_rows(o0: int, o1: int, n_in: int, n_out: int, margin: int = 3):
+    """Rows ``[k0, k1)`` of the input that output rows ``[o0, o1)`` interpolate from (+ ``margin``)."""
+    scale = n_in / n_out
+    lo = math.floor((o0 + 0.5) * scale - 0.5) - margin
+    hi = math.floor((o1 - 0.5) * scale - 0.5) + 1 + margin
+    return max(0, lo), min(n_in, hi)
+
+
+def _resample(src: np.ndarray, in_shape, out_shape, mode: str, rows=None, src_row0: int = 0) -> np.ndarray:
+    """SimpleITK resampling of ``src`` (rows ``src_row0 ...`` of an ``in_shape`` volume) onto output rows
+    ``rows = (o0, o1)`` of the ``out_shape`` grid (all rows when None); grids share their outer extent (voxel i
+    of the output is centred on input coordinate ``(i + 0.5) * n_in / n_out - 0.5``). A sub-range of rows is
+    the same computation as the whole volume's: the input keeps its index coordinates (origin ``src_row0``)."""
     import SimpleITK as sitk
 
-    out_shape = tuple(int(v) for v in out_shape)
-    if tuple(arr.shape) == out_shape:
-        return arr.copy()
     interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}[mode]
-    src = np.ascontiguousarray(arr)
-    if mode == "nearest":
-        src = src.astype(np.uint16 if src.max(initial=0) > 255 else np.uint8)
-        pixel = sitk.sitkUInt16 if src.dtype == np.uint16 else sitk.sitkUInt8
-    else:
-        src = src.astype(np.float32)
-        pixel = sitk.sitkFloat32
-    img = sitk.GetImageFromArray(src)               # numpy (d, h, w) -> ITK size (w, h, d), spacing 1
-    size = list(out_shape[::-1])
-    spacing = [ni / no for ni, no in zip(src.shape[::-1], size)]
+    pixel = {np.dtype(np.uint8): sitk.sitkUInt8, np.dtype(np.uint16): sitk.sitkUInt16,
+             np.dtype(np.float32): sitk.sitkFloat32}[src.dtype]
+    o0, o1 = (0, out_shape[0]) if rows is None else rows
+    img = sitk.GetImageFromArray(np.ascontiguousarray(src))   # numpy (d, h, w) -> ITK size (w, h, d), spacing 1
+    img.SetOrigin((0.0, 0.0, float(src_row0)))
+    size = [int(out_shape[2]), int(out_shape[1]), int(o1 - o0)]
+    spacing = [ni / no for ni, no in zip(in_shape[::-1], out_shape[::-1])]
     origin = [0.5 * (s - 1.0) for s in spacing]
+    origin[2] += o0 * spacing[2]
     res = sitk.Resample(img, size, sitk.Transform(), interp, origin, spacing,
                         (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), 0.0, pixel)
-    out = sitk.GetArrayFromImage(res)
-    return out.astype(arr.dtype if mode == "nearest" else np.float32, copy=False)
+    return sitk.GetArrayFromImage(res)
 
 
-def resize_labels(lab: np.ndarray, out_shape, mode: str = "linear") -> np.ndarray:
+def resize(arr: np.ndarray, out_shape, mode: str = "linear", out: np.ndarray | None = None,
+           transform=None) -> np.ndarray:
+    """Resample a 3D array to ``out_shape`` (SimpleITK); the input and output grids share their outer extent
+    (voxel i of the output is centred on input coordinate ``(i + 0.5) * n_in / n_out - 0.5``).
+
+    ``linear`` / ``nearest`` work in output slabs of about :data:`SLAB_BYTES`, each from the input rows it needs
+    (temporaries: one slab); ``bspline`` (whose prefilter spans the whole input) resamples the volume at once.
+    ``out``: write the result there (an array or view of ``out_shape``) instead of a new array.
+    ``transform``: an elementwise function applied to the input (as float32 rows, a fresh copy it may change in
+    place) before resampling — an intensity normalisation fused into the resampling, so that the normalised
+    input never exists as a whole volume. Output dtype: the input's for ``nearest``, float32 otherwise."""
+    out_shape = tuple(int(v) for v in out_shape)
+    if mode not in ("linear", "nearest", "bspline"):
+        raise UserError(f"unknown interpolation {mode!r} (linear, nearest, bspline)")
+    if transform is not None and mode == "nearest":
+        raise ValueError("transform needs a float interpolation (linear or bspline)")
+    dtype = arr.dtype if mode == "nearest" else np.dtype(np.float32)
+    if out is None:
+        out = np.empty(out_shape, dtype=dtype)
+    elif tuple(out.shape) != out_shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {out_shape}")
+
+    def rows(k0, k1, cast):
+        if transform is None:
+            return arr[k0:k1].astype(cast, copy=False)
+        return transform(np.array(arr[k0:k1], dtype=np.float32))
+
+    if tuple(arr.shape) == out_shape:
+        for k0, k1 in _slabs(out_shape):
+            out[k0:k1] = rows(k0, k1, out.dtype)
+        return out
+    cast = (np.uint16 if arr.max(initial=0) > 255 else np.uint8) if mode == "nearest" else np.float32
+    if mode == "bspline":
+        out[...] = _resample(rows(0, arr.shape[0], cast), arr.shape, out_shape, mode)
+        return out
+    for o0, o1 in _slabs(out_shape, in_shape=arr.shape):
+        k0, k1 = _source_rows(o0, o1, arr.shape[0], out_shape[0])
+        out[o0:o1] = _resample(rows(k0, k1, cast), arr.shape, out_shape, mode, (o0, o1), k0)
+    return out
+
+
+def resize_labels(lab: np.ndarray, out_shape, mode: str = "linear", out: np.ndarray | None = None) -> np.ndarray:
     """Resample an integer label map. ``nearest``; or ``linear`` (nnU-Net's order-1 segmentation resampling):
     each label's one-hot mask is resampled linearly and every voxel takes the label with the largest value, which
-    keeps thin structures and organ volumes much better than nearest neighbour."""
+    keeps thin structures and organ volumes much better than nearest neighbour. Output slabs of about
+    :data:`SLAB_BYTES` (temporaries: two float32 slabs); ``out``: write there (an array or view of ``out_shape``)."""
     out_shape = tuple(int(v) for v in out_shape)
     if mode == "nearest" or tuple(lab.shape) == out_shape:
-        return resize(lab, out_shape, "nearest")
+        return resize(lab, out_shape, "nearest", out=out)
     if mode != "linear":
         raise UserError(f"label interpolation must be nearest or linear, got {mode!r}")
+    if out is None:
+        out = np.empty(out_shape, dtype=lab.dtype)
+    elif tuple(out.shape) != out_shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {out_shape}")
     values = np.unique(lab)
-    out = np.full(out_shape, values[0], dtype=lab.dtype)
     if len(values) == 1:
+        out[...] = values[0]
         return out
-    best = resize((lab == values[0]).astype(np.float32), out_shape, "linear")
-    for v in values[1:]:
-        p = resize((lab == v).astype(np.float32), out_shape, "linear")
-        m = p > best
-        out[m] = v
-        np.maximum(best, p, out=best)
+    for o0, o1 in _slabs(out_shape, in_shape=lab.shape):
+        k0, k1 = _source_rows(o0, o1, lab.shape[0], out_shape[0])
+        sub = lab[k0:k1]
+        part = out[o0:o1]
+        part[...] = values[0]
+
+        def onehot(v):
+            return _resample((sub == v).astype(np.float32), lab.shape, out_shape, "linear", (o0, o1), k0)
+
+        best = onehot(values[0])
+        for v in values[1:]:
+            p = onehot(v)
+            m = p > best
+            part[m] = v
+            np.maximum(best, p, out=best)
     return out
 
 
 def body_bbox(arr: np.ndarray, spacing, plan) -> list:
-    """``[[d0, d1], [h0, h1], [w0, w1]]`` (half-open) of the body in a ``(C, D, H, W)`` array."""
+    """``[[d0, d1], [h0, h1], [w0, w1]]`` (half-open) of the body in a ``(C, D, H, W)`` array (or view).
+
+    The box of the voxels above ``plan["body_threshold"]`` in channel 0 (non-zero voxels in any channel when it
+    is ``None``) grown by ``crop_margin_mm`` and clipped to the array — MONAI's
+    ``generate_spatial_bounding_box(..., allow_smaller=True)`` — computed slab by slab along D (temporaries: one
+    slab's mask, not a volume's)."""
     shape = arr.shape[1:]
     if not plan.get("crop_to_body", True):
         return [[0, int(n)] for n in shape]
-    from monai.transforms.utils import generate_spatial_bounding_box
-
     thr = plan.get("body_threshold", -500.0)
     margin = [int(math.ceil(plan.get("crop_margin_mm", 10.0) / s)) for s in spacing]
-    if thr is None:
-        select = lambda x: x != 0  # noqa: E731
-        src = arr
-    else:
-        select = lambda x: x > thr  # noqa: E731
-        src = arr[:1]
-    start, end = generate_spatial_bounding_box(src, select_fn=select, channel_indices=None, margin=margin,
-                                               allow_smaller=True)
-    if any(e <= s for s, e in zip(start, end)):   # nothing above the threshold: keep everything
+    src = arr if thr is None else arr[:1]
+    hit = [np.zeros(n, dtype=bool) for n in shape]
+    for d0, d1 in _slabs(shape, arr.itemsize * src.shape[0]):
+        sel = (src[:, d0:d1] != 0) if thr is None else (src[:, d0:d1] > thr)
+        sel = sel.any(0)                                               # (d, H, W)
+        hit[0][d0:d1] = sel.any(axis=(1, 2))
+        hit[1] |= sel.any(axis=(0, 2))
+        hit[2] |= sel.any(axis=(0, 1))
+    if not hit[0].any():   # nothing above the threshold: keep everything
         return [[0, int(n)] for n in shape]
-    return [[max(int(s), 0), min(int(e), int(n))] for s, e, n in zip(start, end, shape)]
+    box = []
+    for h, m, n in zip(hit, margin, shape):
+        idx = np.flatnonzero(h)
+        box.append([max(int(idx[0]) - m, 0), min(int(idx[-1]) + m + 1, int(n))])
+    return box
 
 
-def normalise(arr: np.ndarray, intensity: dict) -> np.ndarray:
-    """Intensity normalisation of a ``(C, D, H, W)`` float32 array (MONAI intensity transforms)."""
+def intensity_transforms(intensity: dict, num_channels: int):
+    """Per-channel elementwise normalisation functions ``f(x float32 array) -> float32 array`` (``x`` may be
+    changed in place) for the schemes with fixed statistics (``transunet``, ``nnunet``: MONAI intensity
+    transforms); None for ``zscore``, whose statistics are the whole channel's."""
     from monai.transforms import NormalizeIntensity, ScaleIntensityRange
 
     scheme = intensity["scheme"]
+    if scheme == "zscore":
+        return None
     if scheme == "transunet":
         lo, hi = intensity.get("window", TRANSUNET_WINDOW)
         t = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
-        return np.asarray(t(arr), dtype=np.float32)
-    out = np.empty_like(arr, dtype=np.float32)
+        return [lambda x: np.asarray(t(x), dtype=np.float32)] * num_channels
     if scheme == "nnunet":
         chans = intensity["channels"]
-        if len(chans) != arr.shape[0]:
-            raise UserError(f"plan intensity statistics are for {len(chans)} channels, the scan has {arr.shape[0]}")
-        for c, st in enumerate(chans):
-            x = np.clip(arr[c], st["lower"], st["upper"])
+        if len(chans) != num_channels:
+            raise UserError(f"plan intensity statistics are for {len(chans)} channels, the scan has {num_channels}")
+
+        def make(st):
             t = NormalizeIntensity(subtrahend=st["mean"], divisor=max(st["std"], 1e-8))
-            out[c] = np.asarray(t(x), dtype=np.float32)
-        return out
-    if scheme == "zscore":
-        t = NormalizeIntensity(nonzero=True, channel_wise=True)
-        return np.asarray(t(arr), dtype=np.float32)
+
+            def f(x):
+                np.clip(x, st["lower"], st["upper"], out=x)
+                return np.asarray(t(x), dtype=np.float32)
+            return f
+        return [make(st) for st in chans]
     raise UserError(f"plan: unknown intensity scheme {scheme!r}")
+
+
+def normalise(arr: np.ndarray, intensity: dict) -> np.ndarray:
+    """Intensity normalisation of a ``(C, D, H, W)`` array (MONAI intensity transforms) -> a new contiguous float32
+    array. ``arr`` may be a view (a crop) of any real dtype. The elementwise schemes run slab by slab into the
+    output (temporaries: one slab); ``zscore`` needs the whole channel's statistics."""
+    out = np.empty(arr.shape, dtype=np.float32)
+    fs = intensity_transforms(intensity, arr.shape[0])
+    if fs is None:
+        from monai.transforms import NormalizeIntensity
+
+        t = NormalizeIntensity(nonzero=True, channel_wise=True)
+        out[...] = np.asarray(t(np.ascontiguousarray(arr, dtype=np.float32)), dtype=np.float32)
+        return out
+    for c, f in enumerate(fs):
+        for d0, d1 in _slabs(arr.shape[1:]):
+            out[c, d0:d1] = f(np.array(arr[c, d0:d1], dtype=np.float32))
+    return out
 
 
 def _oriented_channels_first(data_xyzc, affine, plan):
     oriented, new_affine = reorient(data_xyzc, affine, plan["orientation"])
-    arr = np.ascontiguousarray(oriented.transpose(3, 2, 1, 0))    # (C, z, y, x)
+    arr = oriented.transpose(3, 2, 1, 0)                            # (C, z, y, x), a view
     spacing = voxel_sizes(new_affine)[::-1].tolist()               # (sz, sy, sx)
     return arr, spacing
 
@@ -267,7 +420,7 @@ def preprocess_scan(image: nib.Nifti1Image, plan: dict, *, _data=None):
     ``resampled_shape``, ``resampled_spacing``, ``num_channels``.
     """
     name = image.get_filename()
-    data = read_voxels(image, name) if _data is None else _data
+    data = read_voxels(image, name, keep_integers=True) if _data is None else _data
     nch = int(plan.get("num_channels", 1))
     if data.shape[3] != nch:
         raise UserError(f"the plan expects {nch} channel(s), the image has {data.shape[3]}", name)
@@ -281,23 +434,32 @@ def preprocess_scan(image: nib.Nifti1Image, plan: dict, *, _data=None):
         raise UserError(f"resampling to {plan['target_spacing']} mm would give {tshape} voxels (more than "
                         f"{MAX_RESAMPLED_VOXELS}); check the header's voxel size", name)
     bbox = body_bbox(arr, spacing, plan)
-    crop = arr[(slice(None),) + tuple(slice(a, b) for a, b in bbox)]
-    crop = normalise(np.ascontiguousarray(crop), plan["intensity"])
-    tshape = _target_shape(crop.shape[1:], spacing, plan["target_spacing"])
+    crop_shape = [b - a for a, b in bbox]
+    crop = arr[(slice(None),) + tuple(slice(a, b) for a, b in bbox)]   # a view of the scan as read
+    tshape = _target_shape(crop_shape, spacing, plan["target_spacing"])
     mode = plan.get("interpolation", {}).get("image", "linear")
-    out = np.stack([resize(c, tshape, mode) for c in crop]).astype(np.float32)
+    norm = intensity_transforms(plan["intensity"], nch)
+    if norm is None:  # per-scan statistics: the normalised crop is made first
+        crop = normalise(crop, plan["intensity"])
+        norm = [None] * nch
+    # normalised and resampled slab by slab: the scan as read + the output are the only volumes held
+    out = np.empty((nch, *tshape), dtype=np.float32)
+    for c in range(nch):
+        resize(crop[c], tshape, mode, out=out[c], transform=norm[c])
+    original_shape = [int(v) for v in data.shape[:3]]
+    oriented_shape = [int(v) for v in arr.shape[1:]]
     meta = {
         "source_image": name,
         "source_label": None,
-        "original_shape": [int(v) for v in data.shape[:3]],
+        "original_shape": original_shape,
         "original_affine": affine.tolist(),
         "orientation": "".join(aff2axcodes(affine)),
         "spacing": [float(v) for v in spacing],
-        "oriented_shape": [int(v) for v in arr.shape[1:]],
+        "oriented_shape": oriented_shape,
         "bbox": bbox,
-        "cropped_shape": [int(v) for v in crop.shape[1:]],
+        "cropped_shape": [int(v) for v in crop_shape],
         "resampled_shape": [int(v) for v in tshape],
-        "resampled_spacing": [float(n * s / m) for n, s, m in zip(crop.shape[1:], spacing, tshape)],
+        "resampled_spacing": [float(n * s / m) for n, s, m in zip(crop_shape, spacing, tshape)],
         "num_channels": nch,
     }
     return out, meta
@@ -332,15 +494,29 @@ def _check_meta(arr_shape, meta, what):
                         f"{tuple(meta['resampled_shape'])}")
 
 
-def _to_original(vol_dhw: np.ndarray, meta: dict, plan: dict, mode: str, fill=0):
-    """(D', H', W') on the preprocessed grid -> (X, Y, Z) in the stored geometry."""
+def _to_original(vol_dhw: np.ndarray, meta: dict, plan: dict, mode: str, fill=0, lut=None):
+    """(D', H', W') on the preprocessed grid -> (X, Y, Z) in the stored geometry, resampled straight into the
+    crop box of the full array (slabs: no whole-volume temporaries beyond the result and its reoriented copy).
+    ``lut``: label values for training indices (``mode="label"``), applied slab by slab."""
     if mode == "label":
-        vol = resize_labels(vol_dhw, meta["cropped_shape"], plan.get("interpolation", {}).get("label", "linear"))
+        dtype = vol_dhw.dtype if lut is None else lut.dtype
     else:
-        vol = resize(vol_dhw, meta["cropped_shape"], mode)
-    full = np.full(meta["oriented_shape"], fill, dtype=vol.dtype)
+        dtype = np.float32
+    full = np.full(meta["oriented_shape"], fill, dtype=dtype)
     (d0, d1), (h0, h1), (w0, w1) = meta["bbox"]
-    full[d0:d1, h0:h1, w0:w1] = vol
+    box = full[d0:d1, h0:h1, w0:w1]
+    if mode == "label":
+        if lut is None or lut.dtype == vol_dhw.dtype:
+            resize_labels(vol_dhw, meta["cropped_shape"], plan.get("interpolation", {}).get("label", "linear"),
+                          out=box)
+        else:  # values wider than the indices: resample the indices, then map
+            box[...] = resize_labels(vol_dhw, meta["cropped_shape"],
+                                     plan.get("interpolation", {}).get("label", "linear"))
+        if lut is not None:
+            for a0, a1 in _slabs(box.shape, box.itemsize):
+                box[a0:a1] = lut[box[a0:a1]]
+    else:
+        resize(vol_dhw, meta["cropped_shape"], mode, out=box)
     xyz = full.transpose(2, 1, 0)
     affine = np.asarray(meta["original_affine"], float)
     start = io_orientation(affine)
@@ -348,7 +524,7 @@ def _to_original(vol_dhw: np.ndarray, meta: dict, plan: dict, mode: str, fill=0)
     out = apply_orientation(xyz, back)
     if list(out.shape) != list(meta["original_shape"]):   # cannot happen unless meta was edited
         raise UserError(f"meta does not match: restored shape {out.shape} != original {meta['original_shape']}")
-    return np.ascontiguousarray(out)
+    return out  # a view (transposed / flipped) of the full array: NIfTI writers take it as it is, no copy
 
 
 def restore_labels(labels: np.ndarray, meta: dict, plan: dict) -> nib.Nifti1Image:
@@ -361,14 +537,13 @@ def restore_labels(labels: np.ndarray, meta: dict, plan: dict) -> nib.Nifti1Imag
     n = max(lv, default=0)
     if labels.size and (labels.min() < 0 or labels.max() > n):
         raise UserError(f"labels contain values outside 0..{n} (the plan's training indices)")
-    lut = np.zeros(n + 1, dtype=np.int32)
+    dtype = np.uint8 if max(lv.values(), default=0) <= 255 else np.int16
+    lut = np.zeros(max(n + 1, 256), dtype=dtype)
     for idx, val in lv.items():
         lut[idx] = val
-    out = _to_original(labels.astype(np.uint8), meta, plan, "label")
-    vals = lut[out]
-    dtype = np.uint8 if vals.max(initial=0) <= 255 else np.int16
+    vals = _to_original(labels.astype(np.uint8, copy=False), meta, plan, "label", lut=lut)
     affine = np.asarray(meta["original_affine"], float)
-    nii = nib.Nifti1Image(vals.astype(dtype), affine)
+    nii = nib.Nifti1Image(vals, affine)
     nii.set_qform(affine, code=1)
     nii.set_sform(affine, code=1)
     nii.header.set_xyzt_units("mm")
@@ -382,5 +557,7 @@ def restore_probabilities(probs: np.ndarray, meta: dict, plan: dict) -> np.ndarr
     if probs.ndim != 4:
         raise UserError(f"probabilities must be (K, D, H, W), got shape {probs.shape}")
     _check_meta(probs.shape[1:], meta, "probabilities")
-    return np.stack([_to_original(p, meta, plan, "linear", fill=1.0 if k == 0 else 0.0)
-                     for k, p in enumerate(probs)]).astype(np.float32)
+    out = np.empty((probs.shape[0], *meta["original_shape"]), dtype=np.float32)
+    for k, p in enumerate(probs):
+        out[k] = _to_original(p, meta, plan, "linear", fill=1.0 if k == 0 else 0.0)
+    return out

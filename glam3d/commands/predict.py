@@ -428,7 +428,7 @@ def run(args) -> int:
             entry["probabilities"] = str(prob_path)
             del probs
         dt = time.time() - t0
-        present = sorted(int(v) for v in np.unique(np.asanyarray(seg.dataobj)) if v != 0)
+        present = _values_present(np.asanyarray(seg.dataobj))
         entry.update({"status": "written", "seconds": round(dt, 2), "shape": list(seg.shape),
                       "label_values_present": present, "checkpoint_sha256": manifest["checkpoint"]["sha256"]})
         manifest["cases"][case.name] = entry
@@ -437,6 +437,14 @@ def run(args) -> int:
     _write_manifest(out_dir, manifest, prev, world, rank, atomic_write_json)
     _print_summary(results, time.time() - t_all, out_dir, world, rank)
     return 2 if any(r[1] == "failed" for r in results) else 0
+
+
+def _values_present(labels) -> list[int]:
+    """Non-zero values of a label volume, found slab by slab (``np.unique`` of a whole CT sorts a copy of it)."""
+    seen: set = set()
+    for i in range(0, labels.shape[-1], 16):
+        seen.update(np.unique(labels[..., i:i + 16]).tolist())
+    return sorted(int(v) for v in seen if v != 0)
 
 
 def _prepare(case: Case, pipeline, plan):

@@ -1,0 +1,174 @@
+"""Preprocessing and restoring a scan in slabs: the same numbers as the whole-volume computation, without its
+whole-volume temporaries (``glam3d predict`` on a long CT)."""
+from __future__ import annotations
+
+import gzip
+import tracemalloc
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.transforms.utils import generate_spatial_bounding_box
+
+from glam3d.errors import UserError
+from preprocessing import pipeline as pl
+
+ULP = 2.0 ** -23
+
+
+@pytest.fixture
+def small_slabs(monkeypatch):
+    monkeypatch.setattr(pl, "SLAB_BYTES", 2048)   # many slabs even on small arrays
+
+
+def _whole(arr, out_shape, mode):
+    """The whole-volume resampling (one SimpleITK call, the computation before slabs)."""
+    cast = np.float32 if mode != "nearest" else (np.uint16 if arr.max() > 255 else np.uint8)
+    return pl._resample(np.ascontiguousarray(arr, dtype=cast), arr.shape, tuple(out_shape), mode)
+
+
+@pytest.mark.parametrize("out_shape", [(23, 9, 14), (7, 17, 10), (40, 5, 6)])
+def test_resize_slabs_equal_whole_volume(small_slabs, out_shape):
+    rng = np.random.default_rng(0)
+    x = rng.random((15, 12, 11), dtype=np.float32) * 4 - 1
+    got = pl.resize(x, out_shape, "linear")
+    ref = _whole(x, out_shape, "linear")
+    assert len(pl._slabs(out_shape, in_shape=x.shape)) > 3
+    assert got.dtype == np.float32 and got.shape == out_shape
+    # slabs shift the output origin: the same interpolation up to the rounding of a double (<= 1 ulp in float32)
+    np.testing.assert_allclose(got, ref, rtol=2 * ULP, atol=2 * ULP * np.abs(x).max())
+    lab = rng.integers(0, 300, (15, 12, 11)).astype(np.int16)
+    near = pl.resize(lab, out_shape, "nearest")
+    assert near.dtype == np.int16
+    np.testing.assert_array_equal(near, _whole(lab, out_shape, "nearest").astype(np.int16))
+
+
+def test_resize_out_and_transform(small_slabs):
+    rng = np.random.default_rng(1)
+    hu = rng.integers(-1000, 1000, (12, 10, 9)).astype(np.int16)
+    f = pl.intensity_transforms({"scheme": "transunet", "window": [-125.0, 275.0]}, 1)[0]
+    # fused: normalise each input slab, then resample == normalise the volume, then resample
+    fused = pl.resize(hu, (20, 6, 7), "linear", transform=f)
+    ref = _whole(pl.normalise(hu[None], {"scheme": "transunet"})[0], (20, 6, 7), "linear")
+    np.testing.assert_allclose(fused, ref, rtol=0, atol=2 * ULP)
+    # same shape: the transform alone, written into a caller's view; the input is not modified
+    before = hu.copy()
+    buf = np.zeros((2, 12, 10, 9), np.float32)
+    pl.resize(hu, hu.shape, "linear", out=buf[1], transform=f)
+    np.testing.assert_array_equal(buf[1], pl.normalise(hu[None], {"scheme": "transunet"})[0])
+    assert not buf[0].any()
+    np.testing.assert_array_equal(hu, before)
+    with pytest.raises(ValueError):
+        pl.resize(hu, (5, 5, 5), "linear", out=np.empty((5, 5, 4), np.float32))
+
+
+def test_resize_labels_slabs_equal_whole_volume(small_slabs):
+    rng = np.random.default_rng(2)
+    lab = np.zeros((14, 16, 12), np.uint8)
+    for v in (1, 2, 5, 9):
+        c = rng.integers(2, 12, 3)
+        lab[c[0] - 2:c[0] + 3, c[1] - 3:c[1] + 2, c[2] - 2:c[2] + 2] = v
+    for out_shape in [(31, 21, 25), (9, 11, 7)]:
+        got = pl.resize_labels(lab, out_shape, "linear")
+        values = np.unique(lab)                        # the per-label linear + argmax rule, whole volume
+        ref = np.full(out_shape, values[0], np.uint8)
+        best = _whole((lab == values[0]).astype(np.float32), out_shape, "linear")
+        for v in values[1:]:
+            p = _whole((lab == v).astype(np.float32), out_shape, "linear")
+            ref[p > best] = v
+            np.maximum(best, p, out=best)
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("thr", [-500.0, None])
+def test_body_bbox_equals_monai(small_slabs, thr):
+    rng = np.random.default_rng(3)
+    arr = np.full((2, 30, 25, 20), -1000.0 if thr is not None else 0.0, np.float32)
+    arr[0, 6:19, 4:9, 11:17] = 40.0
+    arr[1, 25:27, 20:22, 1:2] = 3.0          # a second channel: only counted without a threshold
+    arr += rng.random(arr.shape, dtype=np.float32) * (0 if thr is None else 10)
+    plan = {"crop_to_body": True, "body_threshold": thr, "crop_margin_mm": 5.0}
+    spacing = [2.5, 1.0, 1.5]
+    got = pl.body_bbox(arr[:, ::-1], spacing, plan)       # a view with negative strides, as after reorienting
+    margin = [int(np.ceil(5.0 / s)) for s in spacing]
+    src = arr[:, ::-1] if thr is None else arr[:1, ::-1]
+    sel = (lambda x: x != 0) if thr is None else (lambda x: x > thr)
+    start, end = generate_spatial_bounding_box(np.ascontiguousarray(src), select_fn=sel, margin=margin,
+                                               allow_smaller=True)
+    assert got == [[int(s), int(e)] for s, e in zip(start, end)]
+    empty = np.full((1, 8, 8, 8), -1000.0, np.float32)
+    assert pl.body_bbox(empty, [1, 1, 1], {"body_threshold": -500.0}) == [[0, 8]] * 3
+
+
+def _nifti(path, data, affine=np.eye(4), dtype=None):
+    img = nib.Nifti1Image(data, affine)
+    if dtype is not None:
+        img.set_data_dtype(dtype)
+    nib.save(img, str(path))
+    return nib.load(str(path))
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_read_stored_equals_nibabel(small_slabs, tmp_path, suffix):
+    rng = np.random.default_rng(4)
+    data = rng.integers(-1024, 3000, (13, 11, 7)).astype(np.int16)
+    img = _nifti(tmp_path / f"a{suffix}", data)
+    got = pl.read_voxels(img, keep_integers=True)
+    assert got.dtype == np.int16 and got.shape == (13, 11, 7, 1)
+    np.testing.assert_array_equal(got[..., 0], data)
+    np.testing.assert_array_equal(pl.read_voxels(img), np.asarray(img.dataobj, dtype=np.float32)[..., None])
+    # big-endian storage and a 4D file read the same numbers
+    be = nib.Nifti1Image(data.astype(">i2"), np.eye(4))
+    nib.save(be, str(tmp_path / f"be{suffix}"))
+    np.testing.assert_array_equal(pl.read_voxels(nib.load(str(tmp_path / f"be{suffix}")), keep_integers=True)[..., 0],
+                                  data)
+    four = _nifti(tmp_path / f"c{suffix}", np.stack([data, data + 1], -1))
+    np.testing.assert_array_equal(pl.read_voxels(four, keep_integers=True)[..., 1], data + 1)
+
+
+def test_read_voxels_scaled_and_truncated(tmp_path):
+    data = np.arange(5 * 4 * 3, dtype=np.int16).reshape(5, 4, 3)
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_slope_inter(0.5, -1024)
+    nib.save(img, str(tmp_path / "s.nii.gz"))
+    got = pl.read_voxels(nib.load(str(tmp_path / "s.nii.gz")), keep_integers=True)   # scaled: float32
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got[..., 0], data * np.float32(0.5) - 1024)
+    path = tmp_path / "u.nii.gz"                      # a readable header over truncated voxel bytes
+    _nifti(path, data)
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-50]))
+    with pytest.raises(UserError, match="cannot read the voxel data"):
+        pl.read_voxels(nib.load(str(path)), keep_integers=True)
+
+
+def test_preprocess_and_restore_hold_no_extra_volumes(tmp_path, monkeypatch):
+    """Traced numpy memory: preprocessing holds the scan as read + its output (+ slabs); restoring holds the
+    label volume (+ slabs). Before slabs: float32 read, contiguous copy, normalised copy, resampled copy, stacked
+    copy; restoring: per-label float32 volumes, an int32 lookup result, contiguous copies."""
+    rng = np.random.default_rng(5)
+    shape = (192, 160, 96)                                   # int16: 5.9 MB; float32 11.8 MB
+    hu = np.full(shape, -1000, np.int16)
+    hu[20:170, 30:140, 5:90] = rng.integers(-100, 300, (150, 110, 85)).astype(np.int16)
+    img = _nifti(tmp_path / "ct.nii.gz", hu, np.diag([-0.8, 0.8, 2.5, 1.0]), np.int16)
+    plan = pl.make_plan([2.5, 1.0, 1.0], {"scheme": "transunet"}, {"1": 1, "2": 7})
+    raw = hu.nbytes
+    monkeypatch.setattr(pl, "SLAB_BYTES", 1 << 20)
+    arr, meta = pl.preprocess_scan(img, plan)                # untraced first run: lazy imports (MONAI, SimpleITK)
+    pl.restore_labels((arr[0] > 0.5).astype(np.uint8), meta, plan)
+    tracemalloc.start()
+    try:
+        arr, meta = pl.preprocess_scan(img, plan)
+        _, peak = tracemalloc.get_traced_memory()
+        out = arr.nbytes
+        assert peak < raw + out + 4 * pl.SLAB_BYTES, (peak, raw, out)
+        lab = (arr[0] > 0.5).astype(np.uint8) + (arr[0] > 0.8)
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        seg = pl.restore_labels(lab, meta, plan)
+        _, peak = tracemalloc.get_traced_memory()
+        full = np.asanyarray(seg.dataobj).nbytes                 # uint8, the scan's shape
+        assert peak - base < full + 6 * pl.SLAB_BYTES, (peak - base, full)
+    finally:
+        tracemalloc.stop()
+    assert seg.shape == shape and set(np.unique(np.asanyarray(seg.dataobj)).tolist()) <= {0, 1, 7}
