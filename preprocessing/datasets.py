@@ -230,30 +230,47 @@ def check_geometry(img, other, img_path, other_path):
 
 
 def read_label(path: Path, image, image_path, declared) -> np.ndarray:
-    """Label voxels (X, Y, Z) int32, checked against the image geometry and the declared label values."""
+    """Label voxels (X, Y, Z), integers, checked against the image geometry and the declared label values.
+
+    Integer maps keep their stored dtype (uint8 for most); float-stored maps must hold whole numbers and become
+    the smallest of int16 / int32 that holds them. Checks and conversions run slab by slab along Z (no
+    whole-volume temporaries: a 512×512×1,000 uint8 map is 0.26 GB, int32 + a sorted copy were 2 GB)."""
     lab_img = load_nifti(path)
     if len(lab_img.shape) > 3 and not all(s == 1 for s in lab_img.shape[3:]):
         raise UserError(f"expected a 3D label map, got shape {lab_img.shape}", path)
     check_geometry(image, lab_img, image_path, path)
+    from .pipeline import _read_stored, _unscaled
+
+    proxy = lab_img.dataobj
+    stored = getattr(proxy, "dtype", np.dtype(np.float32)).kind in "iu" and _unscaled(
+        getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0))
     try:
-        raw = np.asarray(lab_img.dataobj)
+        raw = _read_stored(lab_img) if stored else np.asarray(proxy)
     except Exception as exc:
         raise UserError(f"cannot read the voxel data ({type(exc).__name__}: {exc})", path) from None
     raw = raw.reshape(raw.shape[:3])
-    if raw.dtype.kind == "f":
-        if not np.isfinite(raw).all():
-            raise UserError("label map contains NaN/inf", path)
-        rounded = np.rint(raw)
-        if not np.array_equal(rounded, raw):
-            raise UserError("label map has non-integer values", path)
-        raw = rounded
-    lab = raw.astype(np.int32)
-    values = np.unique(lab)
-    bad = sorted(set(values.tolist()) - set(declared))
+    step = max(1, (1 << 24) // max(1, raw.shape[0] * raw.shape[1] * raw.itemsize))
+    zs = [(z, min(z + step, raw.shape[2])) for z in range(0, raw.shape[2], step)]
+    values: set = set()
+    for z0, z1 in zs:
+        part = raw[:, :, z0:z1]
+        if raw.dtype.kind == "f":
+            if not np.isfinite(part).all():
+                raise UserError("label map contains NaN/inf", path)
+            if not np.array_equal(np.rint(part), part):
+                raise UserError("label map has non-integer values", path)
+        values.update(np.unique(part).tolist())
+    bad = sorted(set(int(v) for v in values) - set(declared))
     if bad:
         shown = ", ".join(str(v) for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
         raise UserError(f"label values {shown} are not in the declared set "
                         f"{min(declared)}..{max(declared)}", path)
+    if raw.dtype.kind in "iu":
+        return raw
+    dtype = np.int16 if all(-32768 <= v <= 32767 for v in values) else np.int32
+    lab = np.empty(raw.shape, dtype=dtype)
+    for z0, z1 in zs:
+        lab[:, :, z0:z1] = raw[:, :, z0:z1]
     return lab
 
 

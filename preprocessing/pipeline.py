@@ -471,13 +471,16 @@ def preprocess_label(label_xyz: np.ndarray, affine, meta: dict, plan: dict) -> n
     ``label_xyz`` holds original label values; values not in ``plan["label_values"]`` become background.
     """
     lut = _forward_lut(plan, int(label_xyz.max(initial=0)))
-    lab = lut[label_xyz.astype(np.int64)]
+    lab = np.empty(label_xyz.shape, dtype=np.uint8)
+    step = max(1, SLAB_BYTES // max(1, math.prod(label_xyz.shape[:2]) * 8))
+    for z in range(0, label_xyz.shape[2], step):  # slabs: the lookup's index temporaries stay slab-sized
+        lab[:, :, z:z + step] = lut[label_xyz[:, :, z:z + step]]
     oriented, _ = reorient(lab, affine, plan["orientation"])
     lab = oriented.transpose(2, 1, 0)
     (d0, d1), (h0, h1), (w0, w1) = meta["bbox"]
     lab = np.ascontiguousarray(lab[d0:d1, h0:h1, w0:w1])
     mode = plan.get("interpolation", {}).get("label", "linear")
-    return resize_labels(lab, meta["resampled_shape"], mode).astype(np.uint8)
+    return resize_labels(lab, meta["resampled_shape"], mode).astype(np.uint8, copy=False)
 
 
 def _forward_lut(plan, max_value):

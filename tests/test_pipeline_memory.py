@@ -172,3 +172,38 @@ def test_preprocess_and_restore_hold_no_extra_volumes(tmp_path, monkeypatch):
     finally:
         tracemalloc.stop()
     assert seg.shape == shape and set(np.unique(np.asanyarray(seg.dataobj)).tolist()) <= {0, 1, 7}
+
+
+def test_labels_read_and_mapped_in_slabs(tmp_path, monkeypatch):
+    """Label maps keep their stored integer dtype (float-stored whole numbers become int16), are checked slab by
+    slab, and map to training indices slab by slab: the same indices as the whole-volume lookup."""
+    from pathlib import Path
+
+    from preprocessing import datasets as D
+
+    monkeypatch.setattr(pl, "SLAB_BYTES", 1 << 12)
+    rng = np.random.default_rng(6)
+    values = np.array([0, 1, 2, 6, 11], np.uint8)
+    lab = values[rng.integers(0, len(values), (24, 20, 17))]
+    aff = np.diag([0.9, 0.9, 2.0, 1.0])
+    img = _nifti(tmp_path / "ct.nii.gz", np.zeros(lab.shape, np.int16), aff, np.int16)
+    _nifti(tmp_path / "u8.nii.gz", lab, aff, np.uint8)
+    _nifti(tmp_path / "f32.nii.gz", lab.astype(np.float32), aff, np.float32)
+    got = D.read_label(Path(tmp_path / "u8.nii.gz"), img, Path(tmp_path / "ct.nii.gz"), range(256))
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, lab)
+    got = D.read_label(Path(tmp_path / "f32.nii.gz"), img, Path(tmp_path / "ct.nii.gz"), range(256))
+    assert got.dtype == np.int16
+    np.testing.assert_array_equal(got, lab)
+    bad = lab.astype(np.float32)
+    bad[3, 4, 16] = 2.5                                        # in the last Z slab
+    _nifti(tmp_path / "bad.nii.gz", bad, aff, np.float32)
+    with pytest.raises(UserError, match="non-integer"):
+        D.read_label(Path(tmp_path / "bad.nii.gz"), img, Path(tmp_path / "ct.nii.gz"), range(256))
+    with pytest.raises(UserError, match="11"):
+        D.read_label(Path(tmp_path / "u8.nii.gz"), img, Path(tmp_path / "ct.nii.gz"), range(10))
+    plan = pl.make_plan([2.0, 1.3, 1.1], {"scheme": "transunet"}, {"1": 6, "2": 11, "3": 1})
+    meta = {"bbox": [[0, 17], [2, 20], [1, 24]], "resampled_shape": [17, 18, 23]}   # crop only: no resampling
+    got = pl.preprocess_label(lab, aff, meta, plan)
+    ref = pl._forward_lut(plan, 11)[lab.astype(np.int64)].transpose(2, 1, 0)[0:17, 2:20, 1:24]
+    np.testing.assert_array_equal(got, ref)
