@@ -20,6 +20,10 @@
   writes a synthetic int16 CT to a temporary ``.npy`` and infers it from disk to disk
   (:class:`~glam3d.engine.inference.NpySlabReader`, CT clip + scale as ``normalize``,
   :class:`~glam3d.engine.inference.NpySlabWriter`), or from an in-memory int16 array (``long_ct_in_memory``);
+* the same long scans through the ``glam3d predict`` command (section ``predict_ct``): each written as a
+  ``.nii.gz`` int16 CT (0.8 x 0.8 x 2.5 mm), with a checkpoint of the long-CT model (random weights, SGD
+  momentum, a plan resampling to ``predict_ct_spacing`` mm, 4 by default so that the scan's reading,
+  preprocessing and restoring dominate rather than the network), in a child process: its peak RSS and time;
 * a training step of the tiny config (forward + backward + SGD step, batch 2, deep supervision);
 * with bf16 autocast (section ``bf16``, default on a GPU and on CPUs with native bf16): forward time and
   sliding-window throughput again, and the bf16 matmul peak;
@@ -75,6 +79,7 @@ TARGETS = {
     "long_ct_flat": ("sliding-window memory does not grow with the scan length (peak ratio <= 1.10)", 1.10),
     "long_ct_linear": ("sliding-window time linear in the scan's windows (s/window ratio 1000 vs 200 slices in "
                        "[0.8, 1.25])", (0.8, 1.25)),
+    "predict_ct_memory": ("glam3d predict, the long-CT scans as .nii.gz (coarse plan): < 2 GB peak RSS", 2.0e9),
 }
 
 
@@ -98,6 +103,7 @@ class BenchConfig:
     long_ct_overlap: float = 0.0
     long_ct_in_memory: bool = False             # int16 input array + labels tensor in memory instead of .npy files
     long_ct_sw_batch_size: int = 1              # one window per forward: the activations of one window only
+    predict_ct_spacing: float = 4.0             # predict_ct: the checkpoint plan's target spacing (mm, isotropic)
     train_model: Optional[str] = None           # default glam_nnformer_tiny
     train_repeats: int = 3
     matmul_size: Optional[int] = None           # default 2048; quick 512
@@ -397,11 +403,84 @@ def _long_ct_worker(spec: dict) -> dict:
     return res
 
 
+#: voxel size (mm; D, H, W) of the synthetic NIfTI CTs of the predict_ct section
+PREDICT_CT_VOXEL = (2.5, 0.8, 0.8)
+
+
+def _write_ct_nifti(path: str, vol) -> None:
+    """A synthetic int16 CT ``vol = (D, H, W)`` as a ``.nii.gz`` (stored ``(W, H, D)``, RAS, voxel
+    :data:`PREDICT_CT_VOXEL`), written 16 planes at a time (Fortran order: the planes are the file's slowest
+    axis), so writing it never holds the volume."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    D, H, W = vol
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((W, H, D))
+    hdr.set_data_dtype(np.int16)
+    aff = np.diag([PREDICT_CT_VOXEL[2], PREDICT_CT_VOXEL[1], PREDICT_CT_VOXEL[0], 1.0])
+    hdr.set_qform(aff, code=1)
+    hdr.set_sform(aff, code=1)
+    hdr.set_xyzt_units("mm")
+    hdr.set_data_offset(352)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(hdr.binaryblock + b"\0" * 4)
+        for d0 in range(0, D, 16):
+            f.write(_synthetic_ct_planes(d0, min(d0 + 16, D), (H, W))[0].numpy().tobytes())
+
+
+def _predict_ct_prepare(spec: dict) -> dict:
+    """Child process: the predict_ct files in ``spec["dir"]`` — the CT and a training-style checkpoint of
+    ``spec["model"]`` (random weights + SGD momentum, plan, validation settings)."""
+    from preprocessing.pipeline import make_plan
+
+    from .engine.checkpoint import save_checkpoint
+    model = _build(spec["model"], "cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    s = float(spec["spacing"])
+    plan = make_plan([s, s, s], {"scheme": "transunet"},
+                     {str(i): i for i in range(1, getattr(model, "num_classes", 2))})
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "plan": plan,
+             "model_spec": {"name": spec["model"], "kwargs": {}},
+             "config": {"val": {"roi_size": list(model.default_crop), "overlap": spec["overlap"],
+                                "sw_batch_size": spec["sw_batch_size"]}}}
+    save_checkpoint(os.path.join(spec["dir"], "model.pt"), state)
+    _write_ct_nifti(os.path.join(spec["dir"], "ct.nii.gz"), tuple(spec["volume"]))
+    return {"model": spec["model"], "volume": list(spec["volume"]),
+            "checkpoint_bytes": os.path.getsize(os.path.join(spec["dir"], "model.pt")),
+            "nifti_bytes": os.path.getsize(os.path.join(spec["dir"], "ct.nii.gz"))}
+
+
+def _predict_ct_worker(spec: dict) -> dict:
+    """Child process: ``glam3d predict`` on the prepared CT, in this fresh process (what a user runs): time,
+    peak RSS (``VmHWM``: the whole command, torch import and checkpoint mapping included)."""
+    from .cli import main
+    d = spec["dir"]
+    rss_before = _rss_now()
+    t = time.perf_counter()
+    rc = main(["predict", "--checkpoint", os.path.join(d, "model.pt"), "--input", os.path.join(d, "ct.nii.gz"),
+               "--output", os.path.join(d, "out"), "--device", spec["device"], "--quiet", "--overwrite"])
+    dt = time.perf_counter() - t
+    manifest = json.load(open(os.path.join(d, "out", "predictions.json")))
+    case = manifest["cases"].get("ct", {})
+    return {"model": spec["model"], "volume": list(spec["volume"]), "spacing": spec["spacing"],
+            "overlap": spec["overlap"], "sw_batch_size": spec["sw_batch_size"], "exit_code": rc, "seconds": dt,
+            "voxels_per_s": math.prod(spec["volume"]) / dt, "peak_rss": _peak_rss(), "rss_before": rss_before,
+            "status": case.get("status"), "output_shape": case.get("shape")}
+
+
 def _worker(spec: dict) -> dict:
     """Child process: build a model, make a volume, run :func:`predict_volume`, report time and memory."""
     from .engine.inference import predict_volume
     if spec.get("long_ct"):
         return _long_ct_worker(spec)
+    if spec.get("predict_ct"):
+        return (_predict_ct_prepare if spec["predict_ct"] == "prepare" else _predict_ct_worker)(spec)
     device, model, roi, vol = _child_setup(spec)
     image = torch.empty((model.in_channels,) + vol, dtype=torch.float32).uniform_(-1, 1)  # pages touched
     stats: dict = {}
@@ -693,6 +772,20 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
                               long_ct=True, in_memory=cfg.long_ct_in_memory,
                               sw_batch_size=cfg.long_ct_sw_batch_size)
         done("long_ct")
+    if "predict_ct" in cfg.sections:
+        import tempfile
+        res["predict_ct"] = []
+        for v in cfg.long_ct_volumes:
+            _log(cfg, f"glam3d predict: {cfg.long_ct_model} on a {'x'.join(map(str, v))} .nii.gz CT, plan "
+                      f"{cfg.predict_ct_spacing} mm, overlap {cfg.long_ct_overlap} (child processes)")
+            with tempfile.TemporaryDirectory(prefix="glam3d-predictct-") as tmp:
+                spec = child_spec(cfg.long_ct_model, v, cfg.long_ct_overlap, dir=tmp,
+                                  spacing=cfg.predict_ct_spacing, sw_batch_size=cfg.long_ct_sw_batch_size)
+                prep = _run_child({**spec, "predict_ct": "prepare"})
+                r = prep if "error" in prep else {**_run_child({**spec, "predict_ct": "run"}),
+                                                   **{k: prep[k] for k in ("checkpoint_bytes", "nifti_bytes")}}
+            res["predict_ct"].append(r)
+        done("predict_ct")
     if "train" in cfg.sections:
         _log(cfg, f"training step {cfg.train_model}")
         res["train"] = _train_step_time(cfg.train_model, device, cfg.train_repeats)
@@ -788,6 +881,16 @@ def _targets(rows, ratios, res) -> List[dict]:
     else:
         for k in ("long_ct_memory", "long_ct_flat", "long_ct_linear"):
             add(k, None, None, "long-CT section not run")
+    pc = res.get("predict_ct") or []
+    ok = [r for r in pc if "error" not in r and r.get("exit_code") == 0]
+    if pc and len(ok) == len(pc):
+        peak = max(r["peak_rss"] for r in ok)
+        add("predict_ct_memory", peak, peak < TARGETS["predict_ct_memory"][1],
+            f"{ok[0]['model']}, plan {ok[0]['spacing']} mm, overlap {ok[0]['overlap']}; "
+            + " / ".join(f"{r['volume'][0]} slices {r['peak_rss'] / 1e9:.2f} GB" for r in ok))
+    else:
+        add("predict_ct_memory", None, None if not pc else False,
+            "predict_ct section not run" if not pc else "a predict_ct line failed")
     return out
 
 
@@ -875,6 +978,18 @@ def _tables(res: dict):
                             + ([r.get("input", "-"), _f(None if r.get("peak_accumulator_bytes") is None else
                                                         r["peak_accumulator_bytes"] / 1e9, "{:.3f}")] if lct else []))
             tabs.append((title, head, body))
+    if res.get("predict_ct"):
+        body = []
+        for r in res["predict_ct"]:
+            if "error" in r or r.get("exit_code"):
+                body.append([r["model"], "x".join(map(str, r["volume"])), "-", "-", "-", "-",
+                             r.get("error") or f"exit {r.get('exit_code')}"])
+                continue
+            body.append([r["model"], "x".join(map(str, r["volume"])), f"{r['spacing']:g}", str(r["overlap"]),
+                         _f(r["seconds"], "{:.1f}"), _gb(r["peak_rss"]), r.get("status") or "-"])
+        tabs.append(("glam3d predict on the long CTs as .nii.gz (reading, preprocessing, sliding window, restoring, "
+                     "writing)", ["model", "volume", "plan (mm)", "overlap", "time (s)", "peak RSS (GB)", "result"],
+                     body))
     if res.get("train"):
         t = res["train"]
         tabs.append(("training step (forward + backward + SGD, deep supervision)", ["model", "batch", "crop",
@@ -892,7 +1007,7 @@ def _tables(res: dict):
     body = []
     for t in res["targets"]:
         v = t["value"]
-        vs = "-" if v is None else (_gb(v) + " GB" if t["target"] == "long_ct_memory" else
+        vs = "-" if v is None else (_gb(v) + " GB" if t["target"] in ("long_ct_memory", "predict_ct_memory") else
                                     f"{100 * v:.1f}%" if t["target"] == "nnformer_peak_fraction" else f"{v:.3f}")
         body.append([t["status"], t["description"], vs, t["note"]])
     tabs.append(("targets", ["status", "target", "measured", "note"], body))

@@ -42,6 +42,15 @@ def test_rows_and_columns(quick_result):
         assert "error" not in r, r
         assert r["seconds"] > 0 and r["peak_rss"] > r["rss_before"] > 0
     assert res["train"]["seconds"] > 0 and res["train"]["batch"] == 2
+    # the long CTs through `glam3d predict` (a .nii.gz CT, a training-style checkpoint, a fresh process each)
+    assert [r["volume"] for r in res["predict_ct"]] == [list(v) for v in ((32, 64, 64), (96, 64, 64))]
+    for r in res["predict_ct"]:
+        assert "error" not in r and r["exit_code"] == 0 and r["status"] == "written", r
+        assert r["output_shape"] == r["volume"][::-1]              # the scan's stored (W, H, D) geometry
+        assert r["peak_rss"] > r["rss_before"] > 0 and r["seconds"] > 0
+        assert r["checkpoint_bytes"] > 8 * 2.41e6                   # weights + SGD momentum of nnformer_tiny
+    pct = {t["target"]: t for t in res["targets"]}["predict_ct_memory"]
+    assert pct["status"] in ("PASS", "FAIL") and pct["value"] == max(r["peak_rss"] for r in res["predict_ct"])
     tiny = res["ratios"]["tiny"]
     for k in ("glam_over_nnformer_forward", "glam_over_nnformer_sw", "glam_over_swin_unetr_sw"):
         assert tiny[k] is not None and tiny[k] > 0
@@ -53,7 +62,8 @@ def test_rows_and_columns(quick_result):
 def test_report_text_and_markdown(quick_result):
     text = format_report(quick_result)
     for word in ["params (M)", "MACs (G)", "fwd (s)", "GFLOP/s", "% peak", "SW vox/s", "peak RSS (GB)", "ratios",
-                 "growth with the volume", "long CT", "training step", "targets", "allocator"] + QUICK_MODELS:
+                 "growth with the volume", "long CT", "glam3d predict on the long CTs", "training step", "targets",
+                 "allocator"] + QUICK_MODELS:
         assert word in text, word
     assert any(s in text for s in ("PASS", "FAIL"))
     md = to_markdown(quick_result)
@@ -435,3 +445,20 @@ def test_report_names_the_allocator_profile():
     failed = {**base, "profile": "memory", "cache_error": "g++: not found"}
     assert _alloc({"allocator": failed}).endswith("+cache unavailable: g++: not found")
     assert _alloc({"allocator": {"enabled": False}}) == "default"
+
+
+def test_synthetic_nifti_ct_is_the_synthetic_planes(tmp_path):
+    """The predict_ct scans: written 16 planes at a time as a .nii.gz that nibabel reads back as the same planes
+    (stored (W, H, D), int16, the bench's voxel size)."""
+    import nibabel as nib
+    import numpy as np
+
+    from glam3d.bench import PREDICT_CT_VOXEL, _synthetic_ct_planes, _write_ct_nifti
+
+    _write_ct_nifti(str(tmp_path / "ct.nii.gz"), (37, 20, 24))
+    img = nib.load(str(tmp_path / "ct.nii.gz"))
+    assert img.shape == (24, 20, 37) and img.get_data_dtype() == np.int16
+    np.testing.assert_allclose(img.header.get_zooms(), PREDICT_CT_VOXEL[::-1])
+    data = np.asanyarray(img.dataobj)
+    want = np.concatenate([_synthetic_ct_planes(d, min(d + 16, 37), (20, 24))[0].numpy() for d in range(0, 37, 16)])
+    np.testing.assert_array_equal(data.transpose(2, 1, 0), want)

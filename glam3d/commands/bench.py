@@ -27,7 +27,7 @@ process so its peak memory is its own.
 #: of memory) on CUDA only; "compiled" (forward through ``torch.compile``, minutes of compiling per network on a
 #: CPU) anywhere; the four are in the default set on CUDA, and "bf16" also on CPUs that compute bf16 natively
 #: (AVX512-BF16 / AMX).
-SECTIONS = ["forward", "sw", "scaling", "long_ct", "train", "bf16", "graph", "compiled", "gpu"]
+SECTIONS = ["forward", "sw", "scaling", "long_ct", "predict_ct", "train", "bf16", "graph", "compiled", "gpu"]
 
 
 def _volume(text: str):
@@ -71,6 +71,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="long CT: int16 input array and labels in memory (default: .npy on disk to .npy on disk)")
     p.add_argument("--long-ct-sw-batch-size", type=int, default=1, metavar="N",
                    help="windows per forward for the long-CT lines (default 1)")
+    p.add_argument("--predict-ct-spacing", type=float, default=4.0, metavar="MM",
+                   help="predict_ct: target spacing (isotropic, mm) of the plan in the checkpoint the long-CT "
+                        "scans go through `glam3d predict` with (default 4: the scan's handling, not the network, "
+                        "dominates)")
     p.add_argument("--largest-limit", type=int, default=4096, metavar="D",
                    help="gpu section: longest D x 512 x 512 scan tried (default 4096)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
@@ -109,6 +113,8 @@ def run(args) -> int:
         raise UserError(f"--sw-rounds={args.sw_rounds} must be >= 1")
     if args.long_ct_sw_batch_size < 1:
         raise UserError(f"--long-ct-sw-batch-size={args.long_ct_sw_batch_size} must be >= 1")
+    if not args.predict_ct_spacing > 0:
+        raise UserError(f"--predict-ct-spacing={args.predict_ct_spacing} must be > 0")
     if args.largest_limit < 1:
         raise UserError(f"--largest-limit={args.largest_limit} must be >= 1")
     if not 0 <= args.overlap < 1 or not 0 <= args.long_ct_overlap < 1:
@@ -137,6 +143,7 @@ def run(args) -> int:
                           long_ct_volumes=args.long_ct_volumes, long_ct_overlap=args.long_ct_overlap,
                           long_ct_in_memory=args.long_ct_in_memory,
                           long_ct_sw_batch_size=args.long_ct_sw_batch_size,
+                          predict_ct_spacing=args.predict_ct_spacing,
                           threads=args.threads, sections=args.sections, largest_limit=args.largest_limit,
                           progress=not args.no_progress)
         res = run_bench(cfg, on_section=write if args.json or args.markdown else None)
