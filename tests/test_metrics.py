@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from glam3d.metrics.segmentation import (case_metrics, dice, hd95_medpy, hd95_monai, nan_mean_std,
-                                         organ_metrics, scan_diagonal)
+from glam3d.metrics.segmentation import (case_metrics, dice, hd95_directed_max, hd95_medpy, hd95_monai,
+                                         nan_mean_std, organ_metrics, scan_diagonal)
 
 
 def cube(shape=(20, 20, 20), lo=(5, 5, 5), size=(8, 8, 8)):
@@ -103,3 +103,26 @@ def test_nan_mean_counts():
     assert nan_mean_std([]) [2] == 0
     m, s, n = nan_mean_std([1.0, float("nan"), 3.0])
     assert (m, n) == (2.0, 2) and s == pytest.approx(math.sqrt(2))
+
+
+@pytest.mark.parametrize("spacing", [None, (2.5, 0.8, 0.8)])
+def test_hd95_without_quantile_limit_equals_monai(monkeypatch, spacing):
+    """MONAI's torch.quantile takes at most 2**24 values, which the surfaces of a noisy prediction on a long scan
+    exceed: hd95_monai then computes the same definition with numpy (hd95_directed_max) instead of failing."""
+    rng = np.random.default_rng(0)
+    a = rng.random((24, 30, 28)) > 0.6                  # noisy masks: many surface voxels
+    b = cube((24, 30, 28), (3, 4, 5), (15, 20, 18)) | (rng.random((24, 30, 28)) > 0.9)
+    ref = hd95_monai(a, b, spacing)
+    assert hd95_directed_max(a, b, spacing) == pytest.approx(ref, rel=1e-6)
+    import monai.metrics
+
+    def too_large(*args, **kwargs):
+        raise RuntimeError("quantile() input tensor is too large")
+    monkeypatch.setattr(monai.metrics, "compute_hausdorff_distance", too_large)
+    assert hd95_monai(a, b, spacing) == pytest.approx(ref, rel=1e-6)
+
+    def other(*args, **kwargs):
+        raise RuntimeError("something else")
+    monkeypatch.setattr(monai.metrics, "compute_hausdorff_distance", other)
+    with pytest.raises(RuntimeError, match="something else"):
+        hd95_monai(a, b, spacing)

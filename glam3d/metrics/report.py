@@ -175,7 +175,8 @@ def _load_labels(path: Path, case: str, what: str):
             raise UserError(f"case {case}: {what} holds non-integer values, not a label map", path)
     if data.min() < 0 or data.max() > 65535:
         raise UserError(f"case {case}: {what} label values out of range ({data.min()}..{data.max()})", path)
-    return img, data.astype(np.int32)
+    # integer maps keep their stored dtype (uint8: a quarter of int32 on a long CT); float-stored ones become int32
+    return img, (data if np.issubdtype(data.dtype, np.integer) else data.astype(np.int32))
 
 
 def voxel_spacing(affine: np.ndarray) -> tuple:

@@ -107,11 +107,25 @@ def hd95_monai(pred, gt, spacing=None) -> float:
     pred, gt = _crop_pair(pred, gt)
     y_pred = torch.from_numpy(pred)[None, None]
     y = torch.from_numpy(gt)[None, None]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hd = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95,
-                                        spacing=None if spacing is None else [float(s) for s in spacing])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hd = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95,
+                                            spacing=None if spacing is None else [float(s) for s in spacing])
+    except RuntimeError as err:
+        if "too large" not in str(err):
+            raise
+        # torch.quantile takes at most 2**24 values: surfaces that large (a noisy prediction on a long scan)
+        # get the same definition computed with numpy
+        return hd95_directed_max(pred, gt, spacing)
     return float(hd.reshape(-1)[0])
+
+
+def hd95_directed_max(pred, gt, spacing=None) -> float:
+    """MONAI's HD95 definition (the larger of the two directed 95th percentiles, linear interpolation) with
+    scipy / numpy, for any number of surface voxels."""
+    d_pg, d_gp = directed_surface_distances(pred, gt, spacing)
+    return float(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)))
 
 
 def scan_diagonal(shape, spacing=None) -> float:
