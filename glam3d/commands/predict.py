@@ -178,7 +178,7 @@ def sitk_to_nibabel(img):
     if img.GetDimension() != 3:
         raise ValueError(f"expected a 3D image, got {img.GetDimension()}D")
     arr = sitk.GetArrayFromImage(img)                     # (z, y, x) = (k, j, i)
-    arr = np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))  # nibabel (i, j, k)
+    arr = np.transpose(arr, (2, 1, 0))                     # nibabel (i, j, k): a Fortran-ordered view, no copy
     direction = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
     lps = np.eye(4)
     lps[:3, :3] = direction @ np.diag(img.GetSpacing())
