@@ -21,8 +21,9 @@ Steps of :func:`preprocess_scan` (the same for training cases and for a new scan
 Memory: besides the scan as read and the result, only slabs of about :data:`SLAB_BYTES` exist — the body box,
 the normalisation and the resampling (fused: each output slab normalises and resamples the input rows it needs)
 and the restoration all run slab by slab along D (a 512×512×1,000 int16 CT: 0.52 GB read + the output; before,
-four float32 copies of the scan). Slabbed resampling equals one whole-volume SimpleITK call to 1 float32 ulp (the
-slab's output origin is one rounding away from the whole grid's); B-spline, whose prefilter spans the input,
+four float32 copies of the scan). Slabbed linear resampling equals one whole-volume SimpleITK call up to one
+float32 rounding of the input values (the slab's output origin is one rounding away from the whole grid's);
+nearest neighbour is exact (per-axis index maps over the whole grid); B-spline, whose prefilter spans the input,
 resamples the whole volume.
 
 Example::
@@ -208,13 +209,24 @@ def _resample(src: np.ndarray, in_shape, out_shape, mode: str, rows=None, src_ro
     return sitk.GetArrayFromImage(res)
 
 
+def _nearest_index(n_in: int, n_out: int, axis: int) -> np.ndarray:
+    """Input index of every output position along ``axis`` for nearest-neighbour resampling ``n_in -> n_out``:
+    SimpleITK's nearest neighbour on a ramp, over the axis's whole grid (slabbed output origins would round
+    positions exactly halfway between two rows the other way)."""
+    ins, outs = [1, 1, 1], [1, 1, 1]
+    ins[axis], outs[axis] = n_in, n_out
+    ramp = np.arange(n_in, dtype=np.float32).reshape(ins)   # exact integers below 2**24
+    return _resample(ramp, tuple(ins), tuple(outs), "nearest").reshape(-1).astype(np.intp)
+
+
 def resize(arr: np.ndarray, out_shape, mode: str = "linear", out: np.ndarray | None = None,
            transform=None) -> np.ndarray:
     """Resample a 3D array to ``out_shape`` (SimpleITK); the input and output grids share their outer extent
     (voxel i of the output is centred on input coordinate ``(i + 0.5) * n_in / n_out - 0.5``).
 
-    ``linear`` / ``nearest`` work in output slabs of about :data:`SLAB_BYTES`, each from the input rows it needs
-    (temporaries: one slab); ``bspline`` (whose prefilter spans the whole input) resamples the volume at once.
+    ``linear`` works in output slabs of about :data:`SLAB_BYTES`, each from the input rows it needs (temporaries:
+    one slab); ``nearest`` gathers slab by slab through one index map per axis (exactly the whole-volume result);
+    ``bspline`` (whose prefilter spans the whole input) resamples the volume at once.
     ``out``: write the result there (an array or view of ``out_shape``) instead of a new array.
     ``transform``: an elementwise function applied to the input (as float32 rows, a fresh copy it may change in
     place) before resampling — an intensity normalisation fused into the resampling, so that the normalised
@@ -239,7 +251,12 @@ def resize(arr: np.ndarray, out_shape, mode: str = "linear", out: np.ndarray | N
         for k0, k1 in _slabs(out_shape):
             out[k0:k1] = rows(k0, k1, out.dtype)
         return out
-    cast = (np.uint16 if arr.max(initial=0) > 255 else np.uint8) if mode == "nearest" else np.float32
+    if mode == "nearest":  # separable: one index map per axis, rounded as the whole-volume resampling rounds
+        iz, iy, ix = (_nearest_index(arr.shape[a], out_shape[a], a) for a in range(3))
+        for o0, o1 in _slabs(out_shape, out.itemsize):
+            out[o0:o1] = arr[np.ix_(iz[o0:o1], iy, ix)]
+        return out
+    cast = np.float32
     if mode == "bspline":
         out[...] = _resample(rows(0, arr.shape[0], cast), arr.shape, out_shape, mode)
         return out
@@ -542,7 +559,8 @@ def restore_labels(labels: np.ndarray, meta: dict, plan: dict) -> nib.Nifti1Imag
     n = max(lv, default=0)
     if labels.size and (labels.min() < 0 or labels.max() > n):
         raise UserError(f"labels contain values outside 0..{n} (the plan's training indices)")
-    dtype = np.uint8 if max(lv.values(), default=0) <= 255 else np.int16
+    lo, hi = min([0, *lv.values()]), max([0, *lv.values()])
+    dtype = np.uint8 if lo >= 0 and hi <= 255 else np.int16 if -32768 <= lo and hi <= 32767 else np.int32
     lut = np.zeros(max(n + 1, 256), dtype=dtype)
     for idx, val in lv.items():
         lut[idx] = val

@@ -3,6 +3,7 @@ whole-volume temporaries (``glam3d predict`` on a long CT)."""
 from __future__ import annotations
 
 import gzip
+import math
 import tracemalloc
 
 import nibabel as nib
@@ -207,3 +208,35 @@ def test_labels_read_and_mapped_in_slabs(tmp_path, monkeypatch):
     got = pl.preprocess_label(lab, aff, meta, plan)
     ref = pl._forward_lut(plan, 11)[lab.astype(np.int64)].transpose(2, 1, 0)[0:17, 2:20, 1:24]
     np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("shapes", [((100, 6, 5), (150, 9, 7)), ((2, 3, 8), (197, 5, 36)), ((60, 4, 4), (90, 6, 6))])
+def test_nearest_exact_at_halfway_rows(small_slabs, shapes):
+    """Upsampling 2:3 puts output rows exactly halfway between two input rows; a slab's own output origin would
+    round them the other way. Nearest neighbour goes through per-axis index maps of the whole grid instead."""
+    n_in, n_out = shapes
+    lab = (np.arange(math.prod(n_in)) % 7).astype(np.uint8).reshape(n_in)
+    np.testing.assert_array_equal(pl.resize(lab, n_out, "nearest"), _whole(lab, n_out, "nearest"))
+    np.testing.assert_array_equal(pl.resize_labels(lab, n_out, "nearest"), _whole(lab, n_out, "nearest"))
+    wide = lab.astype(np.int16) * 1000 - 3000                 # int16 values, negative and > 255
+    got = pl.resize(wide, n_out, "nearest")
+    assert got.dtype == np.int16
+    np.testing.assert_array_equal((got + 3000) // 1000, _whole(lab, n_out, "nearest"))
+
+
+@pytest.mark.parametrize("values,dtype", [({"1": 7, "2": 300}, np.int16), ({"1": -5, "2": 9}, np.int16),
+                                          ({"1": 40000, "2": 2}, np.int32), ({"1": 255, "2": 3}, np.uint8)])
+def test_restore_labels_value_range(tmp_path, values, dtype):
+    """Label values keep their numbers in the written map: uint8, int16 or int32 as the plan's values need."""
+    lab = np.zeros((4, 5, 6), np.uint8)
+    lab[1:3, 1:4, 2:5] = 1
+    lab[3, 0, 0] = 2
+    meta = {"resampled_shape": [4, 5, 6], "cropped_shape": [4, 5, 6], "oriented_shape": [4, 5, 6],
+            "bbox": [[0, 4], [0, 5], [0, 6]], "original_affine": np.eye(4).tolist(), "original_shape": [6, 5, 4]}
+    plan = {"orientation": "RAS", "label_values": values, "interpolation": {"label": "nearest"}}
+    seg = np.asanyarray(pl.restore_labels(lab, meta, plan).dataobj)
+    assert seg.dtype == dtype
+    want = np.zeros(lab.shape, np.int64)
+    for k, v in values.items():
+        want[lab == int(k)] = v
+    np.testing.assert_array_equal(seg, want.transpose(2, 1, 0))
