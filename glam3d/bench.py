@@ -466,7 +466,8 @@ def _predict_ct_worker(spec: dict) -> dict:
     rc = main(["predict", "--checkpoint", os.path.join(d, "model.pt"), "--input", os.path.join(d, "ct.nii.gz"),
                "--output", os.path.join(d, "out"), "--device", spec["device"], "--quiet", "--overwrite"])
     dt = time.perf_counter() - t
-    manifest = json.load(open(os.path.join(d, "out", "predictions.json")))
+    with open(os.path.join(d, "out", "predictions.json")) as f:
+        manifest = json.load(f)
     case = manifest["cases"].get("ct", {})
     return {"model": spec["model"], "volume": list(spec["volume"]), "spacing": spec["spacing"],
             "overlap": spec["overlap"], "sw_batch_size": spec["sw_batch_size"], "exit_code": rc, "seconds": dt,

@@ -239,18 +239,14 @@ def read_label(path: Path, image, image_path, declared) -> np.ndarray:
     if len(lab_img.shape) > 3 and not all(s == 1 for s in lab_img.shape[3:]):
         raise UserError(f"expected a 3D label map, got shape {lab_img.shape}", path)
     check_geometry(image, lab_img, image_path, path)
-    from .pipeline import _read_stored, _unscaled
+    from .pipeline import _read_stored, stored_unscaled_integers, z_slabs
 
-    proxy = lab_img.dataobj
-    stored = getattr(proxy, "dtype", np.dtype(np.float32)).kind in "iu" and _unscaled(
-        getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0))
     try:
-        raw = _read_stored(lab_img) if stored else np.asarray(proxy)
+        raw = _read_stored(lab_img) if stored_unscaled_integers(lab_img) else np.asarray(lab_img.dataobj)
     except Exception as exc:
         raise UserError(f"cannot read the voxel data ({type(exc).__name__}: {exc})", path) from None
     raw = raw.reshape(raw.shape[:3])
-    step = max(1, (1 << 24) // max(1, raw.shape[0] * raw.shape[1] * raw.itemsize))
-    zs = [(z, min(z + step, raw.shape[2])) for z in range(0, raw.shape[2], step)]
+    zs = z_slabs(raw.shape, raw.itemsize)
     values: set = set()
     for z0, z1 in zs:
         part = raw[:, :, z0:z1]

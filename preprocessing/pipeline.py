@@ -91,11 +91,9 @@ def read_voxels(image: nib.Nifti1Image, name=None, allow_channels: bool = True,
     ``keep_integers``: integer voxels stored without scaling (slope 1, intercept 0: most CTs) come back in their
     stored dtype (int16: half the memory of float32; the values are the same numbers)."""
     name = name or image.get_filename() or "image"
-    proxy = image.dataobj
-    raw = (keep_integers and getattr(proxy, "dtype", np.dtype(np.float32)).kind in "iu"
-           and _unscaled(getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)))
     try:
-        data = _read_stored(image) if raw else np.asarray(proxy, dtype=np.float32)
+        data = (_read_stored(image) if keep_integers and stored_unscaled_integers(image)
+                else np.asarray(image.dataobj, dtype=np.float32))
     except Exception as exc:  # truncated gzip, short file, ...
         raise UserError(f"cannot read the voxel data ({type(exc).__name__}: {exc})", name) from None
     if data.ndim == 5 and data.shape[3] == 1:     # (X, Y, Z, 1, C) NIfTI vector layout
@@ -136,16 +134,17 @@ def _read_stored(image: nib.Nifti1Image) -> np.ndarray:
     return out
 
 
-def _unscaled(slope, inter) -> bool:
-    """NIfTI scaling that leaves the stored values unchanged (nibabel already maps an unset slope to 1, 0)."""
-    return (float(slope), float(inter)) == (1.0, 0.0)
+def stored_unscaled_integers(image) -> bool:
+    """The image stores integers without scaling (slope 1, intercept 0; nibabel maps an unset slope to 1, 0):
+    its voxels are their stored values, readable in the stored dtype by :func:`_read_stored`."""
+    proxy = image.dataobj
+    return (getattr(proxy, "dtype", np.dtype(np.float32)).kind in "iu"
+            and (float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))) == (1.0, 0.0))
 
 
-def _all_finite(data: np.ndarray, chunk_bytes: int = 1 << 24) -> bool:
+def _all_finite(data: np.ndarray) -> bool:
     """``np.isfinite(data).all()`` for ``(X, Y, Z[, C])`` without a whole-volume boolean temporary (Z slabs)."""
-    plane = max(1, data.nbytes // max(1, data.shape[2]))
-    step = max(1, chunk_bytes // plane)
-    return all(np.isfinite(data[:, :, z:z + step]).all() for z in range(0, data.shape[2], step))
+    return all(np.isfinite(data[:, :, z0:z1]).all() for z0, z1 in z_slabs(data.shape, data.itemsize))
 
 
 def _orientation_transform(affine, orientation):
@@ -177,6 +176,11 @@ def _slabs(out_shape, itemsize: int = 4, in_shape=None):
         plane = max(plane, math.ceil(math.prod(in_shape[1:]) * 4 * in_shape[0] / max(1, out_shape[0])))
     step = max(1, SLAB_BYTES // plane)
     return [(a, min(a + step, out_shape[0])) for a in range(0, out_shape[0], step)]
+
+
+def z_slabs(shape_xyz, itemsize: int):
+    """:func:`_slabs` along axis 2 of an ``(X, Y, Z[, C])`` array (a NIfTI volume as stored)."""
+    return _slabs((shape_xyz[2], *shape_xyz[:2], *shape_xyz[3:]), itemsize)
 
 
 def _source_rows(o0: int, o1: int, n_in: int, n_out: int, margin: int = 3):
@@ -256,13 +260,12 @@ def resize(arr: np.ndarray, out_shape, mode: str = "linear", out: np.ndarray | N
         for o0, o1 in _slabs(out_shape, out.itemsize):
             out[o0:o1] = arr[np.ix_(iz[o0:o1], iy, ix)]
         return out
-    cast = np.float32
     if mode == "bspline":
-        out[...] = _resample(rows(0, arr.shape[0], cast), arr.shape, out_shape, mode)
+        out[...] = _resample(rows(0, arr.shape[0], np.float32), arr.shape, out_shape, mode)
         return out
     for o0, o1 in _slabs(out_shape, in_shape=arr.shape):
         k0, k1 = _source_rows(o0, o1, arr.shape[0], out_shape[0])
-        out[o0:o1] = _resample(rows(k0, k1, cast), arr.shape, out_shape, mode, (o0, o1), k0)
+        out[o0:o1] = _resample(rows(k0, k1, np.float32), arr.shape, out_shape, mode, (o0, o1), k0)
     return out
 
 
@@ -465,16 +468,14 @@ def preprocess_scan(image: nib.Nifti1Image, plan: dict, *, _data=None):
     out = np.empty((nch, *tshape), dtype=np.float32)
     for c in range(nch):
         resize(crop[c], tshape, mode, out=out[c], transform=norm[c])
-    original_shape = [int(v) for v in data.shape[:3]]
-    oriented_shape = [int(v) for v in arr.shape[1:]]
     meta = {
         "source_image": name,
         "source_label": None,
-        "original_shape": original_shape,
+        "original_shape": [int(v) for v in data.shape[:3]],
         "original_affine": affine.tolist(),
         "orientation": "".join(aff2axcodes(affine)),
         "spacing": [float(v) for v in spacing],
-        "oriented_shape": oriented_shape,
+        "oriented_shape": [int(v) for v in arr.shape[1:]],
         "bbox": bbox,
         "cropped_shape": [int(v) for v in crop_shape],
         "resampled_shape": [int(v) for v in tshape],
@@ -491,9 +492,8 @@ def preprocess_label(label_xyz: np.ndarray, affine, meta: dict, plan: dict) -> n
     """
     lut = _forward_lut(plan, int(label_xyz.max(initial=0)))
     lab = np.empty(label_xyz.shape, dtype=np.uint8)
-    step = max(1, SLAB_BYTES // max(1, math.prod(label_xyz.shape[:2]) * 8))
-    for z in range(0, label_xyz.shape[2], step):  # slabs: the lookup's index temporaries stay slab-sized
-        lab[:, :, z:z + step] = lut[label_xyz[:, :, z:z + step]]
+    for z0, z1 in z_slabs(label_xyz.shape, 8):  # slabs: the lookup's (intp) index temporaries stay slab-sized
+        lab[:, :, z0:z1] = lut[label_xyz[:, :, z0:z1]]
     oriented, _ = reorient(lab, affine, plan["orientation"])
     lab = oriented.transpose(2, 1, 0)
     (d0, d1), (h0, h1), (w0, w1) = meta["bbox"]
@@ -518,7 +518,7 @@ def _check_meta(arr_shape, meta, what):
 
 def _to_original(vol_dhw: np.ndarray, meta: dict, plan: dict, mode: str, fill=0, lut=None):
     """(D', H', W') on the preprocessed grid -> (X, Y, Z) in the stored geometry, resampled straight into the
-    crop box of the full array (slabs: no whole-volume temporaries beyond the result and its reoriented copy).
+    crop box of the full array (slabs: no whole-volume temporaries beyond the result, returned as a view).
     ``lut``: label values for training indices (``mode="label"``), applied slab by slab."""
     if mode == "label":
         dtype = vol_dhw.dtype if lut is None else lut.dtype
@@ -527,13 +527,9 @@ def _to_original(vol_dhw: np.ndarray, meta: dict, plan: dict, mode: str, fill=0,
     full = np.full(meta["oriented_shape"], fill, dtype=dtype)
     (d0, d1), (h0, h1), (w0, w1) = meta["bbox"]
     box = full[d0:d1, h0:h1, w0:w1]
-    if mode == "label":
-        if lut is None or lut.dtype == vol_dhw.dtype:
-            resize_labels(vol_dhw, meta["cropped_shape"], plan.get("interpolation", {}).get("label", "linear"),
-                          out=box)
-        else:  # values wider than the indices: resample the indices, then map
-            box[...] = resize_labels(vol_dhw, meta["cropped_shape"],
-                                     plan.get("interpolation", {}).get("label", "linear"))
+    if mode == "label":  # the indices go into the box (any integer dtype holds them), then become values
+        resize_labels(vol_dhw, meta["cropped_shape"], plan.get("interpolation", {}).get("label", "linear"),
+                      out=box)
         if lut is not None:
             for a0, a1 in _slabs(box.shape, box.itemsize):
                 box[a0:a1] = lut[box[a0:a1]]
