@@ -22,8 +22,9 @@
   :class:`~glam3d.engine.inference.NpySlabWriter`), or from an in-memory int16 array (``long_ct_in_memory``);
 * the same long scans through the ``glam3d predict`` command (section ``predict_ct``): each written as a
   ``.nii.gz`` int16 CT (0.8 x 0.8 x 2.5 mm), with a checkpoint of the long-CT model (random weights, SGD
-  momentum, a plan resampling to ``predict_ct_spacing`` mm, 4 by default so that the scan's reading,
-  preprocessing and restoring dominate rather than the network), in a child process: its peak RSS and time;
+  momentum, a plan resampling to ``predict_ct_spacing`` mm — 4 by default so that the scan's reading,
+  preprocessing and restoring dominate rather than the network; ``(3, 0.8, 0.8)`` is a Synapse-like fine plan),
+  in a child process: its peak RSS, time, and the overlap and batch it ran with;
 * a training step of the tiny config (forward + backward + SGD step, batch 2, deep supervision);
 * with bf16 autocast (section ``bf16``, default on a GPU and on CPUs with native bf16): forward time and
   sliding-window throughput again, and the bf16 matmul peak;
@@ -56,7 +57,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -79,7 +80,7 @@ TARGETS = {
     "long_ct_flat": ("sliding-window memory does not grow with the scan length (peak ratio <= 1.10)", 1.10),
     "long_ct_linear": ("sliding-window time linear in the scan's windows (s/window ratio 1000 vs 200 slices in "
                        "[0.8, 1.25])", (0.8, 1.25)),
-    "predict_ct_memory": ("glam3d predict, the long-CT scans as .nii.gz (coarse plan): < 2 GB peak RSS", 2.0e9),
+    "predict_ct_memory": ("glam3d predict, the long-CT scans as .nii.gz: < 2 GB peak RSS", 2.0e9),
 }
 
 
@@ -103,7 +104,8 @@ class BenchConfig:
     long_ct_overlap: float = 0.0
     long_ct_in_memory: bool = False             # int16 input array + labels tensor in memory instead of .npy files
     long_ct_sw_batch_size: int = 1              # one window per forward: the activations of one window only
-    predict_ct_spacing: float = 4.0             # predict_ct: the checkpoint plan's target spacing (mm, isotropic)
+    predict_ct_spacing: Union[float, Sequence[float]] = 4.0  # predict_ct: the checkpoint plan's target spacing
+                                                # (mm: one value, isotropic, or sz sy sx)
     train_model: Optional[str] = None           # default glam_nnformer_tiny
     train_repeats: int = 3
     matmul_size: Optional[int] = None           # default 2048; quick 512
@@ -431,6 +433,18 @@ def _write_ct_nifti(path: str, vol) -> None:
             f.write(_synthetic_ct_planes(d0, min(d0 + 16, D), (H, W))[0].numpy().tobytes())
 
 
+def _spacing3(spacing) -> list:
+    """``4`` or ``[4]`` -> ``[4.0, 4.0, 4.0]``; ``[3, 0.8, 0.8]`` (sz sy sx) as it is."""
+    v = [float(x) for x in (spacing if isinstance(spacing, (list, tuple)) else [spacing])]
+    return v * 3 if len(v) == 1 else v
+
+
+def _spacing_label(spacing) -> str:
+    """A plan spacing for the table: ``4`` (isotropic) or ``3x0.8x0.8`` (sz x sy x sx)."""
+    v = _spacing3(spacing)
+    return f"{v[0]:g}" if len(set(v)) == 1 else "x".join(f"{x:g}" for x in v)
+
+
 def _predict_ct_prepare(spec: dict) -> dict:
     """Child process: the predict_ct files in ``spec["dir"]`` — the CT and a training-style checkpoint of
     ``spec["model"]`` (random weights + SGD momentum, plan, validation settings)."""
@@ -442,8 +456,7 @@ def _predict_ct_prepare(spec: dict) -> dict:
     for q in model.parameters():
         q.grad = torch.zeros_like(q)
     opt.step()
-    s = float(spec["spacing"])
-    plan = make_plan([s, s, s], {"scheme": "transunet"},
+    plan = make_plan(_spacing3(spec["spacing"]), {"scheme": "transunet"},
                      {str(i): i for i in range(1, getattr(model, "num_classes", 2))})
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "plan": plan,
              "model_spec": {"name": spec["model"], "kwargs": {}},
@@ -469,8 +482,10 @@ def _predict_ct_worker(spec: dict) -> dict:
     with open(os.path.join(d, "out", "predictions.json")) as f:
         manifest = json.load(f)
     case = manifest["cases"].get("ct", {})
+    used = manifest.get("inference", {})  # what the command ran with (read from the checkpoint, as a user's run)
     return {"model": spec["model"], "volume": list(spec["volume"]), "spacing": spec["spacing"],
-            "overlap": spec["overlap"], "sw_batch_size": spec["sw_batch_size"], "exit_code": rc, "seconds": dt,
+            "overlap": used.get("overlap"), "sw_batch_size": used.get("sw_batch_size"), "exit_code": rc,
+            "seconds": dt,
             "voxels_per_s": math.prod(spec["volume"]) / dt, "peak_rss": _peak_rss(), "rss_before": rss_before,
             "status": case.get("status"), "output_shape": case.get("shape")}
 
@@ -778,7 +793,7 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
         res["predict_ct"] = []
         for v in cfg.long_ct_volumes:
             _log(cfg, f"glam3d predict: {cfg.long_ct_model} on a {'x'.join(map(str, v))} .nii.gz CT, plan "
-                      f"{cfg.predict_ct_spacing} mm, overlap {cfg.long_ct_overlap} (child processes)")
+                      f"{_spacing_label(cfg.predict_ct_spacing)} mm, overlap {cfg.long_ct_overlap} (child processes)")
             with tempfile.TemporaryDirectory(prefix="glam3d-predictct-") as tmp:
                 spec = child_spec(cfg.long_ct_model, v, cfg.long_ct_overlap, dir=tmp,
                                   spacing=cfg.predict_ct_spacing, sw_batch_size=cfg.long_ct_sw_batch_size)
@@ -887,7 +902,7 @@ def _targets(rows, ratios, res) -> List[dict]:
     if pc and len(ok) == len(pc):
         peak = max(r["peak_rss"] for r in ok)
         add("predict_ct_memory", peak, peak < TARGETS["predict_ct_memory"][1],
-            f"{ok[0]['model']}, plan {ok[0]['spacing']} mm, overlap {ok[0]['overlap']}; "
+            f"{ok[0]['model']}, plan {_spacing_label(ok[0]['spacing'])} mm, overlap {ok[0]['overlap']}; "
             + " / ".join(f"{r['volume'][0]} slices {r['peak_rss'] / 1e9:.2f} GB" for r in ok))
     else:
         add("predict_ct_memory", None, None if not pc else False,
@@ -986,7 +1001,7 @@ def _tables(res: dict):
                 body.append([r["model"], "x".join(map(str, r["volume"])), "-", "-", "-", "-",
                              r.get("error") or f"exit {r.get('exit_code')}"])
                 continue
-            body.append([r["model"], "x".join(map(str, r["volume"])), f"{r['spacing']:g}", str(r["overlap"]),
+            body.append([r["model"], "x".join(map(str, r["volume"])), _spacing_label(r["spacing"]), str(r["overlap"]),
                          _f(r["seconds"], "{:.1f}"), _gb(r["peak_rss"]), r.get("status") or "-"])
         tabs.append(("glam3d predict on the long CTs as .nii.gz (reading, preprocessing, sliding window, restoring, "
                      "writing)", ["model", "volume", "plan (mm)", "overlap", "time (s)", "peak RSS (GB)", "result"],

@@ -24,7 +24,12 @@ and the restoration all run slab by slab along D (a 512×512×1,000 int16 CT: 0.
 four float32 copies of the scan). Slabbed linear resampling equals one whole-volume SimpleITK call up to one
 float32 rounding of the input values (the slab's output origin is one rounding away from the whole grid's);
 nearest neighbour is exact (per-axis index maps over the whole grid); B-spline, whose prefilter spans the input,
-resamples the whole volume.
+resamples the whole volume. ``preprocess_scan(..., lazy=True)`` (what ``glam3d predict`` uses) does not even make
+the output: it returns a :class:`LazyScan`, whose rows are normalised and resampled when the sliding window reads
+them (one span of window rows at a time), so at a fine plan the float32 network input — about the size of the
+scan, twice the int16 scan — never exists as a whole; with ``spill_dir`` the scan itself is decoded into an
+unlinked file there and mapped (:func:`spill_stored`), its pages dropped from the process after every read
+(:func:`release_pages`): then the process holds the rows being read, not the scan.
 
 Example::
 
@@ -36,6 +41,9 @@ Example::
 from __future__ import annotations
 
 import math
+import mmap
+import os
+import tempfile
 
 import nibabel as nib
 import numpy as np
@@ -85,15 +93,20 @@ def make_plan(target_spacing, intensity: dict, label_values: dict, *, orientatio
 
 # --------------------------------------------------------------------------------------------- helpers
 def read_voxels(image: nib.Nifti1Image, name=None, allow_channels: bool = True,
-                keep_integers: bool = False) -> np.ndarray:
+                keep_integers: bool = False, spill_dir=None) -> np.ndarray:
     """Voxel array ``(X, Y, Z, C)`` float32 of a NIfTI image; one-line :class:`UserError` for unreadable data.
 
     ``keep_integers``: integer voxels stored without scaling (slope 1, intercept 0: most CTs) come back in their
-    stored dtype (int16: half the memory of float32; the values are the same numbers)."""
+    stored dtype (int16: half the memory of float32; the values are the same numbers). With ``spill_dir`` too,
+    such voxels are decoded into a file there and come back mapped from it (:func:`spill_stored`): the scan is
+    then not held in memory, only the pages read since the last :func:`release_pages`."""
     name = name or image.get_filename() or "image"
     try:
-        data = (_read_stored(image) if keep_integers and stored_unscaled_integers(image)
-                else np.asarray(image.dataobj, dtype=np.float32))
+        if keep_integers and stored_unscaled_integers(image):
+            data = spill_stored(image, spill_dir) if spill_dir is not None else None
+            data = _read_stored(image) if data is None else data
+        else:
+            data = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as exc:  # truncated gzip, short file, ...
         raise UserError(f"cannot read the voxel data ({type(exc).__name__}: {exc})", name) from None
     if data.ndim == 5 and data.shape[3] == 1:     # (X, Y, Z, 1, C) NIfTI vector layout
@@ -114,16 +127,14 @@ def _read_stored(image: nib.Nifti1Image) -> np.ndarray:
     """The stored voxels of a NIfTI file, read straight into their array (``readinto``: nibabel's own read of a
     ``.nii.gz`` holds the decompressed bytes and the array, twice the volume). Images without a plain file behind
     them (in memory, other proxies) are read by nibabel."""
-    from nibabel.arrayproxy import ArrayProxy
     from nibabel.openers import ImageOpener
 
-    proxy = image.dataobj
-    fname = getattr(image.file_map.get("image"), "filename", None)
-    if type(proxy) is not ArrayProxy or not isinstance(proxy.file_like, str) or fname != proxy.file_like:
-        return np.asanyarray(proxy)
+    proxy = _plain_file_proxy(image)
+    if proxy is None:
+        return np.asanyarray(image.dataobj)
     out = np.empty(proxy.shape, dtype=proxy.dtype, order=proxy.order)
     buf = memoryview(out.reshape(-1, order="A")).cast("B")
-    with ImageOpener(fname, "rb") as fh:
+    with ImageOpener(proxy.file_like, "rb") as fh:
         fh.seek(proxy.offset)
         got, total = 0, buf.nbytes
         while got < total:
@@ -132,6 +143,64 @@ def _read_stored(image: nib.Nifti1Image) -> np.ndarray:
                 raise EOFError(f"the file ends after {got} of {total} voxel bytes")
             got += n
     return out
+
+
+def _plain_file_proxy(image: nib.Nifti1Image):
+    """The image's ``ArrayProxy`` when its voxels come from a plain file nibabel opens by name, else None."""
+    from nibabel.arrayproxy import ArrayProxy
+
+    proxy = image.dataobj
+    fname = getattr(image.file_map.get("image"), "filename", None)
+    if type(proxy) is not ArrayProxy or not isinstance(proxy.file_like, str) or fname != proxy.file_like:
+        return None
+    return proxy
+
+
+def spill_stored(image: nib.Nifti1Image, folder) -> np.ndarray | None:
+    """The stored voxels decoded (a ``.nii.gz`` decompressed) into a temporary file in ``folder``, mapped read-only
+    (``np.memmap`` of the stored shape, dtype and order) and unlinked at once: nothing is left behind, whatever
+    happens to the process, and the disk space goes with the mapping. The scan then lives in the page cache, not
+    in the process: only the pages touched since the last :func:`release_pages` count in its resident memory.
+    None when the voxels cannot be mapped (not a plain file, or the folder cannot take the file): the caller
+    reads them into memory instead. A short file raises ``EOFError``."""
+    from nibabel.openers import ImageOpener
+
+    proxy = _plain_file_proxy(image)
+    if proxy is None:
+        return None
+    try:
+        fd, path = tempfile.mkstemp(prefix=".glam3d-scan-", suffix=".raw", dir=folder)
+    except OSError:
+        return None
+    try:
+        total = int(np.prod(proxy.shape, dtype=np.int64)) * proxy.dtype.itemsize
+        view = memoryview(bytearray(min(SLAB_BYTES, max(total, 1))))
+        with ImageOpener(proxy.file_like, "rb") as fh, os.fdopen(fd, "wb") as out:
+            fd = None
+            fh.seek(proxy.offset)
+            got = 0
+            while got < total:
+                n = fh.readinto(view[:min(len(view), total - got)])
+                if not n:
+                    raise EOFError(f"the file ends after {got} of {total} voxel bytes")
+                out.write(view[:n])
+                got += n
+        return np.memmap(path, dtype=proxy.dtype, mode="r", shape=tuple(proxy.shape), order=proxy.order)
+    except OSError:  # disk full, quota: read into memory instead
+        return None
+    finally:
+        if fd is not None:
+            os.close(fd)
+        os.unlink(path)   # a mapping outlives its file's name (POSIX)
+
+
+def release_pages(arr) -> None:
+    """Drop the pages of a file mapping (``arr``: a :func:`spill_stored` array or a view of it) from the process's
+    resident memory (``madvise(MADV_DONTNEED)``: they stay in the page cache and are mapped again when touched).
+    Nothing for an in-memory array."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def stored_unscaled_integers(image) -> bool:
@@ -168,14 +237,16 @@ def voxel_sizes(affine) -> np.ndarray:
 SLAB_BYTES = 1 << 24
 
 
-def _slabs(out_shape, itemsize: int = 4, in_shape=None):
+def _slabs(out_shape, itemsize: int = 4, in_shape=None, rows=None):
     """Half-open ranges along axis 0 of an ``out_shape`` array of about :data:`SLAB_BYTES` each — and, when
-    resampling from ``in_shape``, such that the input rows a range reads are about that size too."""
+    resampling from ``in_shape``, such that the input rows a range reads are about that size too. ``rows =
+    (o0, o1)``: ranges covering those rows only (default: all)."""
     plane = max(1, math.prod(out_shape[1:]) * itemsize)
     if in_shape is not None:
         plane = max(plane, math.ceil(math.prod(in_shape[1:]) * 4 * in_shape[0] / max(1, out_shape[0])))
     step = max(1, SLAB_BYTES // plane)
-    return [(a, min(a + step, out_shape[0])) for a in range(0, out_shape[0], step)]
+    o0, o1 = (0, out_shape[0]) if rows is None else rows
+    return [(a, min(a + step, o1)) for a in range(o0, o1, step)]
 
 
 def z_slabs(shape_xyz, itemsize: int):
@@ -224,49 +295,114 @@ def _nearest_index(n_in: int, n_out: int, axis: int) -> np.ndarray:
 
 
 def resize(arr: np.ndarray, out_shape, mode: str = "linear", out: np.ndarray | None = None,
-           transform=None) -> np.ndarray:
+           transform=None, rows=None) -> np.ndarray:
     """Resample a 3D array to ``out_shape`` (SimpleITK); the input and output grids share their outer extent
     (voxel i of the output is centred on input coordinate ``(i + 0.5) * n_in / n_out - 0.5``).
 
     ``linear`` works in output slabs of about :data:`SLAB_BYTES`, each from the input rows it needs (temporaries:
     one slab); ``nearest`` gathers slab by slab through one index map per axis (exactly the whole-volume result);
     ``bspline`` (whose prefilter spans the whole input) resamples the volume at once.
-    ``out``: write the result there (an array or view of ``out_shape``) instead of a new array.
+    ``out``: write the result there (an array or view of the result's shape) instead of a new array.
     ``transform``: an elementwise function applied to the input (as float32 rows, a fresh copy it may change in
     place) before resampling — an intensity normalisation fused into the resampling, so that the normalised
-    input never exists as a whole volume. Output dtype: the input's for ``nearest``, float32 otherwise."""
+    input never exists as a whole volume. ``rows = (o0, o1)``: only those rows of the result along axis 0
+    (``(o1 - o0, *out_shape[1:])``; not for ``bspline``), computed from the input rows they need: the same values
+    as those rows of the whole result (linear: up to one float32 rounding, see the module's notes).
+    Output dtype: the input's for ``nearest``, float32 otherwise."""
     out_shape = tuple(int(v) for v in out_shape)
     if mode not in ("linear", "nearest", "bspline"):
         raise UserError(f"unknown interpolation {mode!r} (linear, nearest, bspline)")
     if transform is not None and mode == "nearest":
         raise ValueError("transform needs a float interpolation (linear or bspline)")
+    o0, o1 = (0, out_shape[0]) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= o0 <= o1 <= out_shape[0]:
+        raise ValueError(f"rows {rows} outside the {out_shape[0]} output rows")
+    res_shape = (o1 - o0,) + out_shape[1:]
     dtype = arr.dtype if mode == "nearest" else np.dtype(np.float32)
     if out is None:
-        out = np.empty(out_shape, dtype=dtype)
-    elif tuple(out.shape) != out_shape:
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {out_shape}")
+        out = np.empty(res_shape, dtype=dtype)
+    elif tuple(out.shape) != res_shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {res_shape}")
 
-    def rows(k0, k1, cast):
+    def source(k0, k1, cast):
         if transform is None:
             return arr[k0:k1].astype(cast, copy=False)
         return transform(np.array(arr[k0:k1], dtype=np.float32))
 
     if tuple(arr.shape) == out_shape:
-        for k0, k1 in _slabs(out_shape):
-            out[k0:k1] = rows(k0, k1, out.dtype)
+        for a, b in _slabs(out_shape, rows=(o0, o1)):
+            out[a - o0:b - o0] = source(a, b, out.dtype)
         return out
     if mode == "nearest":  # separable: one index map per axis, rounded as the whole-volume resampling rounds
         iz, iy, ix = (_nearest_index(arr.shape[a], out_shape[a], a) for a in range(3))
-        for o0, o1 in _slabs(out_shape, out.itemsize):
-            out[o0:o1] = arr[np.ix_(iz[o0:o1], iy, ix)]
+        for a, b in _slabs(out_shape, out.itemsize, rows=(o0, o1)):
+            out[a - o0:b - o0] = arr[np.ix_(iz[a:b], iy, ix)]
         return out
     if mode == "bspline":
-        out[...] = _resample(rows(0, arr.shape[0], np.float32), arr.shape, out_shape, mode)
+        if (o0, o1) != (0, out_shape[0]):
+            raise ValueError("bspline resamples the whole volume (its prefilter spans the input): no rows=")
+        out[...] = _resample(source(0, arr.shape[0], np.float32), arr.shape, out_shape, mode)
         return out
-    for o0, o1 in _slabs(out_shape, in_shape=arr.shape):
-        k0, k1 = _source_rows(o0, o1, arr.shape[0], out_shape[0])
-        out[o0:o1] = _resample(rows(k0, k1, np.float32), arr.shape, out_shape, mode, (o0, o1), k0)
+    for a, b in _slabs(out_shape, in_shape=arr.shape, rows=(o0, o1)):
+        k0, k1 = _source_rows(a, b, arr.shape[0], out_shape[0])
+        out[a - o0:b - o0] = _resample(source(k0, k1, np.float32), arr.shape, out_shape, mode, (a, b), k0)
     return out
+
+
+class LazyScan:
+    """A preprocessed scan that exists only as the rows asked for: ``(C, D, H, W)`` float32, where
+    ``scan[:, d0:d1]`` normalises and resamples just the input rows those output rows need (the same values as
+    :func:`preprocess_scan`'s array, linear resampling up to one float32 rounding of the inputs). A *lazy source*
+    for :func:`glam3d.engine.inference.predict_volume`, which reads one ``D``-span of window rows at a time: the
+    float32 network input of a whole scan never exists (at a fine plan it is about the scan's size, twice the
+    int16 scan). ``np.asarray(scan)`` makes the whole array.
+
+    Args:
+        crop: ``(C, d, h, w)`` the cropped scan as read (any real dtype; a view is fine: it is kept, not copied).
+        shape: the resampled ``(D, H, W)``.
+        mode: ``"linear"`` (``bspline`` needs the whole volume: use the array).
+        transforms: one elementwise normalisation per channel (:func:`intensity_transforms`) or None.
+        release: called after each read (a scan mapped from a file, :func:`spill_stored`, drops the pages it
+            read: the process then holds neither the scan nor its float32 copy, only the rows of one read).
+    """
+
+    def __init__(self, crop: np.ndarray, shape, mode: str, transforms=None, release=None):
+        if mode != "linear":
+            raise ValueError(f"LazyScan resamples linearly, not {mode!r} (bspline needs the whole volume)")
+        self.crop, self.mode = crop, mode
+        self.transforms = list(transforms) if transforms is not None else [None] * crop.shape[0]
+        self.shape = (crop.shape[0],) + tuple(int(v) for v in shape)
+        self.release = release
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 4
+
+    def __repr__(self):
+        return f"LazyScan(shape={self.shape}, from {tuple(self.crop.shape)} {self.crop.dtype}, {self.mode})"
+
+    def __len__(self):
+        return self.shape[0]
+
+    def read(self, d0: int, d1: int) -> np.ndarray:
+        """Rows ``d0:d1`` of every channel: ``(C, d1 - d0, H, W)`` float32."""
+        out = np.empty((self.shape[0], d1 - d0) + self.shape[2:], dtype=np.float32)
+        for c, f in enumerate(self.transforms):
+            resize(self.crop[c], self.shape[1:], self.mode, out=out[c], transform=f, rows=(d0, d1))
+        if self.release is not None:
+            self.release()
+        return out
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        whole = slice(None)
+        if (len(key) >= 2 and key[0] == whole and isinstance(key[1], slice) and key[1].step in (None, 1)
+                and all(k == whole for k in key[2:])):
+            d0, d1, _ = key[1].indices(self.shape[1])
+            return self.read(d0, max(d0, d1))
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.read(0, self.shape[1])
+        return a if dtype is None else a.astype(dtype, copy=False)
 
 
 def resize_labels(lab: np.ndarray, out_shape, mode: str = "linear", out: np.ndarray | None = None) -> np.ndarray:
@@ -307,13 +443,14 @@ def resize_labels(lab: np.ndarray, out_shape, mode: str = "linear", out: np.ndar
     return out
 
 
-def body_bbox(arr: np.ndarray, spacing, plan) -> list:
+def body_bbox(arr: np.ndarray, spacing, plan, release=None) -> list:
     """``[[d0, d1], [h0, h1], [w0, w1]]`` (half-open) of the body in a ``(C, D, H, W)`` array (or view).
 
     The box of the voxels above ``plan["body_threshold"]`` in channel 0 (non-zero voxels in any channel when it
     is ``None``) grown by ``crop_margin_mm`` and clipped to the array — MONAI's
     ``generate_spatial_bounding_box(..., allow_smaller=True)`` — computed slab by slab along D (temporaries: one
-    slab's mask, not a volume's)."""
+    slab's mask, not a volume's). ``release()``, if given, is called after each slab (a mapped scan drops the
+    pages it read)."""
     shape = arr.shape[1:]
     if not plan.get("crop_to_body", True):
         return [[0, int(n)] for n in shape]
@@ -327,6 +464,8 @@ def body_bbox(arr: np.ndarray, spacing, plan) -> list:
         hit[0][d0:d1] = sel.any(axis=(1, 2))
         hit[1] |= sel.any(axis=(0, 2))
         hit[2] |= sel.any(axis=(0, 1))
+        if release is not None:
+            release()
     if not hit[0].any():   # nothing above the threshold: keep everything
         return [[0, int(n)] for n in shape]
     box = []
@@ -432,17 +571,24 @@ def check_spacing(spacing, name=None) -> None:
 
 
 # --------------------------------------------------------------------------------------------- public API
-def preprocess_scan(image: nib.Nifti1Image, plan: dict, *, _data=None):
+def preprocess_scan(image: nib.Nifti1Image, plan: dict, *, lazy: bool = False, spill_dir=None, _data=None):
     """Preprocess one scan as the plan says.
 
-    Returns ``(array float32 (C, D, H, W), meta)``; ``meta`` (JSON-serialisable) is what :func:`restore_labels`
+    Returns ``(array float32 (C, D, H, W), meta)``; with ``lazy`` (and linear image interpolation) the array is a
+    :class:`LazyScan` instead: rows normalised and resampled when they are read (what ``glam3d predict`` hands
+    the sliding window). ``spill_dir`` (with ``lazy``): a CT stored as unscaled integers is decoded into a file
+    there and mapped (:func:`spill_stored`), so the process holds only the pages of the rows being read, not the
+    scan. ``meta`` (JSON-serialisable) is what :func:`restore_labels`
     needs: ``source_image``, ``source_label``, ``original_shape`` (X, Y, Z as stored), ``original_affine``,
     ``orientation`` (stored axis code), ``spacing`` (sz, sy, sx after reorientation), ``oriented_shape``,
     ``bbox`` (half-open ``[[d0, d1], [h0, h1], [w0, w1]]`` in the oriented grid), ``cropped_shape``,
     ``resampled_shape``, ``resampled_spacing``, ``num_channels``.
     """
     name = image.get_filename()
-    data = read_voxels(image, name, keep_integers=True) if _data is None else _data
+    lazy = lazy and plan.get("interpolation", {}).get("image", "linear") == "linear"
+    data = read_voxels(image, name, keep_integers=True, spill_dir=spill_dir if lazy else None) \
+        if _data is None else _data
+    release = (lambda: release_pages(data)) if isinstance(data, np.memmap) else None
     nch = int(plan.get("num_channels", 1))
     if data.shape[3] != nch:
         raise UserError(f"the plan expects {nch} channel(s), the image has {data.shape[3]}", name)
@@ -455,7 +601,7 @@ def preprocess_scan(image: nib.Nifti1Image, plan: dict, *, _data=None):
     if math.prod(tshape) > MAX_RESAMPLED_VOXELS:
         raise UserError(f"resampling to {plan['target_spacing']} mm would give {tshape} voxels (more than "
                         f"{MAX_RESAMPLED_VOXELS}); check the header's voxel size", name)
-    bbox = body_bbox(arr, spacing, plan)
+    bbox = body_bbox(arr, spacing, plan, release)
     crop_shape = [b - a for a, b in bbox]
     crop = arr[(slice(None),) + tuple(slice(a, b) for a, b in bbox)]   # a view of the scan as read
     tshape = _target_shape(crop_shape, spacing, plan["target_spacing"])
@@ -464,10 +610,12 @@ def preprocess_scan(image: nib.Nifti1Image, plan: dict, *, _data=None):
     if norm is None:  # per-scan statistics: the normalised crop is made first
         crop = normalise(crop, plan["intensity"])
         norm = [None] * nch
-    # normalised and resampled slab by slab: the scan as read + the output are the only volumes held
-    out = np.empty((nch, *tshape), dtype=np.float32)
-    for c in range(nch):
-        resize(crop[c], tshape, mode, out=out[c], transform=norm[c])
+    if lazy:
+        out = LazyScan(crop, tshape, mode, norm, release)
+    else:  # normalised and resampled slab by slab: the scan as read + the output are the only volumes held
+        out = np.empty((nch, *tshape), dtype=np.float32)
+        for c in range(nch):
+            resize(crop[c], tshape, mode, out=out[c], transform=norm[c])
     meta = {
         "source_image": name,
         "source_label": None,

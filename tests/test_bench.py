@@ -21,7 +21,7 @@ pytest.importorskip("einops")  # SwinUNETR
 def quick_result():
     cfg = BenchConfig(quick=True, repeats=1, train_repeats=1, threads=1, matmul_size=256,
                       sw_volume=(32, 64, 96), scaling_volumes=[(32, 64, 64), (64, 64, 64), (96, 64, 64)],
-                      long_ct_volumes=[(32, 64, 64), (96, 64, 64)])
+                      long_ct_volumes=[(32, 64, 64), (96, 64, 64)], predict_ct_spacing=[5.0, 4.0, 4.0])
     return run_bench(cfg)
 
 
@@ -49,6 +49,8 @@ def test_rows_and_columns(quick_result):
         assert r["output_shape"] == r["volume"][::-1]              # the scan's stored (W, H, D) geometry
         assert r["peak_rss"] > r["rss_before"] > 0 and r["seconds"] > 0
         assert r["checkpoint_bytes"] > 8 * 2.41e6                   # weights + SGD momentum of nnformer_tiny
+        # the checkpoint's validation settings, as the command read them (an overlap of 0 once read as 0.5)
+        assert r["spacing"] == [5.0, 4.0, 4.0] and r["overlap"] == 0.0 and r["sw_batch_size"] == 1
     pct = {t["target"]: t for t in res["targets"]}["predict_ct_memory"]
     assert pct["status"] in ("PASS", "FAIL") and pct["value"] == max(r["peak_rss"] for r in res["predict_ct"])
     tiny = res["ratios"]["tiny"]
@@ -299,6 +301,14 @@ def test_sliding_window_rounds_are_paired_and_counterbalanced(monkeypatch):
     assert g["sw"]["error"] == "exit 1: boom" and "sw_voxels_per_s" not in g
     assert res["ratios"]["tiny"]["glam_over_nnformer_sw"] is None
     assert _tables(res)[0][2][0][7] == "error"
+
+
+def test_predict_ct_spacing_option():
+    from glam3d.bench import _spacing3, _spacing_label
+    assert _spacing3(4) == _spacing3([4]) == [4.0, 4.0, 4.0] and _spacing3([3, 0.8, 0.8]) == [3.0, 0.8, 0.8]
+    assert _spacing_label(4.0) == "4" and _spacing_label([3, 0.8, 0.8]) == "3x0.8x0.8"
+    assert main(["bench", "--quick", "--predict-ct-spacing", "3", "0.8"]) == 2
+    assert main(["bench", "--quick", "--predict-ct-spacing", "0"]) == 2
 
 
 def test_cli_bad_sw_rounds():

@@ -33,20 +33,20 @@ def test_checkpoint_metadata_drops_only_the_training_state(tmp_path):
     assert meta["plan"] and meta["model_spec"] and meta["labels"]
 
 
-def test_predict_holds_no_checkpoint_tensors_while_inferring(tmp_path, monkeypatch):
-    """Every tensor the checkpoint load produced (weights, optimiser state) is gone by the time the sliding window
-    runs: the network holds its own copy of the weights, nothing holds the loaded ones."""
+def test_predict_holds_the_weights_once_and_no_optimiser_state(tmp_path, monkeypatch):
+    """While the sliding window runs, the network's parameters *are* the mapped checkpoint's weights (one copy,
+    pages of the file: ``assign``), and every other tensor the load produced (the optimiser state) is gone."""
     import glam3d.engine.checkpoint as ck_mod
 
     H.tiny_case(tmp_path / "raw", "0001")
     ck = _with_optimizer_state(H.predict_checkpoint(tmp_path / "ck.pt"))
-    loaded = []
+    loaded, weight_ptrs = [], set()
     real_load = ck_mod.load_checkpoint
 
     def load_spy(*args, **kwargs):
         state = real_load(*args, **kwargs)
-        tensors = list(state["model"].values()) + [state["optimizer"]["state"][0]["momentum_buffer"]]
-        loaded.extend(weakref.ref(t) for t in tensors)
+        loaded.append(weakref.ref(state["optimizer"]["state"][0]["momentum_buffer"]))
+        weight_ptrs.update(t.data_ptr() for t in state["model"].values() if t.is_floating_point())
         return state
 
     seen = []
@@ -54,7 +54,8 @@ def test_predict_holds_no_checkpoint_tensors_while_inferring(tmp_path, monkeypat
 
     def predict_spy(model, *args, **kwargs):
         gc.collect()
-        seen.append(sum(r() is not None for r in loaded))
+        seen.append((sum(r() is not None for r in loaded),
+                     {p.data_ptr() for p in model.parameters()} <= weight_ptrs))
         return real_predict(model, *args, **kwargs)
 
     monkeypatch.setattr(ck_mod, "load_checkpoint", load_spy)
@@ -62,7 +63,32 @@ def test_predict_holds_no_checkpoint_tensors_while_inferring(tmp_path, monkeypat
     rc = main(["predict", "--checkpoint", str(ck), "--input", str(tmp_path / "raw" / "img"),
                "--output", str(tmp_path / "out"), "--quiet"])
     assert rc == 0 and (tmp_path / "out" / "img0001.nii.gz").is_file()
-    assert len(loaded) > 10 and seen == [0]
+    assert len(weight_ptrs) > 10 and seen == [(0, True)]
+
+
+def test_assigned_weights_compute_what_copied_weights_do(tmp_path):
+    """``model_from_checkpoint(assign=True)`` on a mapped checkpoint: parameters share the mapped tensors'
+    memory, the network's dtypes are kept (a float64 tensor in the checkpoint is converted, as a copy load
+    would), and the outputs equal a plainly loaded network's."""
+    from glam3d.engine.checkpoint import model_from_checkpoint
+    ck = H.predict_checkpoint(tmp_path / "ck.pt")
+    state = load_checkpoint(ck)
+    name = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][name] = state["model"][name].double()
+    save_checkpoint(tmp_path / "ck64.pt", state)
+    copied = model_from_checkpoint(load_checkpoint(tmp_path / "ck64.pt")).eval()
+    mapped = load_checkpoint(tmp_path / "ck64.pt", mmap=True)
+    ptrs = {k: v.data_ptr() for k, v in mapped["model"].items()}
+    assigned = model_from_checkpoint(mapped, assign=True).eval()
+    own = assigned.state_dict()
+    assert own[name].dtype == torch.float32 and own[name].data_ptr() != ptrs[name]
+    shared = [k for k, v in own.items() if k != name and v.data_ptr() == ptrs.get(k)]
+    assert len(shared) == len([k for k in own if k != name]) > 10
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        a, b = copied(x), assigned(x)
+    a, b = (a[0], b[0]) if isinstance(a, (list, tuple)) else (a, b)
+    assert torch.equal(a, b)
 
 
 def test_mmap_load_reads_only_what_is_touched(tmp_path):

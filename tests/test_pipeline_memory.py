@@ -240,3 +240,171 @@ def test_restore_labels_value_range(tmp_path, values, dtype):
     for k, v in values.items():
         want[lab == int(k)] = v
     np.testing.assert_array_equal(seg, want.transpose(2, 1, 0))
+
+
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
+def test_resize_rows_equal_whole_result(small_slabs, mode):
+    """``resize(rows=(o0, o1))`` computes those rows only: the whole result's rows (linear up to the rounding of
+    a slab origin, nearest exact), any range, into ``out`` of the range's shape."""
+    rng = np.random.default_rng(3)
+    x = (rng.random((15, 12, 11), dtype=np.float32) * 4 - 1) if mode == "linear" else \
+        rng.integers(0, 300, (15, 12, 11)).astype(np.int16)
+    whole = pl.resize(x, (23, 9, 14), mode)
+    for o0, o1 in [(0, 23), (0, 1), (5, 17), (22, 23), (9, 9)]:
+        part = pl.resize(x, (23, 9, 14), mode, rows=(o0, o1))
+        assert part.shape == (o1 - o0, 9, 14) and part.dtype == whole.dtype
+        np.testing.assert_allclose(part, whole[o0:o1], rtol=2 * ULP, atol=2 * ULP * 2 if mode == "linear" else 0)
+    with pytest.raises(ValueError, match="expected"):
+        pl.resize(x, (23, 9, 14), mode, rows=(2, 5), out=np.empty((4, 9, 14), whole.dtype))
+    with pytest.raises(ValueError, match="outside"):
+        pl.resize(x, (23, 9, 14), mode, rows=(20, 24))
+    with pytest.raises(ValueError, match="bspline"):
+        pl.resize(x.astype(np.float32), (23, 9, 14), "bspline", rows=(0, 5))
+
+
+@pytest.mark.parametrize("intensity, spacing", [
+    ({"scheme": "transunet"}, [3.0, 0.8, 0.8]),          # Synapse-like fine plan: z down, in-plane as stored
+    ({"scheme": "transunet"}, [2.0, 1.3, 0.6]),          # every axis resampled, some up, some down
+    ({"scheme": "nnunet", "channels": [{"lower": -200.0, "upper": 300.0, "mean": 60.0, "std": 90.0}]},
+     [2.5, 0.8, 0.8]),                                   # the scan's own spacing: normalised, not resampled
+    ({"scheme": "zscore"}, [3.0, 1.6, 1.6]),            # per-scan statistics (the normalised crop is made first)
+])
+def test_lazy_scan_equals_preprocessed_array(tmp_path, monkeypatch, intensity, spacing):
+    """``preprocess_scan(lazy=True)``: the same meta, and rows read on demand equal the array's — whole
+    (``np.asarray``) bit for bit, in arbitrary D-ranges up to the rounding of a slab origin."""
+    monkeypatch.setattr(pl, "SLAB_BYTES", 1 << 14)
+    rng = np.random.default_rng(11)
+    hu = np.full((64, 48, 40), -1000, np.int16)
+    hu[6:58, 4:44, 3:37] = rng.integers(-300, 600, (52, 40, 34)).astype(np.int16)
+    img = _nifti(tmp_path / "ct.nii.gz", hu, np.diag([-0.8, 0.8, 2.5, 1.0]), np.int16)
+    plan = pl.make_plan(spacing, intensity, {"1": 1})
+    arr, meta = pl.preprocess_scan(img, plan)
+    lazy, meta_l = pl.preprocess_scan(img, plan, lazy=True)
+    assert isinstance(lazy, pl.LazyScan) and meta_l == meta
+    assert lazy.shape == arr.shape and lazy.dtype == np.float32 and len(lazy) == 1
+    np.testing.assert_array_equal(np.asarray(lazy), arr)
+    d = arr.shape[1]
+    for d0, d1 in [(0, 5), (3, 17), (d - 4, d), (0, d)]:
+        np.testing.assert_allclose(lazy[:, d0:d1], arr[:, d0:d1], rtol=0, atol=2 * ULP * np.abs(arr).max())
+    np.testing.assert_array_equal(lazy[0, 2], arr[0, 2])    # any other index: through the whole array
+    bs = pl.make_plan(spacing, intensity, {"1": 1}, image_interpolation="bspline")
+    assert isinstance(pl.preprocess_scan(img, bs, lazy=True)[0], np.ndarray)   # B-spline needs the whole volume
+
+
+def test_lazy_scan_sliding_window_holds_one_span(tmp_path, monkeypatch):
+    """The sliding window over a :class:`LazyScan` reads one D-span of window rows at a time (never the whole
+    float32 input), and its labels equal those from the preprocessed array."""
+    import torch
+
+    from glam3d.engine.inference import predict_volume
+    monkeypatch.setattr(pl, "SLAB_BYTES", 1 << 14)
+    rng = np.random.default_rng(12)
+    hu = rng.integers(-200, 400, (40, 36, 60)).astype(np.int16)   # stored (x, y, z): D = 60 * 2.5 / 2 = 75
+    img = _nifti(tmp_path / "ct.nii.gz", hu, np.diag([1.0, 1.0, 2.5, 1.0]), np.int16)
+    plan = pl.make_plan([2.0, 1.0, 1.0], {"scheme": "transunet"}, {"1": 1}, crop_to_body=False)
+    arr, _ = pl.preprocess_scan(img, plan)
+    lazy, _ = pl.preprocess_scan(img, plan, lazy=True)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.GELU(),
+                              torch.nn.Conv3d(8, 3, 3, padding=1)).eval()
+    roi = (16, 24, 24)
+    ref = predict_volume(net, torch.from_numpy(arr), roi, overlap=0.5, sw_batch_size=2)
+    stats: dict = {}
+    got = predict_volume(net, lazy, roi, overlap=0.5, sw_batch_size=2, stats=stats)
+    assert torch.equal(got, ref)
+    span = 4 * math.prod(arr.shape[2:]) * roi[0]
+    assert 0 < stats["input_block_bytes"] <= span < arr.nbytes / 3, (stats, arr.nbytes)
+
+
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.parametrize("suffix, dtype", [(".nii.gz", np.int16), (".nii", ">i2"), (".nii.gz", np.uint8)])
+def test_spill_stored_maps_the_stored_voxels(tmp_path, suffix, dtype):
+    """A scan decoded into an unlinked file and mapped: the same voxels as reading it into memory, nothing left in
+    the folder; images without a plain file behind them are not spilled."""
+    rng = np.random.default_rng(4)
+    data = rng.integers(-1000, 2000 if np.dtype(dtype).kind == "i" else 0, (37, 21, 19)) if \
+        np.dtype(dtype).kind == "i" else rng.integers(0, 255, (37, 21, 19))
+    img = _nifti(tmp_path / f"ct{suffix}", data.astype(dtype), np.eye(4), dtype)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    m = pl.spill_stored(img, spill)
+    assert isinstance(m, np.memmap) and m.dtype == img.dataobj.dtype and m.shape == img.shape
+    np.testing.assert_array_equal(m, pl._read_stored(img))
+    assert list(spill.iterdir()) == []                      # unlinked at once
+    assert pl.spill_stored(nib.Nifti1Image(data.astype(np.int16), np.eye(4)), spill) is None
+    assert pl.spill_stored(img, tmp_path / "no_such_folder") is None   # cannot write there: read into memory
+    v = pl.read_voxels(img, keep_integers=True, spill_dir=spill)
+    assert isinstance(v, np.memmap) and v.shape == img.shape + (1,)
+    path = tmp_path / f"short{suffix}"
+    path.write_bytes((gzip.compress if suffix == ".nii.gz" else bytes)(
+        (gzip.decompress if suffix == ".nii.gz" else bytes)((tmp_path / f"ct{suffix}").read_bytes())[:-50]))
+    with pytest.raises(UserError, match="cannot read the voxel data"):
+        pl.read_voxels(nib.load(str(path)), keep_integers=True, spill_dir=spill)
+    assert list(spill.iterdir()) == []
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux /proc needed")
+def test_release_pages_drops_the_mapping_from_resident_memory(tmp_path):
+    """The point of spilling: pages read from the mapped scan stop counting in the process's resident memory once
+    released (they stay in the page cache)."""
+    vol = np.zeros((256, 256, 400), np.int16)                   # 50 MB stored
+    img = _nifti(tmp_path / "big.nii", vol, np.eye(4), np.int16)
+    m = pl.spill_stored(img, tmp_path)
+    before = _rss_file_kb()
+    assert int(m[:, :, ::7].sum(dtype=np.int64)) == 0           # touches every page
+    touched = _rss_file_kb()
+    assert touched - before > 40_000, (before, touched)
+    pl.release_pages(m[:, :, 3:9])                              # a view of it releases the whole mapping
+    assert touched - _rss_file_kb() > 40_000
+    pl.release_pages(np.zeros(3))                               # an in-memory array: nothing to do
+
+
+def test_lazy_scan_from_a_spilled_scan(tmp_path, monkeypatch):
+    """``preprocess_scan(lazy=True, spill_dir=...)``: the scan is mapped from a decoded file and released after
+    every read; the rows are the in-memory ones."""
+    monkeypatch.setattr(pl, "SLAB_BYTES", 1 << 14)
+    rng = np.random.default_rng(13)
+    hu = np.full((64, 48, 40), -1000, np.int16)
+    hu[6:58, 4:44, 3:37] = rng.integers(-300, 600, (52, 40, 34)).astype(np.int16)
+    img = _nifti(tmp_path / "ct.nii.gz", hu, np.diag([-0.8, 0.8, 2.5, 1.0]), np.int16)
+    plan = pl.make_plan([3.0, 0.9, 0.7], {"scheme": "transunet"}, {"1": 1})
+    released = []
+    real = pl.release_pages
+    monkeypatch.setattr(pl, "release_pages", lambda a: (released.append(type(a).__name__), real(a)))
+    ref, meta = pl.preprocess_scan(img, plan, lazy=True)
+    assert ref.release is None and not released
+    lazy, meta_s = pl.preprocess_scan(img, plan, lazy=True, spill_dir=tmp_path)
+    base = lazy.crop
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    assert meta_s == meta and base is not None and lazy.release is not None  # a view of the mapped scan
+    assert released                                                          # the body box released its slabs
+    n = len(released)
+    np.testing.assert_array_equal(lazy[:, 5:20], ref[:, 5:20])
+    assert len(released) == n + 1 and set(released) == {"memmap"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
+
+
+def test_lazy_scan_read_holds_its_rows_and_slabs_only(tmp_path, monkeypatch):
+    """Traced numpy memory of reading a span of a LazyScan: the span + a few slabs — not the scan's float32 copy
+    nor the resampled volume (which ``preprocess_scan`` without ``lazy`` makes)."""
+    rng = np.random.default_rng(6)
+    hu = rng.integers(-200, 400, (160, 128, 96)).astype(np.int16)       # 3.9 MB; float32 output ≈ 9 MB
+    img = _nifti(tmp_path / "ct.nii.gz", hu, np.diag([1.0, 1.0, 2.5, 1.0]), np.int16)
+    plan = pl.make_plan([2.0, 0.9, 0.9], {"scheme": "transunet"}, {"1": 1}, crop_to_body=False)
+    monkeypatch.setattr(pl, "SLAB_BYTES", 1 << 18)
+    lazy, _ = pl.preprocess_scan(img, plan, lazy=True)
+    lazy[:, 0:2]                                                         # untraced: lazy imports
+    whole = 4 * math.prod(lazy.shape)
+    tracemalloc.start()
+    try:
+        span = lazy[:, 40:56]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert span.nbytes < whole / 6
+    assert peak < span.nbytes + 6 * pl.SLAB_BYTES < whole / 2, (peak, span.nbytes, whole)

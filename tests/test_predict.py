@@ -146,6 +146,61 @@ def test_geometry_round_trip_resampled(tmp_path, orientation):
     assert np.allclose(p.sum(-1), 1, atol=1e-3)
 
 
+def test_predict_reads_the_scan_lazily(tmp_path, monkeypatch):
+    """The sliding window reads the preprocessed scan as a LazyScan (rows resampled on demand: no float32 copy of
+    the whole resampled scan) of the scan decoded into the output folder and mapped (not held in memory), and the
+    label map equals the one from the preprocessed array."""
+    from glam3d.engine import inference
+    img, _, _ = make_scan("oblique")
+    nib.save(img, tmp_path / "scan.nii.gz")
+    ck = write_checkpoint(tmp_path / "ck.pt", [2.0, 1.2, 1.1])
+    seen, spilled = [], []
+    real, real_spill = inference.predict_volume, pipeline.spill_stored
+    monkeypatch.setattr(inference, "predict_volume", lambda model, image, *a, **k: (
+        seen.append((type(image).__name__, type(k.get("out")).__name__)), real(model, image, *a, **k))[1])
+    monkeypatch.setattr(pipeline, "spill_stored", lambda image, folder: (
+        lambda m: (spilled.append((type(m).__name__, folder)), m)[1])(real_spill(image, folder)))
+    img16 = nib.Nifti1Image(np.round(img.get_fdata()).astype(np.int16), img.affine)  # a CT as stored: int16 HU
+    nib.save(img16, tmp_path / "scan.nii.gz")
+    args = ["predict", "--checkpoint", str(ck), "--input", str(tmp_path / "scan.nii.gz"), "--quiet"]
+    assert main(args + ["--output", str(tmp_path / "lazy")]) == 0
+    # decoded into the (new) output folder, mapped, unlinked: nothing but the outputs is left there
+    assert spilled == [("memmap", tmp_path / "lazy")]
+    # (and so were the labels, written row by row and mapped back for restoring: no hidden file either)
+    assert sorted(p.name for p in (tmp_path / "lazy").iterdir()) == ["predictions.json", "scan.nii.gz"]
+    (tmp_path / "scr").mkdir()
+    assert main(args + ["--output", str(tmp_path / "o2"), "--scratch", str(tmp_path / "scr")]) == 0
+    assert main(args + ["--output", str(tmp_path / "o3"), "--scratch", "none"]) == 0   # read into memory
+    assert spilled[1:] == [("memmap", tmp_path / "scr")] and list((tmp_path / "scr").iterdir()) == []
+    assert main(args + ["--output", str(tmp_path / "o4"), "--scratch", str(tmp_path / "nope")]) == 2
+    assert not (tmp_path / "o4").exists()
+    eager = pipeline.preprocess_scan
+    monkeypatch.setattr(pipeline, "preprocess_scan", lambda image, plan, **k: eager(image, plan))
+    assert main(args + ["--output", str(tmp_path / "eager")]) == 0
+    writer = "NpySlabWriter"   # labels to the scratch folder, except with --scratch none
+    assert seen == [("LazyScan", writer)] * 2 + [("LazyScan", "NoneType"), ("Tensor", writer)]
+    a, b, c, d = (np.asanyarray(nib.load(tmp_path / o / "scan.nii.gz").dataobj) for o in ("lazy", "eager", "o2", "o3"))
+    assert a.any() and np.array_equal(a, b) and np.array_equal(a, c) and np.array_equal(a, d)
+
+
+def test_inference_settings_keep_zero_overlap():
+    """A checkpoint validated at overlap 0 (or without mirroring) is predicted that way: 0 is a setting, not a
+    gap to fill with the 0.5 default (it was, before the twelfth session); the CLI still wins."""
+    import argparse
+
+    from glam3d.commands.predict import inference_settings
+    none = argparse.Namespace(roi_size=None, overlap=None, sw_batch_size=None, mode=None, mirror=None,
+                              checkpoint="ck.pt")
+    state = {"config": {"val": {"roi_size": [16, 32, 32], "overlap": 0.0, "sw_batch_size": 1, "mirror": False}}}
+    got = inference_settings(state, Oracle(), none)
+    assert got == {"roi_size": [16, 32, 32], "overlap": 0.0, "sw_batch_size": 1, "mode": "gaussian",
+                   "mirror": False}
+    assert inference_settings({}, type("M", (), {"default_crop": (8, 8, 8)})(), none)["overlap"] == 0.5
+    cli_args = argparse.Namespace(**{**vars(none), "overlap": 0.25, "mirror": True})
+    got = inference_settings(state, Oracle(), cli_args)
+    assert got["overlap"] == 0.25 and got["mirror"] is True
+
+
 def test_skip_existing_and_overwrite(tmp_path, capsys):
     img, _, raw = make_scan("RAS")
     nib.save(img, tmp_path / "a.nii.gz")

@@ -71,10 +71,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="long CT: int16 input array and labels in memory (default: .npy on disk to .npy on disk)")
     p.add_argument("--long-ct-sw-batch-size", type=int, default=1, metavar="N",
                    help="windows per forward for the long-CT lines (default 1)")
-    p.add_argument("--predict-ct-spacing", type=float, default=4.0, metavar="MM",
-                   help="predict_ct: target spacing (isotropic, mm) of the plan in the checkpoint the long-CT "
-                        "scans go through `glam3d predict` with (default 4: the scan's handling, not the network, "
-                        "dominates)")
+    p.add_argument("--predict-ct-spacing", type=float, nargs="+", default=[4.0], metavar="MM",
+                   help="predict_ct: target spacing (mm; one value: isotropic, three: sz sy sx) of the plan in the "
+                        "checkpoint the long-CT scans go through `glam3d predict` with (default 4: the scan's "
+                        "handling, not the network, dominates; `3 0.8 0.8` is a Synapse-like fine plan)")
     p.add_argument("--largest-limit", type=int, default=4096, metavar="D",
                    help="gpu section: longest D x 512 x 512 scan tried (default 4096)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
@@ -113,8 +113,9 @@ def run(args) -> int:
         raise UserError(f"--sw-rounds={args.sw_rounds} must be >= 1")
     if args.long_ct_sw_batch_size < 1:
         raise UserError(f"--long-ct-sw-batch-size={args.long_ct_sw_batch_size} must be >= 1")
-    if not args.predict_ct_spacing > 0:
-        raise UserError(f"--predict-ct-spacing={args.predict_ct_spacing} must be > 0")
+    if len(args.predict_ct_spacing) not in (1, 3) or not all(v > 0 for v in args.predict_ct_spacing):
+        raise UserError(f"--predict-ct-spacing needs one or three values > 0 (sz sy sx), "
+                        f"got {' '.join(map(str, args.predict_ct_spacing))}")
     if args.largest_limit < 1:
         raise UserError(f"--largest-limit={args.largest_limit} must be >= 1")
     if not 0 <= args.overlap < 1 or not 0 <= args.long_ct_overlap < 1:

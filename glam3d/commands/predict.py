@@ -2,7 +2,8 @@
 
 The checkpoint carries the preprocessing plan and the label values, so a user gives only the scans: NIfTI files,
 folders of them, or DICOM series folders. Each scan is preprocessed exactly like the training data
-(``preprocessing.pipeline.preprocess_scan``), segmented by slab-streaming sliding windows
+(``preprocessing.pipeline.preprocess_scan``; lazily: rows are normalised and resampled as the sliding window
+reads them), segmented by slab-streaming sliding windows
 (:func:`glam3d.engine.inference.predict_volume`) and mapped back to the input's grid and label values
 (``restore_labels``). ``predictions.json`` in the output folder records the checkpoint's sha256, the config, code
 version and inference options (``glam3d evaluate`` copies it into its report).
@@ -64,6 +65,10 @@ def add_parser(subparsers):
                    help="mixed precision (auto: bf16 on GPUs that support it, else fp16; float32 on CPU). bf16 "
                         "on a CPU with AVX512-BF16 or AMX runs the network 1.3-1.5x faster than float32 (labels "
                         "may differ at a few boundary voxels); fp16 is GPU-only")
+    p.add_argument("--scratch", default=None, metavar="DIR",
+                   help="folder for two temporary files per scan, so that neither is held in memory: the CT "
+                        "decoded for reading (mapped, unlinked at once) and the labels as the sliding window "
+                        "finishes them (default: the output folder); 'none': keep both in memory")
     p.add_argument("--probabilities", action="store_true",
                    help="also write <case>_probabilities.nii.gz (softmax per class, in the input geometry)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
@@ -248,23 +253,28 @@ def _get(d, *keys):
     return d
 
 
+def _first(*values):
+    """The first value that is not None (``0`` and ``False`` are settings, not gaps)."""
+    return next((v for v in values if v is not None), None)
+
+
 def inference_settings(state: dict, model, args) -> dict:
     """Window size, overlap, blending, mirroring, batch: the CLI's choice, else the checkpoint's validation
     settings, else nnFormer's (0.5 overlap, Gaussian, no mirroring)."""
     cfg = state.get("config") or {}
-    roi = args.roi_size or _get(cfg, "val", "roi_size") or _get(cfg, "data", "roi_size") or \
-        getattr(model, "default_crop", None)
+    roi = _first(args.roi_size, _get(cfg, "val", "roi_size"), _get(cfg, "data", "roi_size"),
+                 getattr(model, "default_crop", None))
     if roi is None:
         raise UserError("the checkpoint records no window size; give --roi-size D H W", args.checkpoint)
     roi = [int(r) for r in roi]
-    overlap = args.overlap if args.overlap is not None else (_get(cfg, "val", "overlap") or 0.5)
+    overlap = _first(args.overlap, _get(cfg, "val", "overlap"), 0.5)   # a checkpoint's overlap 0 stays 0
     if not 0 <= float(overlap) < 1:
         raise UserError(f"--overlap must be in [0, 1), got {overlap}")
-    sw = args.sw_batch_size if args.sw_batch_size is not None else (_get(cfg, "val", "sw_batch_size") or 2)
+    sw = _first(args.sw_batch_size, _get(cfg, "val", "sw_batch_size"), 2)
     if int(sw) < 1:
         raise UserError(f"--sw-batch-size must be >= 1, got {sw}")
-    mode = args.mode or _get(cfg, "val", "mode") or "gaussian"
-    mirror = args.mirror if args.mirror is not None else bool(_get(cfg, "val", "mirror") or False)
+    mode = _first(args.mode, _get(cfg, "val", "mode"), "gaussian")
+    mirror = bool(_first(args.mirror, _get(cfg, "val", "mirror"), False))
     return {"roi_size": roi, "overlap": float(overlap), "sw_batch_size": int(sw), "mode": mode,
             "mirror": bool(mirror)}
 
@@ -320,6 +330,9 @@ def run(args) -> int:
     input_dirs = {Path(p).resolve() for p in args.input if Path(p).is_dir()}
     if out_dir.resolve() in input_dirs:
         raise UserError("--output is one of the --input folders; write predictions to a separate folder", out_dir)
+    scratch = out_dir if args.scratch is None else (None if args.scratch.lower() == "none" else Path(args.scratch))
+    if scratch is not None and scratch != out_dir and not scratch.is_dir():
+        raise UserError("--scratch must be an existing folder (or 'none')", scratch)
     for c in cases:
         for suffix in (".nii.gz", "_probabilities.nii.gz"):
             target = (out_dir / f"{c.name}{suffix}").resolve()
@@ -348,8 +361,12 @@ def run(args) -> int:
     if amp_dtype == torch.bfloat16 and device.type == "cpu" and not cpu_bf16_native() and rank == 0:
         print("warning: --amp bf16: this CPU has no native bf16 (AVX512-BF16 / AMX); bf16 is emulated and slower "
               "than float32 here", file=sys.stderr)
-    model = model_from_checkpoint(state, ckpt_path).to(device).eval()
+    # the network's weights are the mapped checkpoint's pages (assign): one copy of them while it is built
+    model = model_from_checkpoint(state, ckpt_path, assign=True).to(device).eval()
     state = checkpoint_metadata(state)  # the loaded weights and optimiser state are not held during inference
+    from .. import cpu_cache
+    cpu_cache.empty_cache()  # the network's random initial weights, replaced by the checkpoint's: not kept cached,
+    cpu_cache.reset_peak()   # nor counted in the peak that bounds what the cache may keep
     settings = inference_settings(state, model, args)
     in_ch = getattr(model, "in_channels", None)
     if args.compile is not None:
@@ -379,7 +396,9 @@ def run(args) -> int:
     }
     prev = _read_manifest(out_dir / MANIFEST)
 
-    sweep_stale_temps(out_dir)  # temporary files of a killed earlier run (live writers' files are kept)
+    out_dir.mkdir(parents=True, exist_ok=True)  # (also where scans are decoded to by default, see _prepare)
+    for folder in {out_dir, scratch} - {None}:  # temporary files of a killed earlier run (live writers' kept)
+        sweep_stale_temps(folder)
     results = []
     t_all = time.time()
     for i, case in enumerate(mine):
@@ -397,24 +416,39 @@ def run(args) -> int:
             continue
         t0 = time.time()
         try:
-            image, arr, meta = _prepare(case, pipeline, plan)
+            image, arr, meta = _prepare(case, pipeline, plan, spill_dir=scratch)
         except UserError as err:  # this scan only: report it, go on with the others, exit 2 at the end
             print(f"error: {err}", file=sys.stderr)
             entry.update({"status": "failed", "error": str(err)})
             manifest["cases"][case.name] = entry
             results.append((case.name, "failed", time.time() - t0, str(err)))
             continue
-        x = torch.as_tensor(np.ascontiguousarray(arr), dtype=torch.float32)
+        # a LazyScan (rows normalised and resampled as the sliding window reads them) or, for B-spline plans,
+        # the float32 array
+        x = arr if isinstance(arr, pipeline.LazyScan) else torch.as_tensor(np.ascontiguousarray(arr),
+                                                                           dtype=torch.float32)
         if in_ch is not None and x.shape[0] != in_ch:
             raise UserError(f"scan has {x.shape[0]} channels after preprocessing, the network expects {in_ch}",
                             case.source)
         desc = None if args.quiet else f"[{i + 1}/{len(mine)}] {case.name}"
-        out = predict_volume(model, x, settings["roi_size"], overlap=settings["overlap"],
-                             sw_batch_size=settings["sw_batch_size"], mode=settings["mode"],
-                             mirror=settings["mirror"], device=device, amp=args.amp, stitch_device=stitch,
-                             return_probs=want_probs, progress=desc or False)
+        # the labels go to the scratch folder window row by window row (not held while the network runs)
+        writer = _label_writer(scratch, case.name, x.shape[1:])
+        try:
+            out = predict_volume(model, x, settings["roi_size"], overlap=settings["overlap"],
+                                 sw_batch_size=settings["sw_batch_size"], mode=settings["mode"],
+                                 mirror=settings["mirror"], device=device, amp=args.amp, stitch_device=stitch,
+                                 return_probs=want_probs, progress=desc or False, out=writer)
+        except BaseException:
+            if writer is not None:
+                writer.abort()  # its temporary file goes
+            raise
         labels, probs = (out if want_probs else (out, None))
-        seg = pipeline.restore_labels(labels.cpu().numpy().astype(np.uint8), meta, plan)
+        del x, arr, out  # the scan as read (held by the LazyScan) is not needed to restore the labels
+        labels = _finished_labels(labels)
+        cpu_cache.empty_cache()  # the forwards' cached blocks: restoring (numpy) would come on top of them
+        seg = pipeline.restore_labels(labels, meta, plan)
+        del labels
+        cpu_cache.empty_cache()
         _check_geometry(seg, image, case)
         if keep_labels:  # only the probabilities were missing: the existing label map stays untouched
             entry["note"] = "label map existed and was kept; probabilities added"
@@ -439,6 +473,27 @@ def run(args) -> int:
     return 2 if any(r[1] == "failed" for r in results) else 0
 
 
+def _label_writer(scratch: Optional[Path], name: str, shape):
+    """Where ``predict_volume`` writes a scan's labels: a ``.npy`` in ``scratch`` written one finished ``D``-range
+    at a time (:class:`~glam3d.engine.inference.NpySlabWriter`), or None (a tensor in memory) without one."""
+    if scratch is None:
+        return None
+    from ..engine.inference import NpySlabWriter
+    return NpySlabWriter(scratch / f".{name}.labels.{os.getpid()}.npy", tuple(shape), np.uint8)
+
+
+def _finished_labels(labels) -> np.ndarray:
+    """The sliding window's labels as a uint8 array: a tensor's memory (no copy), or a writer's file, completed,
+    mapped read-only and unlinked at once (the mapping outlives the name: nothing is left in the folder)."""
+    if not hasattr(labels, "close"):
+        return labels.cpu().numpy().astype(np.uint8, copy=False)
+    labels.close()
+    try:
+        return np.load(labels.path, mmap_mode="r")
+    finally:
+        os.unlink(labels.path)
+
+
 def _values_present(labels) -> list[int]:
     """Non-zero values of a label volume, found slab by slab (``np.unique`` of a whole CT sorts a copy of it)."""
     seen: set = set()
@@ -447,11 +502,15 @@ def _values_present(labels) -> list[int]:
     return sorted(int(v) for v in seen if v != 0)
 
 
-def _prepare(case: Case, pipeline, plan):
-    """Read and preprocess one scan: ``(image, array, meta)``; problems with the scan are :class:`UserError`."""
+def _prepare(case: Case, pipeline, plan, spill_dir=None):
+    """Read and preprocess one scan: ``(image, array, meta)``; problems with the scan are :class:`UserError`.
+
+    The array is a ``LazyScan`` (rows normalised and resampled when the sliding window reads them); a NIfTI CT
+    of unscaled integers is decoded into an unlinked file in ``spill_dir`` (the output folder) and mapped, so
+    the process holds neither the scan nor the network's float32 input, only the rows being read."""
     image = load_case(case)
     try:
-        arr, meta = pipeline.preprocess_scan(image, plan)
+        arr, meta = pipeline.preprocess_scan(image, plan, lazy=True, spill_dir=spill_dir)
     except UserError as err:
         if err.path is None and str(case.source) not in str(err):
             raise UserError(str(err), case.source) from None
