@@ -158,40 +158,48 @@ def _plain_file_proxy(image: nib.Nifti1Image):
 
 def spill_stored(image: nib.Nifti1Image, folder) -> np.ndarray | None:
     """The stored voxels decoded (a ``.nii.gz`` decompressed) into a temporary file in ``folder``, mapped read-only
-    (``np.memmap`` of the stored shape, dtype and order) and unlinked at once: nothing is left behind, whatever
-    happens to the process, and the disk space goes with the mapping. The scan then lives in the page cache, not
-    in the process: only the pages touched since the last :func:`release_pages` count in its resident memory.
-    None when the voxels cannot be mapped (not a plain file, or the folder cannot take the file): the caller
-    reads them into memory instead. A short file raises ``EOFError``."""
+    (``np.memmap`` of the stored shape, dtype and order). The file is unlinked as soon as it is created and
+    written and mapped through its descriptor: nothing is left behind, even by a killed process, and the disk
+    space goes with the mapping. The scan then lives in the page cache, not in the process: only the pages
+    touched since the last :func:`release_pages` count in its resident memory. None when the voxels cannot be
+    mapped there (not a plain file; a folder that cannot take the file: not writable, less than twice the scan's
+    size free, a write that fails): the caller reads them into memory instead. Errors of the input itself (a
+    short or corrupt file) are raised."""
+    import shutil
+
     from nibabel.openers import ImageOpener
 
     proxy = _plain_file_proxy(image)
     if proxy is None:
         return None
+    total = int(np.prod(proxy.shape, dtype=np.int64)) * proxy.dtype.itemsize
     try:
+        if total == 0 or shutil.disk_usage(folder).free < 2 * total:
+            return None
         fd, path = tempfile.mkstemp(prefix=".glam3d-scan-", suffix=".raw", dir=folder)
+        os.unlink(path)   # from now on only the descriptor (and then the mapping) holds the file
     except OSError:
         return None
-    try:
-        total = int(np.prod(proxy.shape, dtype=np.int64)) * proxy.dtype.itemsize
-        view = memoryview(bytearray(min(SLAB_BYTES, max(total, 1))))
-        with ImageOpener(proxy.file_like, "rb") as fh, os.fdopen(fd, "wb") as out:
-            fd = None
+    with os.fdopen(fd, "w+b") as out:
+        view = memoryview(bytearray(min(SLAB_BYTES, total)))
+        with ImageOpener(proxy.file_like, "rb") as fh:
             fh.seek(proxy.offset)
             got = 0
             while got < total:
-                n = fh.readinto(view[:min(len(view), total - got)])
+                n = fh.readinto(view[:min(len(view), total - got)])   # input errors propagate
                 if not n:
                     raise EOFError(f"the file ends after {got} of {total} voxel bytes")
-                out.write(view[:n])
+                try:
+                    out.write(view[:n])
+                except OSError:   # disk full, quota: read into memory instead
+                    return None
                 got += n
-        return np.memmap(path, dtype=proxy.dtype, mode="r", shape=tuple(proxy.shape), order=proxy.order)
-    except OSError:  # disk full, quota: read into memory instead
-        return None
-    finally:
-        if fd is not None:
-            os.close(fd)
-        os.unlink(path)   # a mapping outlives its file's name (POSIX)
+        try:
+            out.flush()
+            os.fsync(out.fileno())   # a write error the filesystem reports late shows up here, not as bad pages
+        except OSError:
+            return None
+        return np.memmap(out, dtype=proxy.dtype, mode="r", shape=tuple(proxy.shape), order=proxy.order)
 
 
 def release_pages(arr) -> None:
@@ -392,10 +400,13 @@ class LazyScan:
         return out
 
     def __getitem__(self, key):
+        """``scan[:, d0:d1]`` reads those rows; any other index is applied to the whole array (made for it)."""
         key = key if isinstance(key, tuple) else (key,)
-        whole = slice(None)
-        if (len(key) >= 2 and key[0] == whole and isinstance(key[1], slice) and key[1].step in (None, 1)
-                and all(k == whole for k in key[2:])):
+
+        def whole(k):
+            return isinstance(k, slice) and k == slice(None)
+        if (len(key) >= 2 and whole(key[0]) and isinstance(key[1], slice) and key[1].step in (None, 1)
+                and all(whole(k) for k in key[2:])):
             d0, d1, _ = key[1].indices(self.shape[1])
             return self.read(d0, max(d0, d1))
         return np.asarray(self)[key]

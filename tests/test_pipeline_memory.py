@@ -317,18 +317,24 @@ def test_lazy_scan_sliding_window_holds_one_span(tmp_path, monkeypatch):
 
 
 def _rss_file_kb() -> int:
+    """Resident pages of file mappings (``RssFile``; ``RssShmem`` where the folder is a tmpfs), in kB."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+        return sum(int(line.split()[1]) for line in f if line.startswith(("RssFile:", "RssShmem:")))
 
 
-@pytest.mark.parametrize("suffix, dtype", [(".nii.gz", np.int16), (".nii", ">i2"), (".nii.gz", np.uint8)])
-def test_spill_stored_maps_the_stored_voxels(tmp_path, suffix, dtype):
+@pytest.mark.parametrize("suffix, dtype, endian", [(".nii.gz", np.int16, "<"), (".nii", np.int16, ">"),
+                                                   (".nii.gz", np.uint8, "<")])
+def test_spill_stored_maps_the_stored_voxels(tmp_path, suffix, dtype, endian):
     """A scan decoded into an unlinked file and mapped: the same voxels as reading it into memory, nothing left in
-    the folder; images without a plain file behind them are not spilled."""
+    the folder (at any time); images without a plain file behind them are not spilled."""
     rng = np.random.default_rng(4)
-    data = rng.integers(-1000, 2000 if np.dtype(dtype).kind == "i" else 0, (37, 21, 19)) if \
-        np.dtype(dtype).kind == "i" else rng.integers(0, 255, (37, 21, 19))
-    img = _nifti(tmp_path / f"ct{suffix}", data.astype(dtype), np.eye(4), dtype)
+    data = rng.integers(-1000, 2000, (37, 21, 19)) if np.dtype(dtype).kind == "i" else \
+        rng.integers(0, 255, (37, 21, 19))
+    hdr = nib.Nifti1Header(endianness=endian)
+    hdr.set_data_dtype(dtype)
+    nib.save(nib.Nifti1Image(data.astype(dtype), np.eye(4), hdr), str(tmp_path / f"ct{suffix}"))
+    img = nib.load(str(tmp_path / f"ct{suffix}"))
+    assert (img.dataobj.dtype.byteorder == ">") == (endian == ">")   # big-endian stored where asked
     spill = tmp_path / "spill"
     spill.mkdir()
     m = pl.spill_stored(img, spill)
@@ -355,7 +361,7 @@ def test_release_pages_drops_the_mapping_from_resident_memory(tmp_path):
     img = _nifti(tmp_path / "big.nii", vol, np.eye(4), np.int16)
     m = pl.spill_stored(img, tmp_path)
     before = _rss_file_kb()
-    assert int(m[:, :, ::7].sum(dtype=np.int64)) == 0           # touches every page
+    assert int(m.reshape(-1, order="A")[::2048].sum(dtype=np.int64)) == 0   # one voxel of every 4 KiB page
     touched = _rss_file_kb()
     assert touched - before > 40_000, (before, touched)
     pl.release_pages(m[:, :, 3:9])                              # a view of it releases the whole mapping
@@ -408,3 +414,24 @@ def test_lazy_scan_read_holds_its_rows_and_slabs_only(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert span.nbytes < whole / 6
     assert peak < span.nbytes + 6 * pl.SLAB_BYTES < whole / 2, (peak, span.nbytes, whole)
+
+
+def test_spill_falls_back_without_room(tmp_path, monkeypatch):
+    """A scratch folder with less than twice the scan's size free: the scan is read into memory (and the labels
+    kept in memory by ``glam3d predict``) instead of filling the disk mid-run."""
+    import shutil
+    from collections import namedtuple
+
+    from glam3d.commands.predict import _label_writer
+    img = _nifti(tmp_path / "ct.nii.gz", np.zeros((40, 30, 20), np.int16), np.eye(4), np.int16)
+    assert pl.spill_stored(img, tmp_path) is not None
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9 - 40 * 30 * 20, 40 * 30 * 20))
+    assert pl.spill_stored(img, tmp_path) is None
+    assert isinstance(pl.read_voxels(img, keep_integers=True, spill_dir=tmp_path), np.ndarray)
+    assert _label_writer(tmp_path, "ct", (20, 30, 40)) is None
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 9, 0, 10 ** 9))
+    w = _label_writer(tmp_path, "ct", (20, 30, 40))
+    assert w is not None
+    w.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import datetime as _dt
 import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,10 +271,14 @@ def inference_settings(state: dict, model, args) -> dict:
     roi = [int(r) for r in roi]
     overlap = _first(args.overlap, _get(cfg, "val", "overlap"), 0.5)   # a checkpoint's overlap 0 stays 0
     if not 0 <= float(overlap) < 1:
-        raise UserError(f"--overlap must be in [0, 1), got {overlap}")
+        where = "--overlap" if args.overlap is not None else "the checkpoint's val.overlap"
+        raise UserError(f"{where} must be in [0, 1), got {overlap}", None if args.overlap is not None
+                        else args.checkpoint)
     sw = _first(args.sw_batch_size, _get(cfg, "val", "sw_batch_size"), 2)
     if int(sw) < 1:
-        raise UserError(f"--sw-batch-size must be >= 1, got {sw}")
+        where = "--sw-batch-size" if args.sw_batch_size is not None else "the checkpoint's val.sw_batch_size"
+        raise UserError(f"{where} must be >= 1, got {sw}", None if args.sw_batch_size is not None
+                        else args.checkpoint)
     mode = _first(args.mode, _get(cfg, "val", "mode"), "gaussian")
     mirror = bool(_first(args.mirror, _get(cfg, "val", "mirror"), False))
     return {"roi_size": roi, "overlap": float(overlap), "sw_batch_size": int(sw), "mode": mode,
@@ -331,8 +337,13 @@ def run(args) -> int:
     if out_dir.resolve() in input_dirs:
         raise UserError("--output is one of the --input folders; write predictions to a separate folder", out_dir)
     scratch = out_dir if args.scratch is None else (None if args.scratch.lower() == "none" else Path(args.scratch))
-    if scratch is not None and scratch != out_dir and not scratch.is_dir():
-        raise UserError("--scratch must be an existing folder (or 'none')", scratch)
+    if scratch is not None and scratch != out_dir:
+        if not scratch.is_dir():
+            raise UserError("--scratch must be an existing folder (or 'none')", scratch)
+        try:
+            tempfile.TemporaryFile(dir=scratch).close()
+        except OSError as err:
+            raise UserError(f"--scratch: cannot write there ({err.strerror or err})", scratch) from None
     for c in cases:
         for suffix in (".nii.gz", "_probabilities.nii.gz"):
             target = (out_dir / f"{c.name}{suffix}").resolve()
@@ -476,10 +487,16 @@ def run(args) -> int:
 def _label_writer(scratch: Optional[Path], name: str, shape):
     """Where ``predict_volume`` writes a scan's labels: a ``.npy`` in ``scratch`` written one finished ``D``-range
     at a time (:class:`~glam3d.engine.inference.NpySlabWriter`), or None (a tensor in memory) without one."""
-    if scratch is None:
-        return None
+    import shutil
+    import uuid
+
     from ..engine.inference import NpySlabWriter
-    return NpySlabWriter(scratch / f".{name}.labels.{os.getpid()}.npy", tuple(shape), np.uint8)
+    try:
+        if scratch is None or shutil.disk_usage(scratch).free < 2 * math.prod(shape):
+            return None   # no room: the labels stay in memory
+        return NpySlabWriter(scratch / f".{name}.labels.{uuid.uuid4().hex}.npy", tuple(shape), np.uint8)
+    except OSError:
+        return None
 
 
 def _finished_labels(labels) -> np.ndarray:
@@ -487,11 +504,12 @@ def _finished_labels(labels) -> np.ndarray:
     mapped read-only and unlinked at once (the mapping outlives the name: nothing is left in the folder)."""
     if not hasattr(labels, "close"):
         return labels.cpu().numpy().astype(np.uint8, copy=False)
-    labels.close()
     try:
+        labels.close()
         return np.load(labels.path, mmap_mode="r")
     finally:
-        os.unlink(labels.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(labels.path)
 
 
 def _values_present(labels) -> list[int]:

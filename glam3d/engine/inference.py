@@ -280,9 +280,11 @@ class NpySlabWriter:
 
     def _abort(self, err: BaseException) -> None:
         fh, self._fh = getattr(self, "_fh", None), None
-        if fh is not None:
-            fh.close()
-        self._stack.__exit__(type(err), err, err.__traceback__)  # atomic_path deletes its temporary file
+        try:
+            if fh is not None:
+                fh.close()  # may fail again (a full disk on flush): the temporary file goes all the same
+        finally:
+            self._stack.__exit__(type(err), err, err.__traceback__)  # atomic_path deletes its temporary file
 
     def __enter__(self):
         return self
