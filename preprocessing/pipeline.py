@@ -127,22 +127,38 @@ def _read_stored(image: nib.Nifti1Image) -> np.ndarray:
     """The stored voxels of a NIfTI file, read straight into their array (``readinto``: nibabel's own read of a
     ``.nii.gz`` holds the decompressed bytes and the array, twice the volume). Images without a plain file behind
     them (in memory, other proxies) are read by nibabel."""
-    from nibabel.openers import ImageOpener
-
     proxy = _plain_file_proxy(image)
     if proxy is None:
         return np.asanyarray(image.dataobj)
     out = np.empty(proxy.shape, dtype=proxy.dtype, order=proxy.order)
     buf = memoryview(out.reshape(-1, order="A")).cast("B")
+    for _ in _stored_pieces(proxy, lambda got, n: buf[got:got + n]):
+        pass
+    return out
+
+
+def _stored_bytes(proxy) -> int:
+    return int(np.prod(proxy.shape, dtype=np.int64)) * proxy.dtype.itemsize
+
+
+def _stored_pieces(proxy, into):
+    """Read the stored voxel bytes of a plain-file ``proxy`` (:func:`_plain_file_proxy`) in pieces of at most
+    :data:`SLAB_BYTES` (gzip's ``readinto`` reads into a temporary of the request's size): ``into(got, n)`` gives
+    the writable buffer of ``n`` bytes for the piece starting at byte ``got``; yields each piece as read. A file
+    that ends early raises ``EOFError``."""
+    from nibabel.openers import ImageOpener
+
+    total = _stored_bytes(proxy)
     with ImageOpener(proxy.file_like, "rb") as fh:
         fh.seek(proxy.offset)
-        got, total = 0, buf.nbytes
+        got = 0
         while got < total:
-            n = fh.readinto(buf[got:got + SLAB_BYTES])  # gzip's readinto reads into a temporary first
+            view = into(got, min(SLAB_BYTES, total - got))
+            n = fh.readinto(view)
             if not n:
                 raise EOFError(f"the file ends after {got} of {total} voxel bytes")
+            yield view[:n]
             got += n
-    return out
 
 
 def _plain_file_proxy(image: nib.Nifti1Image):
@@ -165,35 +181,26 @@ def spill_stored(image: nib.Nifti1Image, folder) -> np.ndarray | None:
     mapped there (not a plain file; a folder that cannot take the file: not writable, less than twice the scan's
     size free, a write that fails): the caller reads them into memory instead. Errors of the input itself (a
     short or corrupt file) are raised."""
-    import shutil
-
-    from nibabel.openers import ImageOpener
+    from glam3d.utils.io import has_room
 
     proxy = _plain_file_proxy(image)
     if proxy is None:
         return None
-    total = int(np.prod(proxy.shape, dtype=np.int64)) * proxy.dtype.itemsize
+    total = _stored_bytes(proxy)
     try:
-        if total == 0 or shutil.disk_usage(folder).free < 2 * total:
+        if total == 0 or not has_room(folder, total):
             return None
         fd, path = tempfile.mkstemp(prefix=".glam3d-scan-", suffix=".raw", dir=folder)
         os.unlink(path)   # from now on only the descriptor (and then the mapping) holds the file
     except OSError:
         return None
     with os.fdopen(fd, "w+b") as out:
-        view = memoryview(bytearray(min(SLAB_BYTES, total)))
-        with ImageOpener(proxy.file_like, "rb") as fh:
-            fh.seek(proxy.offset)
-            got = 0
-            while got < total:
-                n = fh.readinto(view[:min(len(view), total - got)])   # input errors propagate
-                if not n:
-                    raise EOFError(f"the file ends after {got} of {total} voxel bytes")
-                try:
-                    out.write(view[:n])
-                except OSError:   # disk full, quota: read into memory instead
-                    return None
-                got += n
+        bounce = memoryview(bytearray(min(SLAB_BYTES, total)))
+        for piece in _stored_pieces(proxy, lambda got, n: bounce[:n]):   # input errors propagate
+            try:
+                out.write(piece)
+            except OSError:   # disk full, quota: read into memory instead
+                return None
         try:
             out.flush()
             os.fsync(out.fileno())   # a write error the filesystem reports late shows up here, not as bad pages

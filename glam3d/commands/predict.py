@@ -487,12 +487,12 @@ def run(args) -> int:
 def _label_writer(scratch: Optional[Path], name: str, shape):
     """Where ``predict_volume`` writes a scan's labels: a ``.npy`` in ``scratch`` written one finished ``D``-range
     at a time (:class:`~glam3d.engine.inference.NpySlabWriter`), or None (a tensor in memory) without one."""
-    import shutil
     import uuid
 
     from ..engine.inference import NpySlabWriter
+    from ..utils.io import has_room
     try:
-        if scratch is None or shutil.disk_usage(scratch).free < 2 * math.prod(shape):
+        if scratch is None or not has_room(scratch, math.prod(shape)):
             return None   # no room: the labels stay in memory
         return NpySlabWriter(scratch / f".{name}.labels.{uuid.uuid4().hex}.npy", tuple(shape), np.uint8)
     except OSError:

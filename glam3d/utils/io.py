@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -72,6 +73,13 @@ def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def has_room(folder: str | os.PathLike, nbytes: int) -> bool:
+    """``folder``'s filesystem has at least twice ``nbytes`` free: the margin glam3d keeps before it puts a
+    scratch file of that size there (scans decoded, labels spilled by ``glam3d predict``) rather than keep the
+    data in memory. ``OSError`` if the folder cannot be examined."""
+    return shutil.disk_usage(folder).free >= 2 * int(nbytes)
 
 
 def _alive(pid: int) -> bool:
