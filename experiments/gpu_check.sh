@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, on any CUDA machine: the benchmark on the GPU (fp32, bf16, CUDA-graph replays, torch.compile, the
-# largest scan), the CUDA tests, then a training run through torchrun with bf16 AMP (and a short fp16 one, a
+# The GPU checks in one go, on any CUDA machine: the benchmark on the GPU (fp32, bf16, CUDA-graph replays of the forward
+# and of the sliding window, the largest scan, torch.compile last), the CUDA tests, then a training run through torchrun with bf16 AMP (and a short fp16 one, a
 # resume), CUDA inference in the scan's own geometry (GPU and CPU stitching, the same checkpoint on the CPU) and
 # the Dice report.
 #   bash experiments/gpu_check.sh PRE RAW OUT [BENCH_SECONDS]
@@ -36,10 +36,13 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to OUT/NAME.log, pri
     >"$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 
-# Synapse-size models only (the tiny rows are for CPUs and CI): ~5 min on an H100, 6 sliding-window children.
+# Synapse-size models only (the tiny rows are for CPUs and CI). On an H100 (2026-11-27) the forward sections
+# took 40 s, each of the 12 sliding-window children (eager / CUDA graphs x fp32 / bf16 x 3 models) ~28 s, the
+# largest-volume search ~100 s: ~8.5 min; torch.compile (section compiled, run last) takes minutes more.
+# (scaling, long_ct and predict_ct are CPU-memory sections: left out here.)
 [[ $STEPS == *" bench "* ]] && TAIL=70 step bench "$BENCH_S" $PY -m glam3d bench --device cuda --repeats 15 --largest-limit 1024 \
     --models glam_nnformer_synapse nnformer_synapse swin_unetr_synapse \
-    --sections forward bf16 graph compiled sw scaling train gpu --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md"
+    --sections forward bf16 graph sw gpu train compiled --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md"
 
 [[ $STEPS == *" tests "* ]] && TAIL=12 step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
@@ -52,15 +55,15 @@ TAIL=3 step e2e 30 $PY -m glam3d train "$CFG" --data "$PRE" --out "$W/run" --dev
     --epochs 5 -o train.iters_per_epoch=25 -o train.val_every=2 --resume --no-progress
 TAIL=3 step e2e 30 $PY -m glam3d train "$CFG" --data "$PRE" --out "$W/run16" --device cuda -o train.amp=fp16 \
     --epochs 1 -o train.iters_per_epoch=20 -o train.val_every=1 --no-progress
-for how in "cuda cuda" "cuda cpu" "cpu cpu"; do
+for how in "cuda cuda" "cuda cpu" "cpu cpu" "cuda cuda --no-cuda-graphs"; do  # on CUDA: CUDA graphs by default
     set -- $how
     TAIL=2 step e2e 40 $PY -m glam3d predict --checkpoint "$W/run/checkpoints/best.pt" --input "$RAW/img" \
-        --output "$W/pred_$1_$2" --device "$1" --stitch-device "$2" --quiet
+        --output "$W/pred_$1_$2${3:+_eager}" --device "$1" --stitch-device "$2" ${3:-} --quiet
 done
 TAIL=12 step e2e 30 $PY -c "
 import sys, glob, nibabel as nib, numpy as np
 ref = sorted(glob.glob('$W/pred_cpu_cpu/*.nii.gz'))
-for other in ('cuda_cuda', 'cuda_cpu'):
+for other in ('cuda_cuda', 'cuda_cpu', 'cuda_cuda_eager'):
     for f in ref:
         a = np.asarray(nib.load(f).dataobj); b = np.asarray(nib.load(f.replace('pred_cpu_cpu', 'pred_' + other)).dataobj)
         img = nib.load('$RAW/img/' + f.split('/')[-1])

@@ -56,7 +56,8 @@ def test_rows_and_columns(quick_result):
     tiny = res["ratios"]["tiny"]
     for k in ("glam_over_nnformer_forward", "glam_over_nnformer_sw", "glam_over_swin_unetr_sw"):
         assert tiny[k] is not None and tiny[k] > 0
-    assert {t["target"] for t in res["targets"]} == set(TARGETS)
+    # every target but the CUDA-graph ones (GPU only, listed where a GPU measured them)
+    assert {t["target"] for t in res["targets"]} == {k for k in TARGETS if "_graph" not in k}
     assert all(t["status"] in ("PASS", "FAIL", "n/a") for t in res["targets"])
     json.dumps(res)  # serialisable
 
@@ -154,6 +155,20 @@ def test_forward_target_unclear_when_threshold_inside_interval():
     assert status()["status"] == "PASS"
     ratios["synapse"].update(glam_over_nnformer_forward=1.25, glam_over_nnformer_forward_ci95=(1.21, 1.3))
     assert status()["status"] == "FAIL"
+    # the CUDA-graph targets: listed only where measured, judged like the eager ones
+    assert not any("_graph" in t["target"] for t in _targets({}, ratios, {}))
+    ratios["synapse"].update(glam_over_nnformer_forward_graph=1.35, glam_over_nnformer_sw_graph=0.81,
+                             glam_over_nnformer_forward_graph_bf16=1.14, glam_over_nnformer_sw_graph_bf16=0.98)
+    got = {t["target"]: t["status"] for t in _targets({}, ratios, {})}
+    assert got["glam_forward_ratio_graph"] == got["glam_sw_ratio_graph"] == "FAIL"
+    assert got["glam_forward_ratio_graph_bf16"] == got["glam_sw_ratio_graph_bf16"] == "PASS"
+    # nnFormer's rate: the better of eager and graph replays, the note says which
+    rows = {"nnformer_synapse": {"peak_fraction": 0.31, "peak_fraction_graph": 0.62}}
+    t = {t["target"]: t for t in _targets(rows, ratios, {})}["nnformer_peak_fraction"]
+    assert t["status"] == "PASS" and t["value"] == 0.62 and "graph" in t["note"] and "31.0%" in t["note"]
+    rows["nnformer_synapse"]["peak_fraction_graph"] = None
+    t = {t["target"]: t for t in _targets(rows, ratios, {})}["nnformer_peak_fraction"]
+    assert t["status"] == "FAIL" and t["value"] == 0.31 and t["note"] == ""
 
 
 def test_bf16_section_on_any_device():
@@ -255,6 +270,12 @@ def test_graph_section_needs_cuda_and_reports_failed_captures(quick_result):
     head, body = _tables(fake)[0][1:]
     i = head.index("fwd graph (s)")
     assert body[0][i:i + 2] == ["0.0123", "0.0101"] and body[1][i] == "error" and body[2][i] == "-"
+    # the sliding window replayed from CUDA graphs: its own columns, a failed child reads "error"
+    fake["rows"][0].update(sw_graph={"voxels_per_s": 1.5e6}, sw_graph_voxels_per_s=1.5e6)
+    fake["rows"][1].update(sw_graph={"error": "exit 1: capture failed"})
+    head, body = _tables(fake)[0][1:]
+    j = head.index("SW graph vox/s")
+    assert body[0][j] == "1,500,000" and body[1][j] == "error" and body[2][j] == "-"
 
 
 def test_sliding_window_rounds_are_paired_and_counterbalanced(monkeypatch):

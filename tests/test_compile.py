@@ -89,6 +89,49 @@ def test_fixed_batch_pads_and_cuts():
         compile_network(torch.nn.Identity(), inference=True, device="cpu", mode="fastest")
 
 
+def test_cuda_graph_forward_refuses_cpu_tensors():
+    """CUDA graphs are GPU only: a CPU input gets a clear error, not a silent eager fallback (the GPU behaviour
+    is tests/test_cuda.py's)."""
+    from glam3d.engine.cuda_graphs import CudaGraphForward, graphed_network
+    net = graphed_network(torch.nn.Conv3d(1, 2, 1), batch_size=2)
+    assert isinstance(net.net, CudaGraphForward)
+    with torch.inference_mode(), pytest.raises(ValueError, match="CUDA device"):
+        net(torch.zeros(1, 1, 4, 4, 4))
+
+
+def test_tensors_a_capture_reads_are_kept_not_its_intermediates():
+    """What a CUDA graph keeps alive (glam3d.engine.cuda_graphs.tensors_read, run here on the CPU): the input,
+    the weights and the attention masks the network cached at the warm-up forward — memory a replay reads but
+    a cache could free — and none of the forward's intermediates (holding those would keep a capture from reusing
+    its own memory)."""
+    from glam3d.engine.cuda_graphs import tensors_read
+    torch.manual_seed(0)
+    model = build_model("glam_nnformer_tiny").eval()
+    x = torch.randn(1, 1, 32, 64, 64)
+    with torch.inference_mode():
+        model(x)  # the warm-up: masks and window indices cached
+        out, kept = tensors_read(model, x)
+        assert torch.equal(out[0] if isinstance(out, (list, tuple)) else out,
+                           _first(model(x)))
+    ptrs = {t.data_ptr() for t in kept}
+    cached = [v for m in model.modules() for k, v in m.__dict__.get("_mask_cache", {}).items()
+              if isinstance(v, torch.Tensor) and k[0] != "bias"]  # the masks (the biases only built them)
+    assert cached and all(t.data_ptr() in ptrs for t in cached)
+    assert x.data_ptr() in ptrs
+    # every weight but the bias tables (read through the cached masks) and the deep-supervision heads (training)
+    used = [p for n, p in model.named_parameters()
+            if "relative_position_bias_table" not in n and not (n.startswith("heads.") and n[6] != "0")]
+    assert len(used) > 100 and all(p.data_ptr() in ptrs for p in used)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    extra = sum(t.numel() * t.element_size() for t in kept) - weights - sum(
+        t.numel() * t.element_size() for t in cached)
+    assert extra < 4 * x.numel() * x.element_size()  # the input and small index tensors, no activations
+
+
+def _first(out):
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
 def test_predict_compile_writes_the_eager_labels(tmp_path, capsys):
     """`glam3d predict --compile` (inductor, frozen weights on CPU; the last window batch padded) segments
     like the eager network; a bad mode is one error line before anything is written."""

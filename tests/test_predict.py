@@ -253,6 +253,13 @@ def test_refusals(tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(tmp_path / "none.pt"), "--input", str(scans),
                  "--output", str(out)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    # CUDA graphs without a GPU, or beside --compile: refused before anything is read or written
+    for extra, words in ((["--device", "cpu", "--cuda-graphs"], "needs a CUDA device"),
+                         (["--cuda-graphs", "--compile"], "exclude each other")):
+        assert main(["predict", "--checkpoint", str(ck), "--input", str(scans), "--output", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.startswith("error:") and len(err.strip().splitlines()) == 1
+        assert not out.exists() or not any(out.iterdir())
 
 
 def test_shard_over_ranks(tmp_path, monkeypatch):

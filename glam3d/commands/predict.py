@@ -80,6 +80,11 @@ def add_parser(subparsers):
                         "scan with it; meant for GPUs (on a small CPU compiling takes minutes and the forward is no "
                         "faster); MODE: default, reduce-overhead (CUDA graphs), max-autotune, "
                         "max-autotune-no-cudagraphs")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the network's forward once as a CUDA graph and replay it for every batch of "
+                        "windows (no compiling; removes the host's per-kernel dispatch, which dominates at small "
+                        "window batches: GLAM-nnFormer's sliding window 4.4x faster in bf16 on an H100). Default: on when the "
+                        "network runs on a GPU (and --compile is not given); --no-cuda-graphs runs it eagerly")
     return p
 
 
@@ -319,6 +324,7 @@ def run(args) -> int:
     import torch
 
     from ..engine.checkpoint import checkpoint_metadata, load_checkpoint, model_from_checkpoint
+    from ..engine.cuda_graphs import CudaGraphCaptureError
     from ..engine.inference import cpu_bf16_native, predict_volume, resolve_amp
     from ..metrics.report import code_version
     from ..utils.io import atomic_path, atomic_write_json, sweep_stale_temps
@@ -326,6 +332,9 @@ def run(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
     local_rank = int(os.environ.get("LOCAL_RANK", "-1") or -1) if world > 1 else -1
+    if args.cuda_graphs and args.compile is not None:  # (only when asked for: the default yields to --compile)
+        raise UserError("--cuda-graphs and --compile exclude each other (--compile reduce-overhead replays CUDA "
+                        "graphs itself)")
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError("--output must be a folder", out_dir)
@@ -362,6 +371,10 @@ def run(args) -> int:
         raise UserError("--probabilities needs preprocessing.pipeline.restore_probabilities (mapping class "
                         "maps back to the scan's grid), which this installation lacks; run without it")
     device = _resolve_device(args.device, local_rank)
+    if args.cuda_graphs and device.type != "cuda":
+        raise UserError(f"--cuda-graphs needs a CUDA device; the network runs on {device} (--device cuda)")
+    if args.cuda_graphs is None:
+        args.cuda_graphs = device.type == "cuda" and args.compile is None
     stitch = None
     if args.stitch_device:
         stitch = _resolve_device(args.stitch_device, local_rank)
@@ -387,6 +400,9 @@ def run(args) -> int:
             raise UserError(f"--compile: unknown mode {args.compile!r} ({', '.join(COMPILE_MODES)})")
         model = compile_network(model, inference=True, device=device, mode=args.compile,
                                 batch_size=settings["sw_batch_size"])
+    elif args.cuda_graphs:
+        from ..engine.cuda_graphs import graphed_network
+        model = graphed_network(model, settings["sw_batch_size"])
 
     mine = cases[rank::world] if world > 1 else cases
     manifest = {
@@ -402,7 +418,8 @@ def run(args) -> int:
         "label_values": (plan or {}).get("label_values"),
         "inference": {**settings, "device": str(device), "stitch_device": str(stitch or device),
                       "amp": {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
-                      "probabilities": args.probabilities, "world_size": world},
+                      "probabilities": args.probabilities, "world_size": world,
+                      "cuda_graphs": bool(args.cuda_graphs), "compile": args.compile},
         "cases": {},
     }
     prev = _read_manifest(out_dir / MANIFEST)
@@ -449,9 +466,11 @@ def run(args) -> int:
                                  sw_batch_size=settings["sw_batch_size"], mode=settings["mode"],
                                  mirror=settings["mirror"], device=device, amp=args.amp, stitch_device=stitch,
                                  return_probs=want_probs, progress=desc or False, out=writer)
-        except BaseException:
+        except BaseException as err:
             if writer is not None:
                 writer.abort()  # its temporary file goes
+            if isinstance(err, CudaGraphCaptureError):  # the network, not this scan: stop with one line
+                raise UserError(str(err)) from None
             raise
         labels, probs = (out if want_probs else (out, None))
         del x, arr, out  # the scan as read (held by the LazyScan) is not needed to restore the labels
