@@ -323,3 +323,35 @@ def test_out_receives_d_ranges_in_order():
     starts = [a for a, _ in rec.calls]
     assert starts == sorted(starts) and rec.calls[0][0] == 0 and rec.calls[-1][1] == 70
     assert all(b - a <= 8 for a, b in rec.calls)  # written as soon as finished, never the whole volume
+
+
+def test_one_argmax_per_cell_and_the_chunked_argmax_equal(monkeypatch):
+    """A finished cell becomes labels in one argmax (+ cast + copy: on a GPU each is a kernel launch the host
+    pays for; change 31) unless its int64 temporary would pass ``_ARGMAX_ELEMENTS``; chunked by planes the
+    labels are the same."""
+    import math
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import glam3d.engine.inference as inf
+
+    class CountArgmax(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.argmax.default:
+                CountArgmax.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(1)
+    model = TinyNet().eval()
+    image = torch.randn(1, 37, 20, 18)  # larger than the window on every axis: every cell holds voxels
+    stats = {}
+    for overlap in (0.0, 0.5):  # cells 8 planes deep (one window, the last row shifted), then 4
+        CountArgmax.n = 0
+        with CountArgmax():
+            labels = predict_volume(model, image, (8, 12, 10), overlap=overlap, sw_batch_size=2, stats=stats)
+        assert CountArgmax.n == math.prod(stats["cells"])
+        with monkeypatch.context() as m:
+            m.setattr(inf, "_ARGMAX_ELEMENTS", 1)  # one plane per argmax
+            assert torch.equal(predict_volume(model, image, (8, 12, 10), overlap=overlap, sw_batch_size=2), labels)
