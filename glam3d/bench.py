@@ -907,11 +907,10 @@ def _targets(rows, ratios, res) -> List[dict]:
     how = max((k for k in ("peak_fraction", "peak_fraction_graph") if nn.get(k) is not None), key=nn.get,
               default=None)
     f = nn.get(how) if how else None
-    add("nnformer_peak_fraction", f, None if f is None else f >= TARGETS["nnformer_peak_fraction"][1],
-        "nnformer_synapse not measured" if f is None else
-        ("CUDA graph replays" if how == "peak_fraction_graph" else "")
-        + (f"; eager {100 * nn['peak_fraction']:.1f}%" if how == "peak_fraction_graph" and nn.get("peak_fraction")
-           else ""))
+    note = "nnformer_synapse not measured" if f is None else ""
+    if how == "peak_fraction_graph":
+        note = "CUDA graph replays" + (f"; eager {100 * nn['peak_fraction']:.1f}%" if nn.get("peak_fraction") else "")
+    add("nnformer_peak_fraction", f, None if f is None else f >= TARGETS["nnformer_peak_fraction"][1], note)
     lc = [r for r in res.get("long_ct", []) if "error" not in r]
     if len(lc) >= 2:
         peaks = [r["peak_rss"] for r in lc]

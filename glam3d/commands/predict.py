@@ -83,8 +83,8 @@ def add_parser(subparsers):
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture the network's forward once as a CUDA graph and replay it for every batch of "
                         "windows (no compiling; removes the host's per-kernel dispatch, which dominates at small "
-                        "window batches: GLAM-nnFormer's sliding window 4.4x faster in bf16 on an H100). Default: on when the "
-                        "network runs on a GPU (and --compile is not given); --no-cuda-graphs runs it eagerly")
+                        "window batches: GLAM-nnFormer's sliding window 4.4x faster in bf16 on an H100). Default: on "
+                        "when the network runs on a GPU (and --compile is not given); --no-cuda-graphs runs it eagerly")
     return p
 
 

@@ -49,8 +49,8 @@ __all__ = ["predict_volume", "window_grid", "resolve_amp", "cpu_bf16_native", "S
            "NpySlabReader", "NpySlabWriter"]
 
 #: a finished cell is reduced to labels this many int64 argmax elements at a time (16 MB): a whole cell (at most
-#: one window, 64x128x128 = 1 M voxels) in one call — one argmax, cast and copy per cell instead of per few
-#: planes (a third of the sliding window's kernel launches on a GPU, change 31)
+#: one window, 64x128x128 = 1 M voxels) in one call — one argmax, cast and copy per cell instead of per 4 planes
+#: (128x256x256 at overlap 0.5: ≈ 2,230 -> ≈ 850 kernel-launching ops in the stitching; change 31)
 _ARGMAX_ELEMENTS = 1 << 21
 
 
