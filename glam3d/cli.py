@@ -43,7 +43,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # --help, --version and usage errors exit here, without importing torch
     tune_allocator()  # before the command imports torch (see glam3d.alloc)
-    return run_command(args._run, args)
+    rc = run_command(args._run, args)
+    distributed = sys.modules.get("glam3d.engine.distributed")  # imported only by commands that can run under torchrun
+    return distributed.end_process(rc) if distributed is not None else rc
 
 if __name__ == "__main__":
     sys.exit(main())

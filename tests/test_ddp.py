@@ -70,3 +70,75 @@ def test_two_gloo_ranks_match_one_process_with_double_batch(tmp_path):
     # validation sharded over the ranks gives the same Dice as one process
     d1, d2 = s1["metrics"]["last_val"], s2["metrics"]["last_val"]
     assert abs(d1["mean_dice"] - d2["mean_dice"]) < 1e-3
+
+
+def _processes_with(marker: str) -> list:
+    """PIDs of this user's processes whose environment holds ``marker`` (Linux /proc)."""
+    import os
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_distributed_run_ends_flushed_and_leaves_no_workers(tmp_path):
+    """A torchrun job ends through ``end_process`` (``os._exit`` past PyTorch's teardown of the process group DDP
+    keeps alive): everything it printed and logged is out, and its DataLoader worker processes are gone with it."""
+    import os
+    import time
+    import uuid
+
+    if not Path("/proc/self/environ").exists():
+        import pytest
+        pytest.skip("needs Linux /proc")
+    mods = H.write_tinynet(tmp_path / "mods")
+    data = H.make_dataset(tmp_path / "data", n=4)
+    cfg = H.tiny_config(data, tmp_path / "unused", train={"epochs": 1, "iters_per_epoch": 2, "val_every": 1},
+                        data={"val_fraction": 0.5, "workers": 1})
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    marker = f"GLAM3D_TEST_RUN={uuid.uuid4().hex}"
+    env = _env(mods)
+    env[marker.split("=")[0]] = marker.split("=")[1]
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "glam3d.commands.train",
+                          str(cfg_path), "--no-progress", "--device", "cpu", "--out", str(out)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    most = 0
+    while p.poll() is None:  # the marker finds the launcher, the ranks and their workers while they run
+        most = max(most, len(_processes_with(marker)))
+        time.sleep(0.05)
+    stdout = p.stdout.read()
+    assert p.returncode == 0, stdout[-4000:]
+    assert most >= 5, most  # torchrun + 2 ranks + a DataLoader worker each
+    assert "run folder:" in stdout  # printed just before the process ended: flushed
+    assert "done: 2 iterations" in (out / "train.log").read_text()  # the log file handler was flushed too
+    time.sleep(0.5)
+    assert _processes_with(marker) == []  # no DataLoader worker outlived its rank
+
+
+def test_end_process_returns_without_a_group_and_exits_flushed_after_one(tmp_path):
+    from glam3d.engine import distributed
+
+    assert distributed.end_process(3) == 3  # in-process (tests, single runs): nothing ends
+    script = ("import sys, logging\n"
+              "from glam3d.engine import distributed as d\n"
+              "logging.basicConfig(filename=sys.argv[1], level=logging.INFO)\n"
+              "sys.stdout.write('buffered, no newline')\n"
+              "logging.info('logged last')\n"
+              "d._ENDED_GROUP = True  # as cleanup() leaves it after destroying a group it made\n"
+              "d.end_process(7)\n"
+              "print('not reached')\n")
+    log = tmp_path / "x.log"
+    p = subprocess.run([sys.executable, "-c", script, str(log)], capture_output=True, text=True, timeout=120,
+                       env=_env(tmp_path))
+    assert p.returncode == 7, p.stderr
+    assert p.stdout == "buffered, no newline"
+    assert "logged last" in log.read_text()

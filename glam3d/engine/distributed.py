@@ -93,9 +93,40 @@ def setup(device: str = "auto", timeout_min: float = 30.0) -> DistEnv:
     return DistEnv(rank, world, local_rank, dev, backend, here)
 
 
+_ENDED_GROUP = False  # set once this process has destroyed a process group it created (see end_process)
+
+
 def cleanup(env: DistEnv) -> None:
+    global _ENDED_GROUP
     if env.initialized_here and dist.is_initialized():
         dist.destroy_process_group()
+        _ENDED_GROUP = True
+
+
+def end_process(rc: int) -> int:
+    """Return ``rc``, or end the process at once with it if this process ran a distributed job.
+
+    PyTorch (seen with 2.13, gloo) keeps a process group alive after ``destroy_process_group`` once a
+    ``DistributedDataParallel`` was built on it: its gloo threads outlive the job, and the interpreter's own
+    teardown then races them (a rank killed by ``terminate called without an active exception``, SIGABRT, after
+    its run had finished and written everything). A command that ran a distributed job therefore ends here: the
+    garbage it left is collected (DataLoader workers joined), logs and streams flushed, then ``os._exit(rc)``,
+    skipping only that teardown. Single-process runs (and tests calling commands in-process) return ``rc``.
+    """
+    if not _ENDED_GROUP:
+        return rc
+    import gc
+    import logging
+    import sys
+
+    gc.collect()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
 
 
 def barrier(env: DistEnv) -> None:
