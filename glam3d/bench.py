@@ -115,6 +115,7 @@ class BenchConfig:
     long_ct_sw_batch_size: int = 1              # one window per forward: the activations of one window only
     predict_ct_spacing: Union[float, Sequence[float]] = 4.0  # predict_ct: the checkpoint plan's target spacing
                                                 # (mm: one value, isotropic, or sz sy sx)
+    predict_ct_probabilities: bool = False      # predict_ct: also write the class probabilities (--probabilities)
     train_model: Optional[str] = None           # default glam_nnformer_tiny
     train_repeats: int = 3
     matmul_size: Optional[int] = None           # default 2048; quick 512
@@ -426,24 +427,15 @@ def _write_ct_nifti(path: str, vol) -> None:
     """A synthetic int16 CT ``vol = (D, H, W)`` as a ``.nii.gz`` (stored ``(W, H, D)``, RAS, voxel
     :data:`PREDICT_CT_VOXEL`), written 16 planes at a time (Fortran order: the planes are the file's slowest
     axis), so writing it never holds the volume."""
-    import gzip
-
-    import nibabel as nib
     import numpy as np
 
+    from .utils.nifti import nifti_header, write_nifti_streamed
+
     D, H, W = vol
-    hdr = nib.Nifti1Header()
-    hdr.set_data_shape((W, H, D))
-    hdr.set_data_dtype(np.int16)
-    aff = np.diag([PREDICT_CT_VOXEL[2], PREDICT_CT_VOXEL[1], PREDICT_CT_VOXEL[0], 1.0])
-    hdr.set_qform(aff, code=1)
-    hdr.set_sform(aff, code=1)
-    hdr.set_xyzt_units("mm")
-    hdr.set_data_offset(352)
-    with gzip.open(path, "wb", compresslevel=1) as f:
-        f.write(hdr.binaryblock + b"\0" * 4)
-        for d0 in range(0, D, 16):
-            f.write(_synthetic_ct_planes(d0, min(d0 + 16, D), (H, W))[0].numpy().tobytes())
+    hdr = nifti_header((W, H, D), np.int16,
+                       np.diag([PREDICT_CT_VOXEL[2], PREDICT_CT_VOXEL[1], PREDICT_CT_VOXEL[0], 1.0]))
+    write_nifti_streamed(path, hdr, (_synthetic_ct_planes(d0, min(d0 + 16, D), (H, W))[0].numpy().tobytes()
+                                     for d0 in range(0, D, 16)))
 
 
 def _spacing3(spacing) -> list:
@@ -490,7 +482,8 @@ def _predict_ct_worker(spec: dict) -> dict:
     rss_before = _rss_now()
     t = time.perf_counter()
     rc = main(["predict", "--checkpoint", os.path.join(d, "model.pt"), "--input", os.path.join(d, "ct.nii.gz"),
-               "--output", os.path.join(d, "out"), "--device", spec["device"], "--quiet", "--overwrite"])
+               "--output", os.path.join(d, "out"), "--device", spec["device"], "--quiet", "--overwrite",
+               *(["--probabilities"] if spec.get("probabilities") else [])])
     dt = time.perf_counter() - t
     with open(os.path.join(d, "out", "predictions.json")) as f:
         manifest = json.load(f)
@@ -498,6 +491,7 @@ def _predict_ct_worker(spec: dict) -> dict:
     used = manifest.get("inference", {})  # what the command ran with (read from the checkpoint, as a user's run)
     return {"model": spec["model"], "volume": list(spec["volume"]), "spacing": spec["spacing"],
             "overlap": used.get("overlap"), "sw_batch_size": used.get("sw_batch_size"), "exit_code": rc,
+            "probabilities": bool(used.get("probabilities")),
             "seconds": dt,
             "voxels_per_s": math.prod(spec["volume"]) / dt, "peak_rss": _peak_rss(), "rss_before": rss_before,
             "status": case.get("status"), "output_shape": case.get("shape")}
@@ -810,7 +804,8 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
                       f"{_spacing_label(cfg.predict_ct_spacing)} mm, overlap {cfg.long_ct_overlap} (child processes)")
             with tempfile.TemporaryDirectory(prefix="glam3d-predictct-") as tmp:
                 spec = child_spec(cfg.long_ct_model, v, cfg.long_ct_overlap, dir=tmp,
-                                  spacing=cfg.predict_ct_spacing, sw_batch_size=cfg.long_ct_sw_batch_size)
+                                  spacing=cfg.predict_ct_spacing, sw_batch_size=cfg.long_ct_sw_batch_size,
+                                  probabilities=cfg.predict_ct_probabilities)
                 prep = _run_child({**spec, "predict_ct": "prepare"})
                 r = prep if "error" in prep else {**_run_child({**spec, "predict_ct": "run"}),
                                                    **{k: prep[k] for k in ("checkpoint_bytes", "nifti_bytes")}}
@@ -938,7 +933,8 @@ def _targets(rows, ratios, res) -> List[dict]:
     if pc and len(ok) == len(pc):
         peak = max(r["peak_rss"] for r in ok)
         add("predict_ct_memory", peak, peak < TARGETS["predict_ct_memory"][1],
-            f"{ok[0]['model']}, plan {_spacing_label(ok[0]['spacing'])} mm, overlap {ok[0]['overlap']}; "
+            f"{ok[0]['model']}, plan {_spacing_label(ok[0]['spacing'])} mm, overlap {ok[0]['overlap']}"
+            f"{', with --probabilities' if ok[0].get('probabilities') else ''}; "
             + " / ".join(f"{r['volume'][0]} slices {r['peak_rss'] / 1e9:.2f} GB" for r in ok))
     else:
         add("predict_ct_memory", None, None if not pc else False,
@@ -1043,7 +1039,8 @@ def _tables(res: dict):
                              r.get("error") or f"exit {r.get('exit_code')}"])
                 continue
             body.append([r["model"], "x".join(map(str, r["volume"])), _spacing_label(r["spacing"]), str(r["overlap"]),
-                         _f(r["seconds"], "{:.1f}"), _gb(r["peak_rss"]), r.get("status") or "-"])
+                         _f(r["seconds"], "{:.1f}"), _gb(r["peak_rss"]),
+                         (r.get("status") or "-") + (" + probabilities" if r.get("probabilities") else "")])
         tabs.append(("glam3d predict on the long CTs as .nii.gz (reading, preprocessing, sliding window, restoring, "
                      "writing)", ["model", "volume", "plan (mm)", "overlap", "time (s)", "peak RSS (GB)", "result"],
                      body))

@@ -43,9 +43,27 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # --help, --version and usage errors exit here, without importing torch
     tune_allocator()  # before the command imports torch (see glam3d.alloc)
-    rc = run_command(args._run, args)
-    distributed = sys.modules.get("glam3d.engine.distributed")  # imported only by commands that can run under torchrun
-    return distributed.end_process(rc) if distributed is not None else rc
+    return run_and_end(args._run, args)
+
+
+def run_and_end(fn, args) -> int:
+    """:func:`~glam3d.errors.run_command` ``fn(args)``; in a process that ran a distributed job, then the end of
+    the process (:func:`glam3d.engine.distributed.end_process`), after an uncaught exception too (its traceback is
+    printed and the exit status is 1, not the SIGABRT of PyTorch's teardown)."""
+    def distributed():  # imported only by commands that can run under torchrun (no torch import here otherwise)
+        return sys.modules.get("glam3d.engine.distributed")
+    try:
+        rc = run_command(fn, args)
+    except BaseException as err:
+        if distributed() is None or not distributed().ended_group():
+            raise
+        if isinstance(err, SystemExit) and isinstance(err.code, int):
+            rc = err.code
+        else:
+            import traceback
+            traceback.print_exc()
+            rc = 1
+    return distributed().end_process(rc) if distributed() is not None else rc
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,6 +44,7 @@ import math
 import mmap
 import os
 import tempfile
+from typing import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -735,14 +736,58 @@ def restore_labels(labels: np.ndarray, meta: dict, plan: dict) -> nib.Nifti1Imag
     return nii
 
 
+def _to_original_slabs(vol_dhw: np.ndarray, meta: dict, plan: dict, fill: float) -> Iterator[np.ndarray]:
+    """:func:`_to_original` (linear, float32) as ``(X, Y, dz)`` slabs of about :data:`SLAB_BYTES` along the stored
+    volume's last axis, in order: each slab resampled from the input rows it needs (``resize(rows=)``: the whole
+    result's values up to one float32 rounding), so the class map is never whole. Where the plan's orientation
+    moves the stored slice axis (a sagittal scan for an axial plan), the map is made whole and then cut."""
+    back = ornt_transform(axcodes2ornt(tuple(plan["orientation"])),
+                          io_orientation(np.asarray(meta["original_affine"], float)))
+    if int(back[2, 0]) != 2:
+        whole = _to_original(vol_dhw, meta, plan, "linear", fill=fill)
+        for z0, z1 in z_slabs(whole.shape, 4):
+            yield whole[:, :, z0:z1]
+        return
+    D, H, W = (int(v) for v in meta["oriented_shape"])
+    (d0, d1), (h0, h1), (w0, w1) = meta["bbox"]
+    flip = int(back[2, 1]) == -1
+    for z0, z1 in _slabs((D, H, W)):
+        a, b = (D - z1, D - z0) if flip else (z0, z1)  # the oriented grid's rows holding stored planes z0..z1
+        chunk = np.full((b - a, H, W), fill, dtype=np.float32)
+        r0, r1 = max(a, d0), min(b, d1)
+        if r1 > r0:
+            resize(vol_dhw, meta["cropped_shape"], "linear", out=chunk[r0 - a:r1 - a, h0:h1, w0:w1],
+                   rows=(r0 - d0, r1 - d0))
+        yield apply_orientation(chunk.transpose(2, 1, 0), back)
+
+
+def restored_probabilities(probs, meta: dict, plan: dict) -> Iterator[Iterator[np.ndarray]]:
+    """Class probabilities ``(K, D, H, W)`` on the preprocessed grid (an array, or a file mapping such as a
+    :func:`numpy.memmap`, read one class at a time) -> for each of the ``K`` classes, in order, an iterator of
+    ``(X, Y, dz)`` float32 slabs of its map in the scan's stored geometry (linear), along ``Z`` in order: a long
+    CT's class maps are never whole in memory. Outside the body crop, background (class 0) gets 1 and the others
+    0. Consume each class's slabs before asking for the next class. The shapes are checked at the call."""
+    if getattr(probs, "ndim", None) != 4:
+        raise UserError(f"probabilities must be (K, D, H, W), got shape {tuple(getattr(probs, 'shape', ()))}")
+    _check_meta(tuple(probs.shape[1:]), meta, "probabilities")
+
+    def released(slabs):
+        for slab in slabs:
+            yield slab
+            release_pages(probs)  # a mapped source: the rows just read leave the process's resident memory
+
+    return (released(_to_original_slabs(np.asarray(probs[k], dtype=np.float32), meta, plan,
+                                        1.0 if k == 0 else 0.0)) for k in range(probs.shape[0]))
+
+
 def restore_probabilities(probs: np.ndarray, meta: dict, plan: dict) -> np.ndarray:
-    """Class probabilities ``(K, D, H, W)`` on the preprocessed grid -> ``(K, X, Y, Z)`` float32 in the scan's
-    stored geometry (linear). Outside the body crop, background (class 0) gets 1 and the others 0."""
+    """:func:`restored_probabilities` gathered into one ``(K, X, Y, Z)`` float32 array (K whole volumes in memory:
+    for a long CT write the slabs as they come instead, as ``glam3d predict --probabilities`` does)."""
     probs = np.asarray(probs, dtype=np.float32)
-    if probs.ndim != 4:
-        raise UserError(f"probabilities must be (K, D, H, W), got shape {probs.shape}")
-    _check_meta(probs.shape[1:], meta, "probabilities")
-    out = np.empty((probs.shape[0], *meta["original_shape"]), dtype=np.float32)
-    for k, p in enumerate(probs):
-        out[k] = _to_original(p, meta, plan, "linear", fill=1.0 if k == 0 else 0.0)
+    out = np.empty((probs.shape[0], *meta["original_shape"]), dtype=np.float32) if probs.ndim == 4 else None
+    for k, slabs in enumerate(restored_probabilities(probs, meta, plan)):
+        z = 0
+        for slab in slabs:
+            out[k, :, :, z:z + slab.shape[2]] = slab
+            z += slab.shape[2]
     return out

@@ -51,6 +51,7 @@ def test_rows_and_columns(quick_result):
         assert r["checkpoint_bytes"] > 8 * 2.41e6                   # weights + SGD momentum of nnformer_tiny
         # the checkpoint's validation settings, as the command read them (an overlap of 0 once read as 0.5)
         assert r["spacing"] == [5.0, 4.0, 4.0] and r["overlap"] == 0.0 and r["sw_batch_size"] == 1
+        assert r["probabilities"] is False
     pct = {t["target"]: t for t in res["targets"]}["predict_ct_memory"]
     assert pct["status"] in ("PASS", "FAIL") and pct["value"] == max(r["peak_rss"] for r in res["predict_ct"])
     tiny = res["ratios"]["tiny"]
@@ -330,6 +331,20 @@ def test_predict_ct_spacing_option():
     assert _spacing_label(4.0) == "4" and _spacing_label([3, 0.8, 0.8]) == "3x0.8x0.8"
     assert main(["bench", "--quick", "--predict-ct-spacing", "3", "0.8"]) == 2
     assert main(["bench", "--quick", "--predict-ct-spacing", "0"]) == 2
+
+
+def test_predict_ct_with_probabilities():
+    """--predict-ct-probabilities runs the predict_ct lines with glam3d predict --probabilities (as the command's
+    manifest records) and says so in the table."""
+    from glam3d.bench import to_markdown
+    cfg = BenchConfig(quick=True, threads=1, sections=["predict_ct"], long_ct_volumes=[(32, 64, 64)],
+                      predict_ct_spacing=[5.0, 4.0, 4.0], predict_ct_probabilities=True)
+    res = run_bench(cfg)
+    (r,) = res["predict_ct"]
+    assert r["exit_code"] == 0 and r["status"] == "written" and r["probabilities"] is True, r
+    assert "written + probabilities" in to_markdown(res)
+    pct = {t["target"]: t for t in res["targets"]}["predict_ct_memory"]
+    assert "with --probabilities" in pct["note"]
 
 
 def test_cli_bad_sw_rounds():

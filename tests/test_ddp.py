@@ -107,15 +107,20 @@ def test_distributed_run_ends_flushed_and_leaves_no_workers(tmp_path):
     env = _env(mods)
     env[marker.split("=")[0]] = marker.split("=")[1]
     out = tmp_path / "run"
+    log = open(tmp_path / "torchrun.log", "w")
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "glam3d.commands.train",
                           str(cfg_path), "--no-progress", "--device", "cpu", "--out", str(out)],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    most = 0
-    while p.poll() is None:  # the marker finds the launcher, the ranks and their workers while they run
+                         env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    most, deadline = 0, time.time() + 300
+    while p.poll() is None and time.time() < deadline:  # the marker finds the launcher, ranks and workers
         most = max(most, len(_processes_with(marker)))
         time.sleep(0.05)
-    stdout = p.stdout.read()
+    if p.poll() is None:
+        p.kill()
+    p.wait()
+    log.close()
+    stdout = (tmp_path / "torchrun.log").read_text()
     assert p.returncode == 0, stdout[-4000:]
     assert most >= 5, most  # torchrun + 2 ranks + a DataLoader worker each
     assert "run folder:" in stdout  # printed just before the process ended: flushed
@@ -142,3 +147,23 @@ def test_end_process_returns_without_a_group_and_exits_flushed_after_one(tmp_pat
     assert p.returncode == 7, p.stderr
     assert p.stdout == "buffered, no newline"
     assert "logged last" in log.read_text()
+
+
+def test_run_and_end_after_an_uncaught_exception_exits_1_with_its_traceback(tmp_path):
+    script = ("import argparse, sys\n"
+              "from glam3d.engine import distributed as d\n"
+              "from glam3d.cli import run_and_end\n"
+              "def boom(args):\n"
+              "    d._ENDED_GROUP = True  # a failed distributed run: train() destroyed its group on the way out\n"
+              "    raise RuntimeError('rank failed')\n"
+              "run_and_end(boom, argparse.Namespace())\n"
+              "print('not reached')\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env=_env(tmp_path))
+    assert p.returncode == 1, p.stderr
+    assert "RuntimeError: rank failed" in p.stderr and "Traceback" in p.stderr
+    assert "not reached" not in p.stdout
+    # without a distributed job the exception propagates as usual (and Python exits 1 on its own)
+    q = subprocess.run([sys.executable, "-c", script.replace("    d._ENDED_GROUP = True", "    pass")],
+                       capture_output=True, text=True, timeout=120, env=_env(tmp_path))
+    assert q.returncode == 1 and "RuntimeError: rank failed" in q.stderr

@@ -435,3 +435,59 @@ def test_spill_falls_back_without_room(tmp_path, monkeypatch):
     assert w is not None
     w.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
+
+
+@pytest.mark.parametrize("affine, spacing", [
+    (np.diag([-0.8, 0.8, 2.5, 1.0]), [3.0, 1.3, 0.6]),                      # LAS, every axis resampled
+    (np.diag([0.8, 0.8, -2.5, 1.0]), [2.5, 0.8, 0.8]),                      # slices stored inferior-up: flipped
+    (np.array([[0, 0, 2.5, 0], [0.8, 0, 0, 0], [0, 0.8, 0, 0], [0, 0, 0, 1.0]]), [2.0, 1.0, 1.0]),  # permuted
+])
+def test_restored_probabilities_in_slabs_equal_the_whole_maps(tmp_path, monkeypatch, affine, spacing):
+    """restored_probabilities gives each class map as Z-slabs (never whole where the stored slice axis is the
+    plan's), equal to the whole-volume restoring (``_to_original``) up to a float32 rounding, in the scan's
+    shape (the background 1 and the other classes 0 outside the body box, as there)."""
+    monkeypatch.setattr(pl, "SLAB_BYTES", 1 << 13)
+    rng = np.random.default_rng(4)
+    hu = np.full((40, 36, 30), -1000, np.int16)
+    hu[5:33, 4:30, 3:27] = rng.integers(-300, 600, (28, 26, 24)).astype(np.int16)
+    img = _nifti(tmp_path / "ct.nii.gz", hu, affine, np.int16)
+    plan = pl.make_plan(spacing, {"scheme": "transunet"}, {"1": 1, "2": 2})
+    arr, meta = pl.preprocess_scan(img, plan)
+    probs = rng.random((3,) + arr.shape[1:], dtype=np.float32)
+    seen = []
+    real = pl._to_original
+    monkeypatch.setattr(pl, "_to_original", lambda *a, **k: (seen.append(1), real(*a, **k))[1])
+    slabbed = [list(slabs) for slabs in pl.restored_probabilities(probs, meta, plan)]
+    whole_used = len(seen) > 0
+    assert whole_used == (affine[2, 2] == 0)  # only the permuted scan needs the whole map
+    for k, slabs in enumerate(slabbed):
+        assert len(slabs) > 1 and all(s.shape[:2] == hu.shape[:2] for s in slabs)
+        got = np.concatenate(slabs, axis=2)
+        want = real(probs[k], meta, plan, "linear", fill=1.0 if k == 0 else 0.0)
+        assert got.shape == hu.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=0, atol=2 * ULP)
+    np.testing.assert_array_equal(pl.restore_probabilities(probs, meta, plan),
+                                  np.stack([np.concatenate(s, axis=2) for s in slabbed]))
+    with pytest.raises(UserError, match="must be"):
+        pl.restored_probabilities(probs[0], meta, plan)  # at the call, before anything is written
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux /proc needed")
+def test_restored_probabilities_release_a_mapped_source(tmp_path, monkeypatch):
+    """Restoring from probabilities on disk (a memmap, as glam3d predict's scratch file) keeps about a slab of the
+    mapping resident, not a class map (16 MB here) nor all of them."""
+    monkeypatch.setattr(pl, "SLAB_BYTES", 1 << 20)
+    hu = np.full((256, 256, 64), 50, np.int16)
+    img = _nifti(tmp_path / "ct.nii.gz", hu, np.diag([0.8, 0.8, 2.5, 1.0]), np.int16)
+    plan = pl.make_plan([2.5, 0.8, 0.8], {"scheme": "transunet"}, {"1": 1, "2": 2})
+    arr, meta = pl.preprocess_scan(img, plan)
+    probs = np.lib.format.open_memmap(tmp_path / "p.npy", mode="w+", dtype=np.float32, shape=(3,) + arr.shape[1:])
+    probs[:] = 0.25
+    probs.flush()
+    pl.release_pages(probs)
+    base, most = _rss_file_kb(), 0
+    for slabs in pl.restored_probabilities(probs, meta, plan):
+        for slab in slabs:
+            most = max(most, _rss_file_kb() - base)
+    assert arr.shape[1:] == (64, 256, 256)
+    assert most * 1024 < 8 << 20, most  # (a class map: 16 MB; the three: 48 MB)

@@ -344,3 +344,57 @@ def test_cpu_amp(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("error: --amp") and "fp16" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "oblique"])
+def test_probabilities_go_through_scratch_and_equal_the_in_memory_ones(tmp_path, monkeypatch, orientation):
+    """--probabilities: the blended maps go to an unlinked scratch file (not memory), are restored one class at a
+    time in Z-slabs (made whole first only where the plan moves the stored slice axis: the oblique scan) and
+    streamed into the 4D NIfTI; the file equals the one made from in-memory maps (--scratch none) and the
+    whole-map restoring (restore_probabilities)."""
+    from glam3d.commands import predict as cmd
+    from glam3d.engine import inference
+    monkeypatch.setattr(pipeline, "SLAB_BYTES", 1 << 12)  # several slabs per class map on this small scan
+    img, _, _ = make_scan(orientation)
+    nib.save(img, tmp_path / "scan.nii.gz")
+    ck = write_checkpoint(tmp_path / "ck.pt", [2.0, 1.2, 1.1])
+    made, classes = [], []
+    real_init, real_restored = cmd.ScratchArray.__init__, pipeline.restored_probabilities
+    monkeypatch.setattr(cmd.ScratchArray, "__init__", lambda self, folder, shape: (
+        made.append(shape), real_init(self, folder, shape))[1])
+
+    def restored(probs, meta, plan):
+        for slabs in real_restored(probs, meta, plan):
+            slabs = list(slabs)
+            classes.append((sum(s.shape[2] for s in slabs), len(slabs)))
+            yield slabs
+    monkeypatch.setattr(pipeline, "restored_probabilities", restored)
+    kept = {"probs": []}  # the blended maps each run's sliding window returned (a copy)
+    real_pv = inference.predict_volume
+
+    def predict_volume(*a, **k):
+        result = real_pv(*a, **k)
+        kept["probs"].append(np.array(np.asarray(result[1])))
+        return result
+    monkeypatch.setattr(inference, "predict_volume", predict_volume)
+    outs = {}
+    for name, extra in (("scratch", []), ("memory", ["--scratch", "none"])):
+        out = tmp_path / name
+        assert main(["predict", "--checkpoint", str(ck), "--input", str(tmp_path / "scan.nii.gz"), "--output",
+                     str(out), "--quiet", "--probabilities", *extra]) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["predictions.json", "scan.nii.gz",
+                                                         "scan_probabilities.nii.gz"]
+        outs[name] = nib.load(out / "scan_probabilities.nii.gz")
+    assert len(made) == 1 and made[0][0] == 4  # only the run with a scratch folder mapped its maps there
+    assert [z for z, _ in classes] == [img.shape[2]] * 8  # one class at a time, all its planes, in both runs
+    assert min(n for _, n in classes) > 1
+    a, b = (np.asanyarray(outs[k].dataobj) for k in ("scratch", "memory"))
+    assert a.shape == img.shape + (4,) and np.array_equal(a, b)
+    assert np.allclose(a.sum(-1), 1, atol=1e-3)
+    assert outs["scratch"].header.get_intent()[0] == "vector"
+    # the whole-map path (K whole volumes in memory) from the same blended maps
+    assert np.array_equal(kept["probs"][0], kept["probs"][1])
+    plan = torch.load(ck, weights_only=True)["plan"]
+    whole = pipeline.restore_probabilities(kept["probs"][0], pipeline.preprocess_scan(img, plan)[1], plan)
+    np.testing.assert_allclose(a, np.moveaxis(whole, 0, -1), rtol=0, atol=1e-6)
+    assert np.allclose(outs["scratch"].affine, img.affine, atol=1e-6)

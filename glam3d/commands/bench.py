@@ -75,6 +75,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="predict_ct: target spacing (mm; one value: isotropic, three: sz sy sx) of the plan in the "
                         "checkpoint the long-CT scans go through `glam3d predict` with (default 4: the scan's "
                         "handling, not the network, dominates; `3 0.8 0.8` is a Synapse-like fine plan)")
+    p.add_argument("--predict-ct-probabilities", action="store_true",
+                   help="predict_ct: also write the class probabilities (glam3d predict --probabilities)")
     p.add_argument("--largest-limit", type=int, default=4096, metavar="D",
                    help="gpu section: longest D x 512 x 512 scan tried (default 4096)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
@@ -145,6 +147,7 @@ def run(args) -> int:
                           long_ct_in_memory=args.long_ct_in_memory,
                           long_ct_sw_batch_size=args.long_ct_sw_batch_size,
                           predict_ct_spacing=args.predict_ct_spacing,
+                          predict_ct_probabilities=args.predict_ct_probabilities,
                           threads=args.threads, sections=args.sections, largest_limit=args.largest_limit,
                           progress=not args.no_progress)
         res = run_bench(cfg, on_section=write if args.json or args.markdown else None)

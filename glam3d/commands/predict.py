@@ -68,9 +68,10 @@ def add_parser(subparsers):
                         "on a CPU with AVX512-BF16 or AMX runs the network 1.3-1.5x faster than float32 (labels "
                         "may differ at a few boundary voxels); fp16 is GPU-only")
     p.add_argument("--scratch", default=None, metavar="DIR",
-                   help="folder for two temporary files per scan, so that neither is held in memory: the CT "
-                        "decoded for reading (mapped, unlinked at once) and the labels as the sliding window "
-                        "finishes them (default: the output folder); 'none': keep both in memory")
+                   help="folder for the temporary files of a scan, so that none is held in memory: the CT "
+                        "decoded for reading (mapped, unlinked at once), the labels as the sliding window "
+                        "finishes them and, with --probabilities, the class maps (mapped, unlinked at once) "
+                        "(default: the output folder); 'none': keep them in memory")
     p.add_argument("--probabilities", action="store_true",
                    help="also write <case>_probabilities.nii.gz (softmax per class, in the input geometry)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
@@ -367,8 +368,8 @@ def run(args) -> int:
         raise UserError("the checkpoint carries no preprocessing plan, so new scans cannot be prepared like its "
                         "training data (was it written by glam3d train?)", ckpt_path)
     pipeline = _pipeline()
-    if args.probabilities and not hasattr(pipeline, "restore_probabilities"):
-        raise UserError("--probabilities needs preprocessing.pipeline.restore_probabilities (mapping class "
+    if args.probabilities and not hasattr(pipeline, "restored_probabilities"):
+        raise UserError("--probabilities needs preprocessing.pipeline.restored_probabilities (mapping class "
                         "maps back to the scan's grid), which this installation lacks; run without it")
     device = _resolve_device(args.device, local_rank)
     if args.cuda_graphs and device.type != "cuda":
@@ -465,7 +466,8 @@ def run(args) -> int:
             out = predict_volume(model, x, settings["roi_size"], overlap=settings["overlap"],
                                  sw_batch_size=settings["sw_batch_size"], mode=settings["mode"],
                                  mirror=settings["mirror"], device=device, amp=args.amp, stitch_device=stitch,
-                                 return_probs=want_probs, progress=desc or False, out=writer)
+                                 return_probs=want_probs, progress=desc or False, out=writer,
+                                 probs_out=_probability_target(scratch, stitch or device) if want_probs else None)
         except BaseException as err:
             if writer is not None:
                 writer.abort()  # its temporary file goes
@@ -486,9 +488,10 @@ def run(args) -> int:
             with atomic_path(out_path, suffix=".nii.gz") as tmp:
                 nib.save(seg, str(tmp))
         if probs is not None:
-            pimg = _probability_image(pipeline.restore_probabilities(probs.cpu().numpy(), meta, plan), image)
+            probs = probs.array if isinstance(probs, ScratchArray) else probs.cpu().numpy()
             with atomic_path(prob_path, suffix=".nii.gz") as tmp:
-                nib.save(pimg, str(tmp))
+                write_probabilities(tmp, pipeline.restored_probabilities(probs, meta, plan), probs.shape[0],
+                                    image.shape[:3], image.affine)
             entry["probabilities"] = str(prob_path)
             del probs
         dt = time.time() - t0
@@ -557,19 +560,98 @@ def _prepare(case: Case, pipeline, plan, spill_dir=None):
     return image, arr, meta
 
 
-def _probability_image(probs, image):
-    """``(K, X, Y, Z)`` array (or a ready image) → 4D float32 NIfTI ``(X, Y, Z, K)`` on the input's grid."""
-    import nibabel as nib
+def _probability_target(scratch: Optional[Path], stitch):
+    """``predict_volume``'s ``probs_out``: the ``(K, D, H, W)`` float32 probabilities go to a file in ``scratch``
+    (:class:`ScratchArray`), or stay a tensor on ``stitch`` (the stitching device) without a scratch folder or
+    room in it."""
+    import torch
 
-    if isinstance(probs, nib.Nifti1Image):
-        return probs
-    data = np.ascontiguousarray(np.moveaxis(np.asarray(probs, dtype=np.float32), 0, -1))
-    affine = np.asarray(image.affine, float)
-    out = nib.Nifti1Image(data, affine)
-    out.set_qform(affine, code=1)
-    out.set_sform(affine, code=1)
-    out.header.set_intent("vector", (), name="class probabilities")
-    return out
+    from ..utils.io import has_room
+
+    def make(shape):
+        if scratch is not None:
+            with contextlib.suppress(OSError):
+                if has_room(scratch, math.prod(shape) * 4):
+                    return ScratchArray(scratch, shape)
+        return torch.empty(shape, dtype=torch.float32, device=stitch)
+    return make
+
+
+class ScratchArray:
+    """A float32 array of ``shape`` in a file of ``folder`` that is unlinked as soon as it is mapped (nothing is
+    left behind, even by a killed run): ``target[key] = value`` writes through the mapping, and about every
+    32 MB of pages written they leave the process's resident memory (they stay in the page cache, dirty ones
+    are written back), so a long CT's probabilities cost disk, not memory. ``np.asarray(target)`` is the mapped
+    array."""
+
+    RELEASE_BYTES = 32 << 20
+
+    def __init__(self, folder, shape):
+        fd, path = tempfile.mkstemp(dir=folder, prefix=".probabilities.", suffix=".f32")
+        try:
+            # the blocks reserved now: a disk filling up later would kill the process (SIGBUS) through the
+            # mapping instead of failing here with an OSError (the caller then keeps the maps in memory)
+            nbytes = math.prod(shape) * 4
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, nbytes)
+            else:
+                os.ftruncate(fd, nbytes)
+            self.array = np.memmap(path, dtype=np.float32, mode="r+", shape=tuple(shape))
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        self.shape, self.ndim, self._since = tuple(shape), len(shape), 0
+
+    def __setitem__(self, key, value):
+        value = np.asarray(value)
+        if isinstance(key, tuple) and key and key[0] == slice(None) and value.ndim == self.ndim:
+            for k in range(value.shape[0]):  # one leading index (a class) at a time: pages released in between
+                self._write((k,) + key[1:], value[k])
+        else:
+            self._write(key, value)
+
+    def _write(self, key, value):
+        self.array[key] = value
+        # the pages touched: a part of a row of the last axis faults in the pages under it; count whole rows
+        rows = value.size // value.shape[-1] if value.ndim and value.shape[-1] else 1
+        self._since += rows * self.shape[-1] * 4
+        if self._since >= self.RELEASE_BYTES:
+            release = getattr(_pipeline(), "release_pages", None)
+            if release is not None:
+                release(self.array)
+            self._since = 0
+
+    def __getitem__(self, key):
+        return self.array[key]
+
+    def __array__(self, dtype=None, copy=None):
+        if copy:
+            return np.array(self.array, dtype=dtype)
+        return self.array if dtype is None else self.array.astype(dtype)
+
+
+def write_probabilities(path, maps, k: int, shape, affine) -> None:
+    """Write ``k`` class maps as one 4D float32 NIfTI ``(X, Y, Z, K)`` at ``path`` with ``affine``, streamed
+    (:mod:`glam3d.utils.nifti`): ``maps`` yields, class after class, an iterable of ``(X, Y, dz)`` slabs of that
+    class's map along ``Z`` in order (:func:`preprocessing.pipeline.restored_probabilities`), so at most one slab
+    is in memory. ``ValueError`` (naming ``path``) when a class's slabs do not make a map of ``shape``."""
+    from ..utils.nifti import nifti_header, write_nifti_streamed
+
+    shape = tuple(int(v) for v in shape)
+    hdr = nifti_header((*shape, k), np.float32, affine)
+    hdr.set_intent("vector", (), name="class probabilities")
+
+    def chunks():
+        for i, slabs in enumerate(maps):
+            z = 0
+            for slab in slabs:
+                if i >= k or tuple(slab.shape[:2]) != shape[:2] or z + slab.shape[2] > shape[2]:
+                    break
+                z += slab.shape[2]
+                yield np.asarray(slab, dtype=np.float32).tobytes(order="F")
+            if i >= k or z != shape[2]:
+                raise ValueError(f"{path}: class map {i} does not make an image of {shape} (of {k} classes)")
+    write_nifti_streamed(path, hdr, chunks())
 
 
 def _check_geometry(seg, image, case: Case) -> None:

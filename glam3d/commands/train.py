@@ -82,14 +82,13 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     """Stand-alone entry (``python -m glam3d.commands.train``), same behaviour as ``glam3d train``."""
-    from ..engine.distributed import end_process
-    from ..errors import run_command
+    from ..cli import run_and_end
 
     p = argparse.ArgumentParser(prog="glam3d train", description=HELP)
     _add_arguments(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = p.parse_args(argv)
-    return end_process(run_command(run, args))
+    return run_and_end(run, args)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,11 @@ def cleanup(env: DistEnv) -> None:
         _ENDED_GROUP = True
 
 
+def ended_group() -> bool:
+    """Whether this process destroyed a process group it had created (a distributed job ran here)."""
+    return _ENDED_GROUP
+
+
 def end_process(rc: int) -> int:
     """Return ``rc``, or end the process at once with it if this process ran a distributed job.
 
@@ -111,7 +116,10 @@ def end_process(rc: int) -> int:
     teardown then races them (a rank killed by ``terminate called without an active exception``, SIGABRT, after
     its run had finished and written everything). A command that ran a distributed job therefore ends here: the
     garbage it left is collected (DataLoader workers joined), logs and streams flushed, then ``os._exit(rc)``,
-    skipping only that teardown. Single-process runs (and tests calling commands in-process) return ``rc``.
+    skipping only that teardown (and ``atexit`` handlers: glam3d registers none). Single-process runs (and tests
+    calling commands in-process) return ``rc``; a process that ran a distributed job ends at its first call, so a
+    Python script under torchrun that goes on after ``train()`` must not call a command's ``main`` before it is
+    done.
     """
     if not _ENDED_GROUP:
         return rc

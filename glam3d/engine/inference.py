@@ -64,7 +64,8 @@ class SlabStats(dict):
     ``(K, roi_d, H, W)`` + count map a plane-slab aggregator would hold); ``input_block_bytes`` (largest
     ``D``-range of the input read at once when the input is a lazy source or needed converting, else 0);
     ``labels_bytes`` (the whole-volume label tensor; 0 with ``out=``); ``labels_buffer_bytes`` (largest total
-    of finished planes waiting for the ``out=`` write); ``probs_bytes`` (0 unless ``return_probs``);
+    of finished planes waiting for the ``out=`` write); ``probs_bytes`` (the probability tensor: 0 unless
+    ``return_probs``, or with ``probs_out``);
     ``full_volume_bytes`` (what a full-volume aggregator would have held: ``(K + 1) × D × H × W`` floats).
     """
 
@@ -399,7 +400,7 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
                    mode: str = "gaussian", mirror: bool | Sequence[int] = False, device=None, amp=None,
                    return_probs: bool = False, stitch_device=None, progress=False, stats: dict | None = None,
                    sigma_scale: float = 0.125, normalize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                   out=None):
+                   out=None, probs_out: Optional[Callable[[tuple], object]] = None):
     """Segment one preprocessed scan by sliding windows, keeping only the live cells of the aggregation.
 
     The padded volume is cut into cells by every window's start and stop along every axis; a cell's float32
@@ -426,7 +427,8 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
             (8 passes in 3D), or a sequence of spatial axes (0 = D) to flip.
         device: where the network runs (default: the model's parameters' device).
         amp: mixed precision, see :func:`resolve_amp` (default: bf16/fp16 on CUDA, off on CPU).
-        return_probs: also return the blended softmax ``(K, D, H, W)`` float32 (this one *does* grow with ``D``).
+        return_probs: also return the blended softmax ``(K, D, H, W)`` float32 (in memory unless ``probs_out``
+            puts it elsewhere: it grows with ``D``).
         stitch_device: where the cell accumulators, labels (and probabilities) live (default ``device``);
             ``"cpu"`` keeps the GPU's memory to the network and one batch of windows.
         progress: ``True`` for a tqdm bar over windows, a string for a bar with that description, or a callable
@@ -441,6 +443,10 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
             ``out[d0:d1] = planes`` (e.g. :class:`NpySlabWriter`, a numpy array or a tensor; a tensor receives
             a tensor, anything else a uint8 numpy array). Each ``D``-range is written as soon as all its cells are
             final (in increasing ``D``), so no whole-volume label map is allocated.
+        probs_out: with ``return_probs``, where the probabilities go instead of a tensor on ``stitch_device``:
+            called once with their shape ``(K, D, H, W)`` when ``K`` is known, it returns the target (e.g. a
+            :class:`numpy.memmap` on disk), which receives each finished cell as ``target[:, d, h, w] = cell``
+            (a tensor for a tensor target, a float32 numpy array otherwise) and is returned as ``probs``.
 
     Returns:
         labels ``(D, H, W)`` uint8 on ``stitch_device`` (or ``out`` when given) — or ``(labels, probs)`` with
@@ -540,7 +546,7 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
                 j = min(i + step, p.shape[1])
                 target[(slice(rel + i, rel + j),) + tuple(dst[1:])] = torch.argmax(p[:, i:j], dim=0).to(torch.uint8)
             if probs is not None:
-                probs[(slice(None),) + tuple(dst)] = p
+                probs[(slice(None),) + tuple(dst)] = p if isinstance(probs, torch.Tensor) else p.cpu().numpy()
         del s, n
         left_in_row[c[0]] -= 1
         if left_in_row[c[0]] == 0:
@@ -608,7 +614,8 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
             if k_classes > 256:
                 raise ValueError(f"{k_classes} classes do not fit uint8 labels")
             if return_probs:
-                probs = torch.empty((k_classes,) + size0, dtype=torch.float32, device=stitch)
+                probs = (probs_out((k_classes,) + size0) if probs_out is not None
+                         else torch.empty((k_classes,) + size0, dtype=torch.float32, device=stitch))
         for j, (w, o) in enumerate(zip(batch_w, res)):
             i = start + j
             cells = list(itertools.product(*cell_ranges[i]))
@@ -648,7 +655,7 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
             "input_block_bytes": acc["block"],
             "labels_bytes": 0 if labels is None else labels.numel(),
             "labels_buffer_bytes": acc["peak_buf"],
-            "probs_bytes": 0 if probs is None else probs.numel() * probs.element_size(),
+            "probs_bytes": probs.numel() * probs.element_size() if isinstance(probs, torch.Tensor) else 0,
             "full_volume_bytes": (k + 1) * int(np.prod(size)) * 4,
         })
     result = labels if labels is not None else out
