@@ -424,24 +424,31 @@ class LazyScan:
         return a if dtype is None else a.astype(dtype, copy=False)
 
 
-def resize_labels(lab: np.ndarray, out_shape, mode: str = "linear", out: np.ndarray | None = None) -> np.ndarray:
+def resize_labels(lab: np.ndarray, out_shape, mode: str = "linear", out: np.ndarray | None = None,
+                  rows=None) -> np.ndarray:
     """Resample an integer label map. ``nearest``; or ``linear`` (nnU-Net's order-1 segmentation resampling):
     each label's one-hot mask is resampled linearly and every voxel takes the label with the largest value, which
     keeps thin structures and organ volumes much better than nearest neighbour. Output slabs of about
-    :data:`SLAB_BYTES` (temporaries: two float32 slabs); ``out``: write there (an array or view of ``out_shape``)."""
+    :data:`SLAB_BYTES` (temporaries: two float32 slabs); ``out``: write there (an array or view of ``out_shape``,
+    or of its ``rows``). ``rows = (o0, o1)``: only those rows along axis 0, as :func:`resize` (the whole result's
+    where they are one of its slabs, :func:`resample_partition`)."""
     out_shape = tuple(int(v) for v in out_shape)
     if mode == "nearest" or tuple(lab.shape) == out_shape:
-        return resize(lab, out_shape, "nearest", out=out)
+        return resize(lab, out_shape, "nearest", out=out, rows=rows)
     if mode != "linear":
         raise UserError(f"label interpolation must be nearest or linear, got {mode!r}")
+    r0, r1 = (0, out_shape[0]) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= r0 <= r1 <= out_shape[0]:
+        raise ValueError(f"rows {rows} outside the {out_shape[0]} output rows")
+    res_shape = (r1 - r0,) + out_shape[1:]
     if out is None:
-        out = np.empty(out_shape, dtype=lab.dtype)
-    elif tuple(out.shape) != out_shape:
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {out_shape}")
-    for o0, o1 in _slabs(out_shape, in_shape=lab.shape):
+        out = np.empty(res_shape, dtype=lab.dtype)
+    elif tuple(out.shape) != res_shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {res_shape}")
+    for o0, o1 in _slabs(out_shape, in_shape=lab.shape, rows=(r0, r1)):
         k0, k1 = _source_rows(o0, o1, lab.shape[0], out_shape[0])
         sub = lab[k0:k1]
-        part = out[o0:o1]
+        part = out[o0 - r0:o1 - r0]
         # only the labels in the rows read: an absent label interpolates to 0 here and never beats the
         # others (the interpolated one-hots sum to 1), so the result is the whole map's rule, at a fraction of
         # the work where organs span part of the scan
@@ -712,21 +719,33 @@ def _to_original(vol_dhw: np.ndarray, meta: dict, plan: dict, mode: str, fill=0,
     return out  # a view (transposed / flipped) of the full array: NIfTI writers take it as it is, no copy
 
 
-def restore_labels(labels: np.ndarray, meta: dict, plan: dict) -> nib.Nifti1Image:
-    """Training-index labels ``(D, H, W)`` on the preprocessed grid -> NIfTI in the scan's exact shape and affine,
-    with the original label values (``plan["label_values"]``; resampled as ``plan["interpolation"]["label"]``:
-    nearest neighbour, or per-label linear + argmax)."""
-    labels = np.asarray(labels)
-    _check_meta(labels.shape, meta, "labels")
+def _label_lookup(labels, meta: dict, plan: dict) -> np.ndarray:
+    """Check training-index ``labels`` against ``meta`` and the plan; the lookup table index -> original label
+    value, in the smallest integer dtype holding the values (uint8, int16 or int32)."""
+    _check_meta(tuple(labels.shape), meta, "labels")
     lv = {int(k): int(v) for k, v in plan["label_values"].items()}
     n = max(lv, default=0)
-    if labels.size and (labels.min() < 0 or labels.max() > n):
-        raise UserError(f"labels contain values outside 0..{n} (the plan's training indices)")
+    if labels.size:
+        lo_i, hi_i = 255, 0
+        for a0, a1 in _slabs(labels.shape, labels.itemsize):  # slabs: a mapped label file is read once, in order
+            lo_i, hi_i = min(lo_i, int(labels[a0:a1].min())), max(hi_i, int(labels[a0:a1].max()))
+        release_pages(labels)
+        if lo_i < 0 or hi_i > n:
+            raise UserError(f"labels contain values outside 0..{n} (the plan's training indices)")
     lo, hi = min([0, *lv.values()]), max([0, *lv.values()])
     dtype = np.uint8 if lo >= 0 and hi <= 255 else np.int16 if -32768 <= lo and hi <= 32767 else np.int32
     lut = np.zeros(max(n + 1, 256), dtype=dtype)
     for idx, val in lv.items():
         lut[idx] = val
+    return lut
+
+
+def restore_labels(labels: np.ndarray, meta: dict, plan: dict) -> nib.Nifti1Image:
+    """Training-index labels ``(D, H, W)`` on the preprocessed grid -> NIfTI in the scan's exact shape and affine,
+    with the original label values (``plan["label_values"]``; resampled as ``plan["interpolation"]["label"]``:
+    nearest neighbour, or per-label linear + argmax)."""
+    labels = np.asarray(labels)
+    lut = _label_lookup(labels, meta, plan)
     vals = _to_original(labels.astype(np.uint8, copy=False), meta, plan, "label", lut=lut)
     affine = np.asarray(meta["original_affine"], float)
     nii = nib.Nifti1Image(vals, affine)
@@ -736,37 +755,69 @@ def restore_labels(labels: np.ndarray, meta: dict, plan: dict) -> nib.Nifti1Imag
     return nii
 
 
-def _to_original_slabs(vol_dhw: np.ndarray, meta: dict, plan: dict, fill: float) -> Iterator[np.ndarray]:
-    """:func:`_to_original` (linear, float32) as ``(X, Y, dz)`` slabs of about :data:`SLAB_BYTES` along the stored
-    volume's last axis, in order: each slab resampled from the input rows it needs (``resize(rows=)``: the whole
-    result's values up to one float32 rounding), so the class map is never whole. Where the plan's orientation
+def resample_partition(in_shape, out_shape) -> list:
+    """The output row ranges :func:`resize` (linear) and :func:`resize_labels` compute one at a time when they
+    resample ``in_shape`` to the whole ``out_shape``. A linear result depends on them at the float32-rounding level
+    (each slab's grid origin), so computing exactly these rows (``rows=``) gives the whole result's values bit for
+    bit; copies and nearest neighbour are exact whatever the rows."""
+    return _slabs(tuple(out_shape), in_shape=tuple(in_shape))
+
+
+def _to_original_slabs(vol_dhw: np.ndarray, meta: dict, plan: dict, mode: str, fill=0,
+                       lut=None) -> Iterator[np.ndarray]:
+    """:func:`_to_original` as ``(X, Y, dz)`` slabs along the stored volume's last axis, in order, equal to it bit
+    for bit: the body box's rows are resampled in :func:`resample_partition`'s ranges (``rows=``; ``lut`` applied
+    per slab for labels), the rows outside it are ``fill``, so the map is never whole. Where the plan's orientation
     moves the stored slice axis (a sagittal scan for an axial plan), the map is made whole and then cut."""
     back = ornt_transform(axcodes2ornt(tuple(plan["orientation"])),
                           io_orientation(np.asarray(meta["original_affine"], float)))
     if int(back[2, 0]) != 2:
-        whole = _to_original(vol_dhw, meta, plan, "linear", fill=fill)
-        for z0, z1 in z_slabs(whole.shape, 4):
+        whole = _to_original(vol_dhw, meta, plan, mode, fill=fill, lut=lut)
+        for z0, z1 in z_slabs(whole.shape, whole.itemsize):
             yield whole[:, :, z0:z1]
         return
     D, H, W = (int(v) for v in meta["oriented_shape"])
     (d0, d1), (h0, h1), (w0, w1) = meta["bbox"]
-    flip = int(back[2, 1]) == -1
-    for z0, z1 in _slabs((D, H, W)):
-        a, b = (D - z1, D - z0) if flip else (z0, z1)  # the oriented grid's rows holding stored planes z0..z1
-        chunk = np.full((b - a, H, W), fill, dtype=np.float32)
-        r0, r1 = max(a, d0), min(b, d1)
-        if r1 > r0:
-            resize(vol_dhw, meta["cropped_shape"], "linear", out=chunk[r0 - a:r1 - a, h0:h1, w0:w1],
-                   rows=(r0 - d0, r1 - d0))
-        yield apply_orientation(chunk.transpose(2, 1, 0), back)
+    cropped = tuple(int(v) for v in meta["cropped_shape"])
+    dtype = np.dtype(np.float32) if mode != "label" else (lut.dtype if lut is not None else vol_dhw.dtype)
+    label_mode = plan.get("interpolation", {}).get("label", "linear")
+    pieces = ([(a, b, False) for a, b in _slabs((d0, H, W), dtype.itemsize)]
+              + [(d0 + a, d0 + b, True) for a, b in resample_partition(vol_dhw.shape, cropped)]
+              + [(d1 + a, d1 + b, False) for a, b in _slabs((D - d1, H, W), dtype.itemsize)])
+    for a, b, in_box in (reversed(pieces) if int(back[2, 1]) == -1 else pieces):
+        chunk = np.full((b - a, H, W), fill, dtype=dtype)
+        if in_box:
+            box = chunk[:, h0:h1, w0:w1]
+            if mode == "label":
+                resize_labels(vol_dhw, cropped, label_mode, out=box, rows=(a - d0, b - d0))
+                if lut is not None:
+                    box[...] = lut[box]
+            else:
+                resize(vol_dhw, cropped, mode, out=box, rows=(a - d0, b - d0))
+        yield apply_orientation(chunk.transpose(2, 1, 0), back)  # a flipped Z comes out in stored order
+
+
+def restored_label_slabs(labels, meta: dict, plan: dict):
+    """Training-index labels ``(D, H, W)`` (an array or a file mapping) -> ``(dtype, slabs)``: the restored label
+    values' dtype and an iterator of ``(X, Y, dz)`` slabs of them in the scan's stored geometry along ``Z`` in
+    order — :func:`restore_labels`' voxels bit for bit, never a whole volume (see :func:`_to_original_slabs`).
+    Checks happen at the call."""
+    lut = _label_lookup(labels, meta, plan)
+
+    def slabs():
+        for slab in _to_original_slabs(labels, meta, plan, "label", lut=lut):
+            yield slab
+            release_pages(labels)  # a mapped label file: the rows just read leave the process's resident memory
+    return lut.dtype, slabs()
 
 
 def restored_probabilities(probs, meta: dict, plan: dict) -> Iterator[Iterator[np.ndarray]]:
     """Class probabilities ``(K, D, H, W)`` on the preprocessed grid (an array, or a file mapping such as a
     :func:`numpy.memmap`, read one class at a time) -> for each of the ``K`` classes, in order, an iterator of
-    ``(X, Y, dz)`` float32 slabs of its map in the scan's stored geometry (linear), along ``Z`` in order: a long
-    CT's class maps are never whole in memory. Outside the body crop, background (class 0) gets 1 and the others
-    0. Consume each class's slabs before asking for the next class. The shapes are checked at the call."""
+    ``(X, Y, dz)`` float32 slabs of its map in the scan's stored geometry (linear), along ``Z`` in order, equal to
+    the whole map bit for bit: a long CT's class maps are never whole in memory. Outside the body crop,
+    background (class 0) gets 1 and the others 0. Consume each class's slabs before asking for the next class.
+    The shapes are checked at the call."""
     if getattr(probs, "ndim", None) != 4:
         raise UserError(f"probabilities must be (K, D, H, W), got shape {tuple(getattr(probs, 'shape', ()))}")
     _check_meta(tuple(probs.shape[1:]), meta, "probabilities")
@@ -776,8 +827,8 @@ def restored_probabilities(probs, meta: dict, plan: dict) -> Iterator[Iterator[n
             yield slab
             release_pages(probs)  # a mapped source: the rows just read leave the process's resident memory
 
-    return (released(_to_original_slabs(np.asarray(probs[k], dtype=np.float32), meta, plan,
-                                        1.0 if k == 0 else 0.0)) for k in range(probs.shape[0]))
+    return (released(_to_original_slabs(np.asarray(probs[k], dtype=np.float32), meta, plan, "linear",
+                                        fill=1.0 if k == 0 else 0.0)) for k in range(probs.shape[0]))
 
 
 def restore_probabilities(probs: np.ndarray, meta: dict, plan: dict) -> np.ndarray:

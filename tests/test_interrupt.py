@@ -90,7 +90,7 @@ def test_predict_sigkill_then_rerun(tmp_path, predict_inputs):
     scans, ck, ref = predict_inputs
     out = tmp_path / "pred"
     argv = ["predict", "--checkpoint", ck, "--input", scans, "--output", out, "--quiet", "--device", "cpu"]
-    proc, marker = H.start_hanging(tmp_path, "glam3d", argv, "nibabel:save", at=2)   # mid-write of s1
+    proc, marker = H.start_hanging(tmp_path, "glam3d", argv, "glam3d.utils.nifti:write_nifti_streamed", at=2)  # s1
     H.kill_when_parked(proc, marker)
     assert sorted(p.name for p in out.glob("*.nii.gz") if not p.name.startswith(".")) == ["s0.nii.gz"]
     assert len(H.temp_litter(out)) == 1

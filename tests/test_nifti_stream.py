@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from glam3d.commands.predict import ScratchArray, write_probabilities
+from glam3d.commands.predict import ScratchArray, write_volumes
 from glam3d.engine.inference import predict_volume
 from glam3d.utils.nifti import nifti_header, write_nifti_streamed
 
@@ -53,22 +53,28 @@ def test_streamed_int16_planes_and_wrong_sizes(tmp_path):
         write_nifti_streamed(tmp_path / "long.nii", hdr, [b"\0" * (vol.nbytes + 2)])
 
 
-def test_write_probabilities_checks_the_maps(tmp_path):
+def test_write_volumes_checks_the_slabs(tmp_path):
     rng = np.random.default_rng(2)
     maps = rng.random((2, 2, 3, 4), dtype=np.float32)
     # class 0 in two slabs, class 1 in one
-    write_probabilities(tmp_path / "p.nii.gz", iter([[maps[0][:, :, :1], maps[0][:, :, 1:]], [maps[1]]]), 2,
-                        (2, 3, 4), np.eye(4))
+    write_volumes(tmp_path / "p.nii.gz", iter([[maps[0][:, :, :1], maps[0][:, :, 1:]], [maps[1]]]), 2,
+                  (2, 3, 4), np.eye(4), np.float32, intent="class probabilities")
     img = nib.load(tmp_path / "p.nii.gz")
     assert img.shape == (2, 3, 4, 2) and img.header.get_intent()[0] == "vector"
     assert np.array_equal(np.moveaxis(np.asarray(img.dataobj), -1, 0), maps)
+    # one volume: a 3D image, cast to the dtype asked for
+    lab = (maps[0] * 10).astype(np.int16)
+    write_volumes(tmp_path / "l.nii.gz", [[lab[:, :, :3], lab[:, :, 3:]]], None, (2, 3, 4), np.eye(4), np.int16)
+    img = nib.load(tmp_path / "l.nii.gz")
+    assert img.shape == (2, 3, 4) and img.get_data_dtype() == np.int16
+    assert np.array_equal(np.asarray(img.dataobj), lab)
     for bad in ([[maps[0]], [maps[1][:, :, :3]]],                    # a short class map
                 [[maps[0]], [np.zeros((2, 3, 5), np.float32)]],     # a long one
                 [[maps[0]], [np.zeros((3, 3, 4), np.float32)]],     # another grid
                 [[maps[0]]],                                         # a class missing
                 [[maps[0]], [maps[1]], [maps[1]]]):                  # one too many
         with pytest.raises(ValueError, match=r"q\.nii\.gz"):
-            write_probabilities(tmp_path / "q.nii.gz", iter(bad), 2, (2, 3, 4), np.eye(4))
+            write_volumes(tmp_path / "q.nii.gz", iter(bad), 2, (2, 3, 4), np.eye(4), np.float32)
 
 
 def test_scratch_array_equals_memory_and_leaves_nothing(tmp_path):

@@ -465,11 +465,49 @@ def test_restored_probabilities_in_slabs_equal_the_whole_maps(tmp_path, monkeypa
         got = np.concatenate(slabs, axis=2)
         want = real(probs[k], meta, plan, "linear", fill=1.0 if k == 0 else 0.0)
         assert got.shape == hu.shape and got.dtype == np.float32
-        np.testing.assert_allclose(got, want, rtol=0, atol=2 * ULP)
+        np.testing.assert_array_equal(got, want)  # bit for bit
     np.testing.assert_array_equal(pl.restore_probabilities(probs, meta, plan),
                                   np.stack([np.concatenate(s, axis=2) for s in slabbed]))
     with pytest.raises(UserError, match="must be"):
         pl.restored_probabilities(probs[0], meta, plan)  # at the call, before anything is written
+
+
+
+@pytest.mark.parametrize("affine, spacing, interp, values", [
+    (np.diag([-0.8, 0.8, 2.5, 1.0]), [3.0, 1.3, 0.6], "linear", {"1": 1, "2": 7}),
+    (np.diag([0.8, 0.8, -2.5, 1.0]), [2.0, 0.7, 0.9], "nearest", {"1": 1, "2": 7}),
+    (np.diag([0.8, -0.8, 2.5, 1.0]), [2.5, 0.8, 0.8], "linear", {"1": -5, "2": 300}),       # int16 values
+    (np.array([[0, 0, 2.5, 0], [0.8, 0, 0, 0], [0, 0.8, 0, 0], [0, 0, 0, 1.0]]), [2.0, 1.0, 1.0], "linear",
+     {"1": 1, "2": 7}),                                                                   # permuted: whole
+])
+def test_restored_label_slabs_equal_restore_labels(tmp_path, monkeypatch, affine, spacing, interp, values):
+    """glam3d predict's label map, Z-slab by Z-slab: restore_labels' voxels bit for bit (the linear one-hot
+    resampling in the whole map's own row ranges), in its dtype, never whole unless the plan moves the stored
+    slice axis; a label outside the plan's indices is refused at the call."""
+    monkeypatch.setattr(pl, "SLAB_BYTES", 1 << 12)
+    rng = np.random.default_rng(6)
+    hu = np.full((40, 36, 30), -1000, np.int16)
+    hu[5:33, 4:30, 3:27] = rng.integers(-300, 600, (28, 26, 24)).astype(np.int16)
+    img = _nifti(tmp_path / "ct.nii.gz", hu, affine, np.int16)
+    plan = pl.make_plan(spacing, {"scheme": "transunet"}, values, label_interpolation=interp)
+    arr, meta = pl.preprocess_scan(img, plan)
+    lab = np.zeros(arr.shape[1:], np.uint8)  # organs: blocks of 1 and 2 in the body
+    D, H, W = lab.shape
+    lab[D // 4:D // 2, H // 4:3 * H // 4, W // 3:2 * W // 3] = 1
+    lab[D // 2:3 * D // 4, H // 3:H // 2, W // 4:W // 2] = 2
+    want = pl.restore_labels(lab, meta, plan)
+    seen = []
+    real = pl._to_original
+    monkeypatch.setattr(pl, "_to_original", lambda *a, **k: (seen.append(1), real(*a, **k))[1])
+    dtype, slabs = pl.restored_label_slabs(lab, meta, plan)
+    slabs = list(slabs)
+    assert (len(seen) > 0) == (affine[2, 2] == 0)
+    assert dtype == want.get_data_dtype() and all(s.dtype == dtype for s in slabs) and len(slabs) > 1
+    got = np.concatenate(slabs, axis=2)
+    np.testing.assert_array_equal(got, np.asanyarray(want.dataobj))
+    assert set(np.unique(got).tolist()) == {0, *(int(v) for v in values.values())}
+    with pytest.raises(UserError, match="outside 0..2"):
+        pl.restored_label_slabs(lab + 2, meta, plan)
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux /proc needed")

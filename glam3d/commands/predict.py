@@ -5,8 +5,9 @@ folders of them, or DICOM series folders. Each scan is preprocessed exactly like
 (``preprocessing.pipeline.preprocess_scan``; lazily: rows are normalised and resampled as the sliding window
 reads them), segmented by slab-streaming sliding windows
 (:func:`glam3d.engine.inference.predict_volume`) and mapped back to the input's grid and label values
-(``restore_labels``). ``predictions.json`` in the output folder records the checkpoint's sha256, the config, code
-version and inference options (``glam3d evaluate`` copies it into its report).
+(``restored_label_slabs``: Z-slab by Z-slab, streamed into the NIfTI). ``predictions.json`` in the output folder
+records the checkpoint's sha256, the config, code version and inference options (``glam3d evaluate`` copies it
+into its report).
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) rank r takes cases r, r + world, … on GPU ``LOCAL_RANK``.
 """
@@ -321,7 +322,6 @@ def _resolve_device(name: str, local_rank: int):
 
 # ------------------------------------------------------------------------------------------------ run
 def run(args) -> int:
-    import nibabel as nib
     import torch
 
     from ..engine.checkpoint import checkpoint_metadata, load_checkpoint, model_from_checkpoint
@@ -478,25 +478,30 @@ def run(args) -> int:
         del x, arr, out  # the scan as read (held by the LazyScan) is not needed to restore the labels
         labels = _finished_labels(labels)
         cpu_cache.empty_cache()  # the forwards' cached blocks: restoring (numpy) would come on top of them
-        seg = pipeline.restore_labels(labels, meta, plan)
-        del labels
-        cpu_cache.empty_cache()
-        _check_geometry(seg, image, case)
+        _check_geometry(meta, image, case)
+        # the label map restored Z-slab by Z-slab and streamed into its NIfTI: never whole in memory
+        dtype, slabs = pipeline.restored_label_slabs(labels, meta, plan)
+        seen: set = set()
+        slabs = (seen.update(np.unique(s).tolist()) or s for s in slabs)
         if keep_labels:  # only the probabilities were missing: the existing label map stays untouched
             entry["note"] = "label map existed and was kept; probabilities added"
+            for _ in slabs:  # (the values present in this prediction, for the manifest)
+                pass
         else:
             with atomic_path(out_path, suffix=".nii.gz") as tmp:
-                nib.save(seg, str(tmp))
+                write_volumes(tmp, [slabs], None, image.shape[:3], image.affine, dtype)
+        del labels, slabs
+        cpu_cache.empty_cache()
         if probs is not None:
             probs = probs.array if isinstance(probs, ScratchArray) else probs.cpu().numpy()
             with atomic_path(prob_path, suffix=".nii.gz") as tmp:
-                write_probabilities(tmp, pipeline.restored_probabilities(probs, meta, plan), probs.shape[0],
-                                    image.shape[:3], image.affine)
+                write_volumes(tmp, pipeline.restored_probabilities(probs, meta, plan), probs.shape[0],
+                              image.shape[:3], image.affine, np.float32, intent="class probabilities")
             entry["probabilities"] = str(prob_path)
             del probs
         dt = time.time() - t0
-        present = _values_present(np.asanyarray(seg.dataobj))
-        entry.update({"status": "written", "seconds": round(dt, 2), "shape": list(seg.shape),
+        present = sorted(int(v) for v in seen if v != 0)
+        entry.update({"status": "written", "seconds": round(dt, 2), "shape": list(image.shape[:3]),
                       "label_values_present": present, "checkpoint_sha256": manifest["checkpoint"]["sha256"]})
         manifest["cases"][case.name] = entry
         results.append((case.name, "written", dt, f"labels {present}"))
@@ -532,14 +537,6 @@ def _finished_labels(labels) -> np.ndarray:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(labels.path)
-
-
-def _values_present(labels) -> list[int]:
-    """Non-zero values of a label volume, found slab by slab (``np.unique`` of a whole CT sorts a copy of it)."""
-    seen: set = set()
-    for i in range(0, labels.shape[-1], 16):
-        seen.update(np.unique(labels[..., i:i + 16]).tolist())
-    return sorted(int(v) for v in seen if v != 0)
 
 
 def _prepare(case: Case, pipeline, plan, spill_dir=None):
@@ -630,35 +627,40 @@ class ScratchArray:
         return self.array if dtype is None else self.array.astype(dtype)
 
 
-def write_probabilities(path, maps, k: int, shape, affine) -> None:
-    """Write ``k`` class maps as one 4D float32 NIfTI ``(X, Y, Z, K)`` at ``path`` with ``affine``, streamed
-    (:mod:`glam3d.utils.nifti`): ``maps`` yields, class after class, an iterable of ``(X, Y, dz)`` slabs of that
-    class's map along ``Z`` in order (:func:`preprocessing.pipeline.restored_probabilities`), so at most one slab
-    is in memory. ``ValueError`` (naming ``path``) when a class's slabs do not make a map of ``shape``."""
+def write_volumes(path, volumes, count: Optional[int], shape, affine, dtype, intent: Optional[str] = None) -> None:
+    """Write a NIfTI at ``path`` with ``affine``, streamed (:mod:`glam3d.utils.nifti`): ``count`` volumes of
+    ``shape`` ``(X, Y, Z)`` as one 4D image ``(X, Y, Z, count)`` (``count=None``: one volume, a 3D image).
+    ``volumes`` yields, volume after volume, an iterable of ``(X, Y, dz)`` slabs of it along ``Z`` in order (e.g.
+    :func:`preprocessing.pipeline.restored_probabilities`), cast to ``dtype``: at most one slab is in memory.
+    ``intent``: a vector intent with that name (e.g. "class probabilities"). ``ValueError`` (naming ``path``) when
+    the slabs do not make the volumes."""
     from ..utils.nifti import nifti_header, write_nifti_streamed
 
     shape = tuple(int(v) for v in shape)
-    hdr = nifti_header((*shape, k), np.float32, affine)
-    hdr.set_intent("vector", (), name="class probabilities")
+    k = 1 if count is None else int(count)
+    hdr = nifti_header(shape if count is None else (*shape, k), dtype, affine)
+    if intent:
+        hdr.set_intent("vector", (), name=intent)
 
     def chunks():
-        for i, slabs in enumerate(maps):
+        for i, slabs in enumerate(volumes):
             z = 0
             for slab in slabs:
                 if i >= k or tuple(slab.shape[:2]) != shape[:2] or z + slab.shape[2] > shape[2]:
                     break
                 z += slab.shape[2]
-                yield np.asarray(slab, dtype=np.float32).tobytes(order="F")
+                yield np.asarray(slab, dtype=hdr.get_data_dtype()).tobytes(order="F")
             if i >= k or z != shape[2]:
-                raise ValueError(f"{path}: class map {i} does not make an image of {shape} (of {k} classes)")
+                raise ValueError(f"{path}: volume {i} does not make an image of {shape} (of {k})")
     write_nifti_streamed(path, hdr, chunks())
 
 
-def _check_geometry(seg, image, case: Case) -> None:
-    """restore_labels must give back the input's grid exactly (a broken pipeline must not write misplaced
-    labels silently)."""
-    if tuple(seg.shape[:3]) != tuple(image.shape[:3]) or not np.allclose(seg.affine, image.affine, atol=1e-4):
-        raise UserError(f"internal error: the restored segmentation {tuple(seg.shape)} does not match the input "
+def _check_geometry(meta: dict, image, case: Case) -> None:
+    """The restoring must give back the input's grid exactly (a broken pipeline must not write misplaced labels
+    silently): the grid the preprocessing recorded in ``meta`` is the input's."""
+    shape, affine = tuple(meta["original_shape"]), np.asarray(meta["original_affine"], float)
+    if shape != tuple(image.shape[:3]) or not np.allclose(affine, image.affine, atol=1e-4):
+        raise UserError(f"internal error: the restored segmentation {shape} does not match the input "
                         f"grid {tuple(image.shape)} / affine", case.source)
 
 
