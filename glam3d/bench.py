@@ -429,13 +429,13 @@ def _write_ct_nifti(path: str, vol) -> None:
     axis), so writing it never holds the volume."""
     import numpy as np
 
-    from .utils.nifti import nifti_header, write_nifti_streamed
+    from .utils.nifti import write_volumes
 
     D, H, W = vol
-    hdr = nifti_header((W, H, D), np.int16,
-                       np.diag([PREDICT_CT_VOXEL[2], PREDICT_CT_VOXEL[1], PREDICT_CT_VOXEL[0], 1.0]))
-    write_nifti_streamed(path, hdr, (_synthetic_ct_planes(d0, min(d0 + 16, D), (H, W))[0].numpy().tobytes()
-                                     for d0 in range(0, D, 16)))
+    slabs = (_synthetic_ct_planes(d0, min(d0 + 16, D), (H, W))[0].numpy().transpose(2, 1, 0)  # (W, H, planes)
+             for d0 in range(0, D, 16))
+    write_volumes(path, [slabs], None, (W, H, D),
+                  np.diag([PREDICT_CT_VOXEL[2], PREDICT_CT_VOXEL[1], PREDICT_CT_VOXEL[0], 1.0]), np.int16)
 
 
 def _spacing3(spacing) -> list:

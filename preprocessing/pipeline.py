@@ -709,14 +709,25 @@ def _to_original(vol_dhw: np.ndarray, meta: dict, plan: dict, mode: str, fill=0,
                 box[a0:a1] = lut[box[a0:a1]]
     else:
         resize(vol_dhw, meta["cropped_shape"], mode, out=box)
-    xyz = full.transpose(2, 1, 0)
-    affine = np.asarray(meta["original_affine"], float)
-    start = io_orientation(affine)
-    back = ornt_transform(axcodes2ornt(tuple(plan["orientation"])), start)
-    out = apply_orientation(xyz, back)
+    out = apply_orientation(full.transpose(2, 1, 0), _back_to_stored(meta, plan))
     if list(out.shape) != list(meta["original_shape"]):   # cannot happen unless meta was edited
         raise UserError(f"meta does not match: restored shape {out.shape} != original {meta['original_shape']}")
     return out  # a view (transposed / flipped) of the full array: NIfTI writers take it as it is, no copy
+
+
+def _back_to_stored(meta: dict, plan: dict) -> np.ndarray:
+    """The orientation transform (nibabel ``ornt``) from the plan's ``(X, Y, Z)`` axes back to the scan's stored
+    ones."""
+    return ornt_transform(axcodes2ornt(tuple(plan["orientation"])),
+                          io_orientation(np.asarray(meta["original_affine"], float)))
+
+
+def _released(slabs, source):
+    """``slabs`` as they come, the pages of ``source`` (a file mapping, else nothing) released after each: the
+    rows a slab read leave the process's resident memory."""
+    for slab in slabs:
+        yield slab
+        release_pages(source)
 
 
 def _label_lookup(labels, meta: dict, plan: dict) -> np.ndarray:
@@ -769,8 +780,7 @@ def _to_original_slabs(vol_dhw: np.ndarray, meta: dict, plan: dict, mode: str, f
     for bit: the body box's rows are resampled in :func:`resample_partition`'s ranges (``rows=``; ``lut`` applied
     per slab for labels), the rows outside it are ``fill``, so the map is never whole. Where the plan's orientation
     moves the stored slice axis (a sagittal scan for an axial plan), the map is made whole and then cut."""
-    back = ornt_transform(axcodes2ornt(tuple(plan["orientation"])),
-                          io_orientation(np.asarray(meta["original_affine"], float)))
+    back = _back_to_stored(meta, plan)
     if int(back[2, 0]) != 2:
         whole = _to_original(vol_dhw, meta, plan, mode, fill=fill, lut=lut)
         for z0, z1 in z_slabs(whole.shape, whole.itemsize):
@@ -803,12 +813,7 @@ def restored_label_slabs(labels, meta: dict, plan: dict):
     order — :func:`restore_labels`' voxels bit for bit, never a whole volume (see :func:`_to_original_slabs`).
     Checks happen at the call."""
     lut = _label_lookup(labels, meta, plan)
-
-    def slabs():
-        for slab in _to_original_slabs(labels, meta, plan, "label", lut=lut):
-            yield slab
-            release_pages(labels)  # a mapped label file: the rows just read leave the process's resident memory
-    return lut.dtype, slabs()
+    return lut.dtype, _released(_to_original_slabs(labels, meta, plan, "label", lut=lut), labels)
 
 
 def restored_probabilities(probs, meta: dict, plan: dict) -> Iterator[Iterator[np.ndarray]]:
@@ -821,14 +826,8 @@ def restored_probabilities(probs, meta: dict, plan: dict) -> Iterator[Iterator[n
     if getattr(probs, "ndim", None) != 4:
         raise UserError(f"probabilities must be (K, D, H, W), got shape {tuple(getattr(probs, 'shape', ()))}")
     _check_meta(tuple(probs.shape[1:]), meta, "probabilities")
-
-    def released(slabs):
-        for slab in slabs:
-            yield slab
-            release_pages(probs)  # a mapped source: the rows just read leave the process's resident memory
-
-    return (released(_to_original_slabs(np.asarray(probs[k], dtype=np.float32), meta, plan, "linear",
-                                        fill=1.0 if k == 0 else 0.0)) for k in range(probs.shape[0]))
+    return (_released(_to_original_slabs(np.asarray(probs[k], dtype=np.float32), meta, plan, "linear",
+                                         fill=1.0 if k == 0 else 0.0), probs) for k in range(probs.shape[0]))
 
 
 def restore_probabilities(probs: np.ndarray, meta: dict, plan: dict) -> np.ndarray:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from glam3d.commands.predict import ScratchArray, write_volumes
+from glam3d.commands.predict import ScratchArray
 from glam3d.engine.inference import predict_volume
-from glam3d.utils.nifti import nifti_header, write_nifti_streamed
+from glam3d.utils.nifti import nifti_header, write_nifti_streamed, write_volumes
 
 
 def _affine():

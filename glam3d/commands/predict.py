@@ -329,6 +329,7 @@ def run(args) -> int:
     from ..engine.inference import cpu_bf16_native, predict_volume, resolve_amp
     from ..metrics.report import code_version
     from ..utils.io import atomic_path, atomic_write_json, sweep_stale_temps
+    from ..utils.nifti import write_volumes
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
@@ -625,34 +626,6 @@ class ScratchArray:
         if copy:
             return np.array(self.array, dtype=dtype)
         return self.array if dtype is None else self.array.astype(dtype)
-
-
-def write_volumes(path, volumes, count: Optional[int], shape, affine, dtype, intent: Optional[str] = None) -> None:
-    """Write a NIfTI at ``path`` with ``affine``, streamed (:mod:`glam3d.utils.nifti`): ``count`` volumes of
-    ``shape`` ``(X, Y, Z)`` as one 4D image ``(X, Y, Z, count)`` (``count=None``: one volume, a 3D image).
-    ``volumes`` yields, volume after volume, an iterable of ``(X, Y, dz)`` slabs of it along ``Z`` in order (e.g.
-    :func:`preprocessing.pipeline.restored_probabilities`), cast to ``dtype``: at most one slab is in memory.
-    ``intent``: a vector intent with that name (e.g. "class probabilities"). ``ValueError`` (naming ``path``) when
-    the slabs do not make the volumes."""
-    from ..utils.nifti import nifti_header, write_nifti_streamed
-
-    shape = tuple(int(v) for v in shape)
-    k = 1 if count is None else int(count)
-    hdr = nifti_header(shape if count is None else (*shape, k), dtype, affine)
-    if intent:
-        hdr.set_intent("vector", (), name=intent)
-
-    def chunks():
-        for i, slabs in enumerate(volumes):
-            z = 0
-            for slab in slabs:
-                if i >= k or tuple(slab.shape[:2]) != shape[:2] or z + slab.shape[2] > shape[2]:
-                    break
-                z += slab.shape[2]
-                yield np.asarray(slab, dtype=hdr.get_data_dtype()).tobytes(order="F")
-            if i >= k or z != shape[2]:
-                raise ValueError(f"{path}: volume {i} does not make an image of {shape} (of {k})")
-    write_nifti_streamed(path, hdr, chunks())
 
 
 def _check_geometry(meta: dict, image, case: Case) -> None:

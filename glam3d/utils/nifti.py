@@ -3,7 +3,8 @@
 A single-file NIfTI (``.nii`` / ``.nii.gz``) is a 348-byte header, a 4-byte extension flag and the voxels in
 Fortran order (the first axis fastest): for an ``(X, Y, Z, K)`` image, each ``(X, Y, Z)`` volume is one block
 of the file, and each volume's ``Z`` planes follow one another. :func:`write_nifti_streamed` writes the header,
-then whatever blocks it is given, in file order (a slab ``(X, Y, dz)`` of a volume is ``slab.tobytes(order="F")``).
+then whatever blocks it is given, in file order (a slab ``(X, Y, dz)`` of a volume is ``slab.tobytes(order="F")``);
+:func:`write_volumes` does it for volumes given as slabs along ``Z``.
 
 Usage::
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -65,3 +66,30 @@ def write_nifti_streamed(path, header, chunks: Iterable[bytes]) -> int:
     if written != want:
         raise ValueError(f"{path}: {written} bytes of voxels given for an image of {want}")
     return written
+
+
+def write_volumes(path, volumes, count: Optional[int], shape, affine, dtype,
+                  intent: Optional[str] = None) -> None:
+    """Write a NIfTI at ``path`` with ``affine``, streamed (:func:`write_nifti_streamed`): ``count`` volumes of
+    ``shape`` ``(X, Y, Z)`` as one 4D image ``(X, Y, Z, count)`` (``count=None``: one volume, a 3D image).
+    ``volumes`` yields, volume after volume, an iterable of ``(X, Y, dz)`` slabs of it along ``Z`` in order (e.g.
+    :func:`preprocessing.pipeline.restored_probabilities`), cast to ``dtype``: at most one slab is in memory.
+    ``intent``: a vector intent with that name (e.g. "class probabilities"). ``ValueError`` (naming ``path``) when
+    the slabs do not make the volumes."""
+    shape = tuple(int(v) for v in shape)
+    k = 1 if count is None else int(count)
+    hdr = nifti_header(shape if count is None else (*shape, k), dtype, affine)
+    if intent:
+        hdr.set_intent("vector", (), name=intent)
+
+    def chunks():
+        for i, slabs in enumerate(volumes):
+            z = 0
+            for slab in slabs:
+                if i >= k or tuple(slab.shape[:2]) != shape[:2] or z + slab.shape[2] > shape[2]:
+                    break
+                z += slab.shape[2]
+                yield np.asarray(slab, dtype=hdr.get_data_dtype()).tobytes(order="F")
+            if i >= k or z != shape[2]:
+                raise ValueError(f"{path}: volume {i} does not make an image of {shape} (of {k})")
+    write_nifti_streamed(path, hdr, chunks())
