@@ -66,6 +66,7 @@ import torch
 
 from .alloc import ENV_SWITCH, allocator_state, tune_allocator
 from .commands.bench import SECTIONS  # the CLI's list (a light module: no torch import at parse time)
+from .engine.inference import autocast_to
 
 __all__ = ["BenchConfig", "run_bench", "format_report", "to_markdown", "matmul_peak_gflops", "time_forward",
            "TARGETS", "FULL_MODELS", "QUICK_MODELS"]
@@ -214,10 +215,6 @@ def _time_rounds(runs: Dict[str, Callable[[], object]], repeats: int, device) ->
     return times
 
 
-def _autocast(device: torch.device, amp: Optional[torch.dtype], cache: bool = True):
-    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=cache)
-
-
 def time_forward(models: Dict[str, torch.nn.Module], inputs: Dict[str, torch.Tensor], repeats: int, device,
                  amp: Optional[torch.dtype] = None) -> Dict[str, List[float]]:
     """Seconds per forward (``torch.inference_mode``, optional autocast), timed by :func:`_time_rounds`."""
@@ -225,7 +222,7 @@ def time_forward(models: Dict[str, torch.nn.Module], inputs: Dict[str, torch.Ten
 
     def runner(m, x):
         def run():
-            with torch.inference_mode(), _autocast(device, amp):
+            with torch.inference_mode(), autocast_to(device, amp):
                 m(x)
         return run
 
@@ -350,7 +347,7 @@ def _warm_up(model, device: torch.device, roi, spec: dict) -> bool:
     from .engine.inference import resolve_amp
     amp = resolve_amp(spec.get("amp", False), device)
     x = torch.randn(spec["sw_batch_size"], spec["in_channels"], *roi, device=device)
-    with torch.inference_mode(), _autocast(device, amp):
+    with torch.inference_mode(), autocast_to(device, amp):
         model(x)
     _sync(device)
     return True
@@ -676,7 +673,7 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
     what is measured; ``res["complete"]`` False, ``res["sections_done"]`` the sections in it), so a run that
     is cut short (time limit, lost machine) still leaves its measurements (``glam3d bench --json`` rewrites
     the file each time)."""
-    from .models.complexity import count_macs, count_parameters
+    from .models.complexity import build_meta, count_macs, count_parameters
     cfg = cfg.resolved()
     device = torch.device(cfg.device)
     if cfg.threads:
@@ -706,8 +703,8 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
                                                             device=device, dtype=torch.bfloat16)
 
     for name in cfg.models:
-        _log(cfg, f"build + count {name}")
-        m = _build(name, device)
+        _log(cfg, f"count {name}")
+        m = build_meta(name)  # on the meta device: no weights made just to count them
         shape = (1, m.in_channels, *m.default_crop)
         rows[name] = {"model": name, "crop": list(m.default_crop), "params_M": count_parameters(m) / 1e6,
                       "macs_G": count_macs(m, shape) / 1e9}

@@ -214,3 +214,15 @@ def test_cpu_inference_paths_equal_autograd_path(name, monkeypatch):
         y = model(x)
     assert gemm == [1]  # the last merging (96 -> 192 channels onto 2^3 voxels); the others stay convolutions
     torch.testing.assert_close(y, ref.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_build_meta_counts_a_spec_like_the_real_network():
+    """The bench counts on the meta device (no weights made): a spec with options counts as the real build does."""
+    from glam3d.models.complexity import build_meta
+    spec = "glam_nnformer_tiny:num_global_tokens=4"
+    meta, real = build_meta(spec), build_model_spec(spec)
+    assert next(meta.parameters()).device.type == "meta"
+    shape = (1, 1, *real.default_crop)
+    assert count_parameters(meta) == count_parameters(real)
+    assert count_macs(meta, shape) == count_macs(real, shape)
+    assert count_macs(meta, shape) < count_macs(build_meta("glam_nnformer_tiny"), shape)  # the option took effect

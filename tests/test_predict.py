@@ -260,6 +260,14 @@ def test_refusals(tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and err.startswith("error:") and len(err.strip().splitlines()) == 1
         assert not out.exists() or not any(out.iterdir())
+    # a network with more classes than its plan maps back to label values: refused up front, naming the checkpoint
+    short = tmp_path / "short.pt"
+    plan = pipeline.make_plan([3.0, 1.5, 1.5], {"scheme": "transunet"}, {1: 8, 2: 6}, crop_to_body=True)
+    save_checkpoint(short, {"model_spec": {"name": "testoracle_base", "kwargs": {}}, "model": {}, "plan": plan})
+    assert main(["predict", "--checkpoint", str(short), "--input", str(scans), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {short}:") and "4 classes" in err and "0..2" in err
+    assert len(err.strip().splitlines()) == 1 and (not out.exists() or not any(out.iterdir()))
 
 
 def test_shard_over_ranks(tmp_path, monkeypatch):

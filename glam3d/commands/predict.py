@@ -395,6 +395,7 @@ def run(args) -> int:
     cpu_cache.reset_peak()   # nor counted in the peak that bounds what the cache may keep
     settings = inference_settings(state, model, args)
     in_ch = getattr(model, "in_channels", None)
+    _check_classes(getattr(model, "num_classes", None), plan, ckpt_path)
     if args.compile is not None:
         from ..engine.compile import COMPILE_MODES, compile_network
 
@@ -510,6 +511,17 @@ def run(args) -> int:
     _write_manifest(out_dir, manifest, prev, world, rank, atomic_write_json)
     _print_summary(results, time.time() - t_all, out_dir, world, rank)
     return 2 if any(r[1] == "failed" for r in results) else 0
+
+
+def _check_classes(num_classes: Optional[int], plan: dict, ckpt_path: Path) -> None:
+    """UserError naming the checkpoint when its network predicts classes its plan cannot map back to label values
+    (found up front, not after a scan's sliding window)."""
+    known = [int(k) for k in (plan.get("label_values") or {})]
+    top = max(known, default=0)
+    if num_classes is not None and num_classes - 1 > top:
+        raise UserError(f"the network predicts {num_classes} classes (training indices 0..{num_classes - 1}) but the "
+                        f"preprocessing plan maps only 0..{top} back to label values; the checkpoint is inconsistent",
+                        ckpt_path)
 
 
 def _label_writer(scratch: Optional[Path], name: str, shape):

@@ -31,16 +31,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .inference import autocast_to
+
 __all__ = ["capture_forward", "tensors_read", "CudaGraphForward", "CudaGraphCaptureError", "graphed_network"]
 
 
 class CudaGraphCaptureError(RuntimeError):
     """The forward could not be captured (an op in it syncs with the host, or makes a CPU tensor, …)."""
-
-
-def _autocast(amp: Optional[torch.dtype]):
-    # autocast's weight-cast cache must be off inside a capture (its casts would be freed after it)
-    return torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=False)
 
 
 class _ReadTensors(TorchDispatchMode):
@@ -92,12 +89,13 @@ def capture_forward(net, x: torch.Tensor, amp: Optional[torch.dtype] = None, war
     with torch.cuda.device(device):  # stream, pool and capture on x's GPU, whichever one is current
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.inference_mode(), _autocast(amp):
+        with torch.cuda.stream(side), torch.inference_mode(), autocast_to("cuda", amp, cache=False):
             for _ in range(warmup):
                 net(x)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side), torch.inference_mode(), _autocast(amp):
+        with (torch.cuda.graph(graph, stream=side), torch.inference_mode(),
+              autocast_to("cuda", amp, cache=False)):
             out, kept = tensors_read(net, x)
     return graph, out, kept
 

@@ -95,6 +95,14 @@ def cpu_bf16_native() -> bool:
         return False
 
 
+def autocast_to(device, amp: Optional[torch.dtype], cache: bool = True):
+    """``torch.autocast`` on ``device``'s type to ``amp`` (None: float32 — autocast switched *off*, also when the
+    caller had it on). ``cache=False``: no weight-cast cache (required inside a CUDA-graph capture, whose casts
+    would be freed after it)."""
+    return torch.autocast(torch.device(device).type, dtype=amp or torch.float32, enabled=amp is not None,
+                          cache_enabled=cache)
+
+
 def resolve_amp(amp, device: torch.device) -> Optional[torch.dtype]:
     """Autocast dtype for ``amp`` on ``device`` (``None``: float32).
 

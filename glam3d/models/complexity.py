@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-__all__ = ["count_parameters", "count_macs", "count_macs_by_name", "model_table", "format_table"]
+__all__ = ["count_parameters", "count_macs", "count_macs_by_name", "build_meta", "model_table", "format_table"]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -55,19 +55,22 @@ def count_macs(model: nn.Module, input_shape: Sequence[int], training: bool = Fa
     return counter.get_total_flops() // 2
 
 
-def _build_meta(name: str, **overrides) -> nn.Module:
-    """Build on the meta device (no memory, instant); fall back to the CPU for builders that need real data."""
-    from .registry import build_model
+def build_meta(spec: str, **overrides) -> nn.Module:
+    """Build a registered variant or a spec ``NAME[:key=value]...`` on the meta device (no memory, instant), for
+    counting; falls back to the CPU for builders that need real data."""
+    from .registry import build_model, parse_model_spec
+    name, opts = parse_model_spec(spec)
+    opts.update(overrides)
     try:
         with torch.device("meta"):
-            return build_model(name, **overrides)
+            return build_model(name, **opts)
     except (NotImplementedError, RuntimeError):
-        return build_model(name, **overrides)
+        return build_model(name, **opts)
 
 
 def count_macs_by_name(name: str, input_shape: Sequence[int] | None = None, **overrides) -> int:
     """MACs of a registered variant (built on the meta device) at ``input_shape`` (default: its crop, batch 1)."""
-    model = _build_meta(name, **overrides)
+    model = build_meta(name, **overrides)
     if input_shape is None:
         input_shape = (1, model.in_channels, *model.default_crop)
     return count_macs(model, input_shape)
@@ -94,7 +97,7 @@ def model_table(names: Sequence[str] | None = None) -> List[Dict]:
 
     def measure(variant: str) -> tuple:
         if variant not in cache:
-            m = _build_meta(variant)
+            m = build_meta(variant)
             cache[variant] = (count_parameters(m), count_macs(m, (1, m.in_channels, *m.default_crop)),
                               tuple(m.default_crop))
         return cache[variant]
