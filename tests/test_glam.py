@@ -397,3 +397,50 @@ def test_chunked_inference_equals_autograd_path(ws, S, n_g, cross, B, chunk, mon
     torch.testing.assert_close(y, y_ref.detach(), rtol=1e-5, atol=1e-6)
     if n_g:
         torch.testing.assert_close(g, g_ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ws,S,cross,need", [((4, 4, 4), (8, 8, 12), False, True), ((4, 4, 4), (8, 8, 8), True, False),
+                                             ((7, 7), (14, 21), False, False)])
+def test_key_padding_in_cpu_inference(ws, S, cross, need, monkeypatch):
+    """CPU inference pads GLAM's [10 global; window] sequences (74 or 59 tokens) with masked keys to a multiple
+    of 16 (SDPA's CPU kernel is faster there): outputs and global tokens equal the unpadded run's, and the
+    attention really received padded sequences."""
+    from glam3d.models.glam import WindowBlock
+    torch.manual_seed(0)
+    layer = GLAMLayer(16, 2, 2, ws, num_global_tokens=10, cross_attention=cross, last_gmsa=False).eval()
+    x = torch.randn(2, *S, 16)
+    ctx = torch.randn(2, *S, 16) if cross else None
+    seen = []
+    for blk in layer.blocks:
+        blk.attn.register_forward_pre_hook(
+            lambda mod, args, kw: seen.append((args[0].shape[1], kw.get("num_pad", 0))), with_kwargs=True)
+    res = []
+    for multiple in (16, 0):
+        monkeypatch.setattr(WindowBlock, "key_multiple", multiple)
+        seen.clear()
+        with torch.inference_mode():
+            res.append(layer.forward_tokens(x, ctx, need_global=need))
+        lengths = set(seen)
+        n = 10 + math.prod(ws)
+        assert lengths == ({(n - n % -16, -n % 16)} if multiple else {(n, 0)})
+    (y1, g1), (y2, g2) = res
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    if need:
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+    else:
+        assert g1 is None and g2 is None
+
+
+def test_gmsa_contiguous_qkv_equals_strided(monkeypatch):
+    """CPU inference copies q, k, v of long G-MSA sequences out of the fused projection: same output."""
+    from glam3d.models.glam import Attention
+    torch.manual_seed(0)
+    attn = Attention(16, 2).eval()
+    x = torch.randn(2, 40, 16)
+    res = []
+    for start in (1, 10 ** 9):
+        monkeypatch.setattr(Attention, "CONTIGUOUS_FROM", start)
+        with torch.inference_mode():
+            res.append(attn(x))
+    torch.testing.assert_close(res[0], res[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res[0], attn(x).detach(), rtol=1e-5, atol=1e-6)  # the autograd path

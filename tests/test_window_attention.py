@@ -211,3 +211,61 @@ def test_window_classes_from_shapes_equal_classes_from_masks(ws, grid, shift):
         start += n
     distinct = {tuple(m.flatten().tolist()) for m in full}
     assert len(distinct) == len(c.counts)  # windows with the same mask are in one class
+
+
+def test_key_padding_rule():
+    """Pad [global; window] to a multiple of 16 only where that adds at most an eighth."""
+    from glam3d.models.window import key_padding
+    assert key_padding(10, 64, 16) == 6       # GLAM-nnFormer: 74 -> 80
+    assert key_padding(10, 49, 16) == 5       # GLAM-Swin, window 7: 59 -> 64
+    assert key_padding(10, 512, 16) == 6      # 522 -> 528
+    assert key_padding(0, 49, 16) == 0        # no prefix: never padded
+    assert key_padding(6, 58, 16) == 0        # already a multiple
+    assert key_padding(2, 8, 16) == 0         # 10 -> 16 would add 60 %
+    assert key_padding(10, 64, 0) == 0        # switched off
+
+
+@pytest.mark.parametrize("ws,Sp,shift", [((4, 4), (8, 12), (0, 0)), ((2, 4, 2), (4, 8, 6), (1, 2, 1))])
+def test_partition_with_prefix_pads_zero_rows(ws, Sp, shift):
+    from glam3d.models.window import partition_with_prefix
+    torch.manual_seed(0)
+    B, C, P, pad = 2, 5, 3, 4
+    x = torch.randn(B, *Sp, C)
+    prefix = torch.randn(B * math.prod(s // w for s, w in zip(Sp, ws)), P, C)
+    ref = partition_with_prefix(x, ws, shift, prefix)
+    got = partition_with_prefix(x, ws, shift, prefix, pad=pad)
+    assert got.shape == (ref.shape[0], ref.shape[1] + pad, C)
+    assert torch.equal(got[:, :ref.shape[1]], ref) and not got[:, ref.shape[1]:].any()
+
+
+@pytest.mark.parametrize("ws,Sp,shift", [((2, 2, 2), (4, 6, 4), (1, 1, 1)), ((4, 4), (8, 12), (2, 2))])
+@pytest.mark.parametrize("prefix_queries", [True, False])
+@pytest.mark.parametrize("how", ["classes", "mask", "none", "cross"])
+def test_padding_keys_change_nothing(ws, Sp, shift, prefix_queries, how):
+    """Padding rows are keys masked out of every query: whatever they hold, the output equals the unpadded
+    attention's (no-autograd chunked path and autograd path, per class, with one mask, cross-attention)."""
+    from glam3d.models.window import window_classes
+    torch.manual_seed(0)
+    P, pad = 3, 5
+    attn = WindowAttention(8, 2, ws, cross=how == "cross")
+    c = window_classes(Sp, ws, shift)
+    B_ = 2 * sum(c.counts)
+    L = P + math.prod(ws)
+    x, ctx = torch.randn(B_, L + pad, 8), torch.randn(B_, L + pad, 8)
+    kw = {"classes": dict(classes=c), "mask": dict(mask=c.full_mask())}.get(how, {})
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            ref = attn(x[:, :L], ctx[:, :L] if attn.cross else None, ws, num_prefix=P,
+                       prefix_queries=prefix_queries, **kw)
+            got = attn(x, ctx if attn.cross else None, ws, num_prefix=P, prefix_queries=prefix_queries,
+                       num_pad=pad, **kw)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="sequence length"):
+        attn(x, ctx if attn.cross else None, ws, num_prefix=P, num_pad=pad - 1, **kw)
+
+
+def test_padding_keys_need_a_prefix():
+    attn = WindowAttention(8, 2, (2, 2))
+    with pytest.raises(ValueError, match="prefix"):
+        attn(torch.randn(4, 8, 8), None, (2, 2), num_prefix=0, num_pad=4)

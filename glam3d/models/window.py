@@ -36,6 +36,7 @@ from .layers import chunked_inference, linear
 __all__ = [
     "MASK_VALUE", "effective_window", "pad_to_multiple", "window_partition", "window_reverse",
     "relative_position_index", "shift_window_mask", "roll", "shifted_window_index", "partition_with_prefix",
+    "key_padding",
     "WindowClasses", "window_classes", "WindowAttention",
 ]
 
@@ -301,18 +302,35 @@ def _shifted_window_index(padded: Tuple[int, ...], window_size: Tuple[int, ...],
 
 @_shape_cached(128)
 def _prefixed_positions(padded: Tuple[int, ...], window_size: Tuple[int, ...], shift: Tuple[int, ...],
-                        num_prefix: int, device: torch.device, by_class: bool = False) -> torch.Tensor:
+                        num_prefix: int, device: torch.device, by_class: bool = False,
+                        row: int = 0) -> torch.Tensor:
+    """Flat positions of the map's tokens in a ``(N_r, row, C)`` buffer of ``[prefix; window; padding]`` rows
+    (``row`` default ``P + N_p``)."""
     n_p = math.prod(window_size)
     _, inv = _shifted_window_index(padded, window_size, shift, device, by_class)
-    return (inv // n_p) * (num_prefix + n_p) + num_prefix + inv % n_p
+    return (inv // n_p) * (row or num_prefix + n_p) + num_prefix + inv % n_p
+
+
+def key_padding(num_prefix: int, n_p: int, multiple: int) -> int:
+    """Rows to append to ``[prefix; window]`` sequences so their length is a multiple of ``multiple``, or 0
+    when that would add more than an eighth (or ``multiple`` is 0, or there is no prefix).
+
+    SDPA's CPU flash kernel runs markedly slower on key lengths that are not a multiple of the vector width
+    (AVX-512: 16 floats): 512 windows x 6 heads, head dim 32, on the Xeon VM: 74 keys 35 ms, 80 keys (6 of them
+    masked) 27 ms; bf16 36 -> 22 ms. GLAM's ``N_g + N_p`` (10 + 64, 10 + 49, 10 + 512) is such a length."""
+    L = num_prefix + n_p
+    pad = -L % multiple if multiple and num_prefix else 0
+    return pad if pad * 8 <= L else 0
 
 
 def partition_with_prefix(x: torch.Tensor, window_size: Sequence[int], shift: Sequence[int],
-                          prefix: torch.Tensor, by_class: bool = False) -> torch.Tensor:
-    """``[prefix; windows(roll(x))]`` written into one buffer (no ``cat`` of a partitioned copy).
+                          prefix: torch.Tensor, by_class: bool = False, pad: int = 0) -> torch.Tensor:
+    """``[prefix; windows(roll(x)); zeros]`` written into one buffer (no ``cat`` of a partitioned copy).
 
     ``x (B, *Sp, C)`` with ``Sp`` a multiple of the window, ``prefix (B * N_r, P, C)`` ->
-    ``(B * N_r, P + N_p, C)``; equals ``torch.cat([prefix, window_partition(roll(x, shift, -1), ws)], 1)``.
+    ``(B * N_r, P + N_p + pad, C)``; without ``pad`` equals
+    ``torch.cat([prefix, window_partition(roll(x, shift, -1), ws)], 1)``, the ``pad`` last rows are zeros
+    (key padding, see :func:`key_padding`).
     Unshifted: one permuted copy into the buffer; shifted: one scatter (``index_copy_`` with a cached index).
     ``by_class`` (shifted only): the windows of each image in :func:`window_classes` order (``prefix`` given in
     that order too).
@@ -321,14 +339,18 @@ def partition_with_prefix(x: torch.Tensor, window_size: Sequence[int], shift: Se
     ws = tuple(int(w) for w in window_size)
     n_p, P = math.prod(ws), prefix.shape[1]
     grid = [s // w for s, w in zip(Sp, ws)]
-    z = x.new_empty(B * math.prod(grid), P + n_p, C)
+    row = P + n_p + pad
+    z = x.new_empty(B * math.prod(grid), row, C)
     z[:, :P] = prefix
+    if pad:
+        z[:, P + n_p:].zero_()
     if not any(shift):
-        z[:, P:].view(B, *grid, *ws, C).copy_(_window_grid_view(x, ws))
+        z[:, P:P + n_p].view(B, *grid, *ws, C).copy_(_window_grid_view(x, ws))
         return z
-    pos = _prefixed_positions(tuple(int(s) for s in Sp), ws, tuple(int(t) for t in shift), P, x.device, by_class)
+    pos = _prefixed_positions(tuple(int(s) for s in Sp), ws, tuple(int(t) for t in shift), P, x.device, by_class,
+                              row)
     if B > 1:
-        step = z.shape[0] // B * (P + n_p)
+        step = z.shape[0] // B * row
         pos = (pos.unsqueeze(0) + torch.arange(B, device=x.device).unsqueeze(1) * step).reshape(-1)
     z.view(-1, C).index_copy_(0, pos, x.reshape(-1, C))
     return z
@@ -366,8 +388,9 @@ class WindowAttention(nn.Module):
         window_size: nominal window (tuple, one entry per spatial axis): sizes the bias table
             ``(prod(2 ws - 1), h)``; a smaller (clipped) window indexes into the same table.
 
-    Shapes: ``x (B_, P + N_p, C)``, ``context (B_, P + N_p, C)``, ``mask (N_r, N_p, N_p)`` with
-    ``B_ = B * N_r`` -> ``(B_, P + N_p, C)``.
+    Shapes: ``x (B_, P + N_p [+ pad], C)``, ``context`` the same, ``mask (N_r, N_p, N_p)`` with
+    ``B_ = B * N_r`` -> ``(B_, P + N_p, C)``. ``pad`` trailing rows (``num_pad``, see :func:`key_padding`) are
+    keys masked out of every query: they change no output.
 
     Setting ``store_attn = True`` takes a slow, explicit path that keeps the softmax weights
     ``(B_, h, L, L)`` in ``last_attn`` (used by :mod:`glam3d.models.attention_map`); otherwise SDPA.
@@ -408,9 +431,11 @@ class WindowAttention(nn.Module):
     MASK_CACHE_BYTES = 32 * 2 ** 20
 
     def attn_mask(self, batch_windows: int, window_size: Sequence[int], mask: Optional[torch.Tensor],
-                  num_prefix: int, dtype: torch.dtype, prefix_queries: bool = True) -> torch.Tensor:
-        """Float additive mask ``(1 | B_, h, P + N_p, P + N_p)``: bias (+ shift mask) on the window block;
-        ``(1 | B_, h, N_p, P + N_p)`` when ``prefix_queries=False`` (only the window tokens ask).
+                  num_prefix: int, dtype: torch.dtype, prefix_queries: bool = True, num_pad: int = 0
+                  ) -> torch.Tensor:
+        """Float additive mask ``(1 | B_, h, P + N_p, P + N_p + pad)``: bias (+ shift mask) on the window block,
+        ``-inf`` on the ``num_pad`` padding keys; ``(1 | B_, h, N_p, P + N_p + pad)`` when
+        ``prefix_queries=False`` (only the window tokens ask).
 
         Without autograd (inference) the bias, and the whole mask when small, are cached per (window, shift
         mask, prefix, dtype) and rebuilt when the bias table changes (its version counter / storage).
@@ -418,7 +443,8 @@ class WindowAttention(nn.Module):
         table = self.relative_position_bias_table
         if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
             # traced by torch.compile: built in the graph (a Python-side cache keyed on storage would break it)
-            return self._build_attn_mask(batch_windows, window_size, mask, num_prefix, dtype, None, prefix_queries)
+            return self._build_attn_mask(batch_windows, window_size, mask, num_prefix, dtype, None, prefix_queries,
+                                         num_pad)
         cache = self.__dict__.setdefault("_mask_cache", {})
         stamp = (table._version, table.data_ptr(), table.device, table.dtype)
         if cache.get("stamp") != stamp:
@@ -426,14 +452,15 @@ class WindowAttention(nn.Module):
             cache["stamp"] = stamp
         ws = tuple(window_size)
         key = (batch_windows if mask is not None else 0, ws,
-               None if mask is None else (mask.data_ptr(), tuple(mask.shape)), num_prefix, dtype, prefix_queries)
+               None if mask is None else (mask.data_ptr(), tuple(mask.shape)), num_prefix, dtype, prefix_queries,
+               num_pad)
         hit = cache.get(key)
         if hit is not None:
             return hit
         bkey = ("bias", ws)
         if bkey not in cache:
             cache[bkey] = self.relative_position_bias(ws).detach().contiguous()
-        m = self._build_attn_mask(batch_windows, ws, mask, num_prefix, dtype, cache[bkey], prefix_queries)
+        m = self._build_attn_mask(batch_windows, ws, mask, num_prefix, dtype, cache[bkey], prefix_queries, num_pad)
         if m.numel() * m.element_size() <= self.MASK_CACHE_BYTES:
             if len(cache) > 64:
                 cache.clear()
@@ -442,7 +469,7 @@ class WindowAttention(nn.Module):
         return m
 
     def _build_attn_mask(self, batch_windows, window_size, mask, num_prefix, dtype, bias,
-                         prefix_queries: bool = True) -> torch.Tensor:
+                         prefix_queries: bool = True, num_pad: int = 0) -> torch.Tensor:
         if bias is None:
             # contiguous: SDPA would otherwise copy the permuted gather (and adds would keep its layout)
             bias = self.relative_position_bias(window_size).contiguous()  # (h, N_p, N_p)
@@ -452,8 +479,10 @@ class WindowAttention(nn.Module):
         h, n_p = bias.shape[0], bias.shape[-1]
         if num_prefix:  # zeros for the prefix rows / columns, bias (+ mask) written straight into the window block
             lq = n_p + (num_prefix if prefix_queries else 0)
-            m = bias.new_zeros(n_r, h, lq, n_p + num_prefix)
-            block = m[:, :, lq - n_p:, num_prefix:]
+            m = bias.new_zeros(n_r, h, lq, n_p + num_prefix + num_pad)
+            if num_pad:
+                m[..., n_p + num_prefix:] = float("-inf")
+            block = m[:, :, lq - n_p:, num_prefix:num_prefix + n_p]
             if mask is None:
                 block.copy_(bias.unsqueeze(0).expand_as(block))
             else:
@@ -469,10 +498,11 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 window_size: Sequence[int] | None = None, mask: Optional[torch.Tensor] = None,
                 num_prefix: int = 0, prefix_queries: bool = True,
-                classes: Optional[WindowClasses] = None) -> torch.Tensor:
-        """``x (B_, P + N_p, C)`` -> ``(B_, P + N_p, C)``; ``(B_, N_p, C)`` with ``prefix_queries=False``: the
-        prefix tokens are keys and values only (their own outputs are not computed — for a block whose
-        global-token outputs nobody reads).
+                classes: Optional[WindowClasses] = None, num_pad: int = 0) -> torch.Tensor:
+        """``x (B_, P + N_p + num_pad, C)`` -> ``(B_, P + N_p, C)``; ``(B_, N_p, C)`` with
+        ``prefix_queries=False``: the prefix tokens are keys and values only (their own outputs are not computed
+        — for a block whose global-token outputs nobody reads). The ``num_pad`` last rows are keys only, masked
+        out (:func:`key_padding`; a prefix is required).
 
         ``classes`` (instead of ``mask``): the windows of each image come in :func:`window_classes` order;
         attention runs once per (image, class) with that class's small cached mask — no ``(B_, h, L, L)``
@@ -485,21 +515,26 @@ class WindowAttention(nn.Module):
         if self.cross and context is None:
             raise ValueError("context is required for cross-attention")
         ws = self.window_size if window_size is None else tuple(window_size)
-        if math.prod(ws) + num_prefix != L:
-            raise ValueError(f"sequence length {L} != num_prefix {num_prefix} + window tokens {math.prod(ws)}")
+        if math.prod(ws) + num_prefix + num_pad != L:
+            raise ValueError(f"sequence length {L} != num_prefix {num_prefix} + window tokens {math.prod(ws)}"
+                             + (f" + padding {num_pad}" if num_pad else ""))
+        if num_pad and (not num_prefix or self.store_attn):
+            raise ValueError("key padding needs a prefix and is not taken while attention weights are recorded")
         drop = self.attn_drop if self.training else 0.0
         if classes is not None and self.store_attn:
             mask, classes = classes.full_mask(), None
         if mask is None and not self.store_attn and chunked_inference(x):
-            return self.proj_drop(self._forward_chunked(x, context, ws, num_prefix, prefix_queries, classes, drop))
-        q, k, v = self._project(x, context, num_prefix, prefix_queries)
+            return self.proj_drop(self._forward_chunked(x, context, ws, num_prefix, prefix_queries, classes, drop,
+                                                        num_pad))
+        q, k, v = self._project(x, context, num_prefix, prefix_queries, num_pad)
         Lq = q.shape[2]
         if classes is not None:
             out = torch.cat([F.scaled_dot_product_attention(q[s:e], k[s:e], v[s:e], attn_mask=m, dropout_p=drop)
                              .transpose(1, 2) for s, e, m in self._window_groups(B_, ws, num_prefix,
-                                                                                  prefix_queries, classes, q.dtype)])
+                                                                                  prefix_queries, classes, q.dtype,
+                                                                                  num_pad)])
             return self.proj_drop(linear(out.view(B_, Lq, C), self.proj))
-        attn_mask = self.attn_mask(B_, ws, mask, num_prefix, q.dtype, prefix_queries)
+        attn_mask = self.attn_mask(B_, ws, mask, num_prefix, q.dtype, prefix_queries, num_pad)
         if self.store_attn:
             attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1) + attn_mask, dim=-1)
             self.last_attn = attn.detach()
@@ -509,9 +544,10 @@ class WindowAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B_, Lq, C)
         return self.proj_drop(linear(out, self.proj))
 
-    def _project(self, x: torch.Tensor, context: Optional[torch.Tensor], num_prefix: int, prefix_queries: bool):
+    def _project(self, x: torch.Tensor, context: Optional[torch.Tensor], num_prefix: int, prefix_queries: bool,
+                 num_pad: int = 0):
         """Windows ``x (n, L, C)`` [, ``context (n, L, C)``] -> ``q (n, h, Lq, E)``, ``k, v (n, h, L, E)``
-        (views; ``Lq = L - P`` without prefix queries)."""
+        (views; ``Lq = L - num_pad``, ``- P`` more without prefix queries)."""
         n, L, C = x.shape
         h = self.num_heads
         E = C // h
@@ -523,21 +559,21 @@ class WindowAttention(nn.Module):
         else:
             qkv = linear(x, self.qkv).view(n, L, 3, h, E).permute(2, 0, 3, 1, 4)
             q, k, v = qkv[0], qkv[1], qkv[2]
-        if num_prefix and not prefix_queries:
-            q = q[:, :, num_prefix:]
+        if (num_prefix and not prefix_queries) or num_pad:
+            q = q[:, :, (0 if prefix_queries else num_prefix):L - num_pad]
         return q, k, v
 
     def _window_groups(self, B_: int, ws, num_prefix: int, prefix_queries: bool,
-                       classes: Optional[WindowClasses], dtype: torch.dtype):
+                       classes: Optional[WindowClasses], dtype: torch.dtype, num_pad: int = 0):
         """``[(start, stop, attn_mask)]``: ranges of windows sharing one ``(1, h, Lq, L)`` mask — each
         (image, class) with ``classes`` (contiguous row ranges: SDPA reads views, no gather), else all."""
         if classes is None:
-            return [(0, B_, self.attn_mask(B_, ws, None, num_prefix, dtype, prefix_queries))]
+            return [(0, B_, self.attn_mask(B_, ws, None, num_prefix, dtype, prefix_queries, num_pad))]
         n_r = sum(classes.counts)
         if B_ % n_r:
             raise ValueError(f"{B_} windows is not a multiple of the {n_r} windows of the classes")
         masks = [self.attn_mask(1, ws, classes.masks[c:c + 1] if masked else None, num_prefix, dtype,
-                                prefix_queries) for c, masked in enumerate(classes.masked)]
+                                prefix_queries, num_pad) for c, masked in enumerate(classes.masked)]
         groups, start = [], 0
         for _ in range(B_ // n_r):
             for n, m in zip(classes.counts, masks):
@@ -546,18 +582,18 @@ class WindowAttention(nn.Module):
         return groups
 
     def _forward_chunked(self, x, context, ws, num_prefix: int, prefix_queries: bool,
-                         classes: Optional[WindowClasses], drop: float) -> torch.Tensor:
+                         classes: Optional[WindowClasses], drop: float, num_pad: int = 0) -> torch.Tensor:
         """:meth:`forward` without autograd on CPU, :data:`~glam3d.models.layers.CHUNK_TOKENS` tokens of windows
         at a time."""
         B_, L, C = x.shape
-        Lq = L - num_prefix if num_prefix and not prefix_queries else L
+        Lq = L - num_pad - (num_prefix if num_prefix and not prefix_queries else 0)
         out = x.new_empty(B_, Lq, C)
         step = max(1, layers.CHUNK_TOKENS // L)
-        for s, e, m in self._window_groups(B_, ws, num_prefix, prefix_queries, classes, x.dtype):
+        for s, e, m in self._window_groups(B_, ws, num_prefix, prefix_queries, classes, x.dtype, num_pad):
             for a in range(s, e, step):
                 b = min(e, a + step)
                 q, k, v = self._project(x[a:b], None if context is None else context[a:b], num_prefix,
-                                        prefix_queries)
+                                        prefix_queries, num_pad)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=drop)
                 out[a:b] = linear(o.transpose(1, 2).reshape(b - a, Lq, C), self.proj)
         return out
