@@ -222,9 +222,9 @@ class WindowBlock(nn.Module):
         if g is not None:
             gn = self.norm1(g)
             gn = (gn[:, classes.perm] if by_class else gn).reshape(-1, n_g, C)  # (B*N_r, N_g, C)
-        # CPU inference: masked padding keys make [g; w] a multiple of the vector width (key_padding)
+        # CPU inference: masked padding keys make [g; w] a multiple of the vector width (none without g)
         pad = key_padding(n_g, math.prod(ws), self.key_multiple) if (
-            g is not None and not self.attn.store_attn and chunked_inference(x)) else 0
+            not self.attn.store_attn and chunked_inference(x)) else 0
         xw = self._windows(self.norm1(x), ws, sh, gn, by_class, pad)  # (B*N_r, [N_g +] N_p [+ pad], C)
         cw = self._windows(self.norm1(context), ws, sh, gn, by_class, pad) if self.cross else None
         mask = shift_window_mask(Sp, ws, sh, x.device) if any(sh) and not by_class else None

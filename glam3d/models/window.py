@@ -302,13 +302,11 @@ def _shifted_window_index(padded: Tuple[int, ...], window_size: Tuple[int, ...],
 
 @_shape_cached(128)
 def _prefixed_positions(padded: Tuple[int, ...], window_size: Tuple[int, ...], shift: Tuple[int, ...],
-                        num_prefix: int, device: torch.device, by_class: bool = False,
-                        row: int = 0) -> torch.Tensor:
-    """Flat positions of the map's tokens in a ``(N_r, row, C)`` buffer of ``[prefix; window; padding]`` rows
-    (``row`` default ``P + N_p``)."""
+                        num_prefix: int, row: int, device: torch.device, by_class: bool = False) -> torch.Tensor:
+    """Flat positions of the map's tokens in a ``(N_r, row, C)`` buffer of ``[prefix; window; padding]`` rows."""
     n_p = math.prod(window_size)
     _, inv = _shifted_window_index(padded, window_size, shift, device, by_class)
-    return (inv // n_p) * (row or num_prefix + n_p) + num_prefix + inv % n_p
+    return (inv // n_p) * row + num_prefix + inv % n_p
 
 
 def key_padding(num_prefix: int, n_p: int, multiple: int) -> int:
@@ -347,8 +345,8 @@ def partition_with_prefix(x: torch.Tensor, window_size: Sequence[int], shift: Se
     if not any(shift):
         z[:, P:P + n_p].view(B, *grid, *ws, C).copy_(_window_grid_view(x, ws))
         return z
-    pos = _prefixed_positions(tuple(int(s) for s in Sp), ws, tuple(int(t) for t in shift), P, x.device, by_class,
-                              row)
+    pos = _prefixed_positions(tuple(int(s) for s in Sp), ws, tuple(int(t) for t in shift), P, row, x.device,
+                              by_class)
     if B > 1:
         step = z.shape[0] // B * row
         pos = (pos.unsqueeze(0) + torch.arange(B, device=x.device).unsqueeze(1) * step).reshape(-1)
