@@ -66,7 +66,7 @@ import torch
 
 from .alloc import ENV_SWITCH, allocator_state, tune_allocator
 from .commands.bench import SECTIONS  # the CLI's list (a light module: no torch import at parse time)
-from .engine.inference import autocast_to
+from .engine.inference import autocast_to, inference_weights
 
 __all__ = ["BenchConfig", "run_bench", "format_report", "to_markdown", "matmul_peak_gflops", "time_forward",
            "TARGETS", "FULL_MODELS", "QUICK_MODELS"]
@@ -329,6 +329,9 @@ def _child_setup(spec: dict):
     model = _build(spec["model"], device)
     roi = tuple(model.default_crop)
     spec["in_channels"] = model.in_channels
+    from .engine.inference import resolve_amp
+    if device.type == "cpu":  # bf16 on a CPU: weights cast once, as glam3d predict runs it
+        inference_weights(model, resolve_amp(spec.get("amp", False), device))
     if spec.get("cuda_graphs"):  # captured by the warm-up batch below, replayed by the timed pass
         from .engine.cuda_graphs import graphed_network
         model = graphed_network(model, spec["sw_batch_size"])
@@ -729,6 +732,10 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
         done("forward")
     if "bf16" in cfg.sections:
         _log(cfg, f"forward timing with bf16 autocast, {cfg.repeats} rounds over {len(cfg.models)} models")
+        if device.type == "cpu":  # weights cast once, as glam3d predict runs bf16 on a CPU (the float32 rounds
+            for m in models.values():  # are done; the graph section, which needs them, is CUDA only)
+                inference_weights(m, torch.bfloat16)
+        res["bf16_weights"] = "cast once (inference_weights)" if device.type == "cpu" else "autocast"
         _record_times(rows, time_forward(models, inputs, cfg.repeats, device, amp=torch.bfloat16), "_bf16",
                       res["matmul_peak_bf16_gflops"])
         done("forward_bf16")

@@ -187,6 +187,66 @@ def test_amp_bf16_on_cpu_runs():
     assert lab.shape == (12, 8, 8)
 
 
+@pytest.mark.parametrize("spec,shape", [("glam_nnformer_tiny", (1, 1, 32, 64, 64)),
+                                        ("nnformer_tiny", (1, 1, 32, 64, 64)),
+                                        ("glam_swin_unet_tiny", (1, 3, 64, 64))])
+def test_inference_weights_equal_autocast_bit_for_bit(spec, shape):
+    """Weights cast once (inference_weights) give the very outputs of autocast casting them at every call — same
+    rounding, 3D convolution weights in the channels-last layout oneDNN copies them to — and only the linear and
+    convolution layers' weights and biases change dtype (norms, bias tables, global tokens stay float32)."""
+    import copy
+
+    from glam3d.engine.inference import inference_weights
+    from glam3d.models.registry import build_model
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    x = torch.randn(shape)
+
+    def run(m):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        return y[0] if isinstance(y, (list, tuple)) else y
+
+    ref = run(model)
+    cast = inference_weights(copy.deepcopy(model), torch.bfloat16)
+    assert torch.equal(run(cast), ref)
+    layer_types = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+    n_cast = 0
+    for (name, mod), orig in zip(cast.named_modules(), model.modules()):
+        own = dict(mod.named_parameters(recurse=False))
+        for pname, p in own.items():
+            if isinstance(mod, layer_types):
+                assert p.dtype == torch.bfloat16, f"{name}.{pname}"
+                assert torch.equal(p, getattr(orig, pname).to(torch.bfloat16))
+                if p.ndim == 5:
+                    assert p.is_contiguous(memory_format=torch.channels_last_3d)
+                n_cast += 1
+            else:
+                assert p.dtype == torch.float32, f"{name}.{pname}"
+    assert n_cast > 10
+    with pytest.raises(RuntimeError):  # the model is for autocast inference now: float32 inputs alone do not mix
+        with torch.inference_mode():
+            cast(x)
+    same = inference_weights(model, None)  # no autocast dtype: nothing changes
+    assert same is model and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_inference_weights_sliding_window_labels_equal():
+    """predict_volume with bf16 autocast: the same labels and probabilities from weights cast once as from
+    autocast's casts (what glam3d predict and glam3d bench run on a CPU)."""
+    import copy
+
+    from glam3d.engine.inference import inference_weights
+    from glam3d.models.registry import build_model
+    torch.manual_seed(0)
+    model = build_model("glam_nnformer_tiny").eval()
+    image = torch.randn(1, 40, 72, 64)
+    ref = predict_volume(model, image, (32, 64, 64), overlap=0.5, amp="bf16", return_probs=True)
+    got = predict_volume(inference_weights(copy.deepcopy(model), torch.bfloat16), image, (32, 64, 64), overlap=0.5,
+                         amp="bf16", return_probs=True)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
 # --- input in any dtype, lazy sources, labels out slab by slab -------------------------------------------------
 def _ct_normalize(x):
     return x.clamp_(-125, 275).add_(125).div_(400)

@@ -216,6 +216,30 @@ def test_cpu_inference_paths_equal_autograd_path(name, monkeypatch):
     torch.testing.assert_close(y, ref.detach(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_one_channel_input_viewed_channels_last_changes_no_output(amp, monkeypatch):
+    """The stem sees a one-channel CPU image through channels-last strides (the same memory, no copy) so that
+    oneDNN writes the first convolution's output channels-last: the network's outputs are bit-identical to
+    those from the plain strides, in float32 and under bf16 autocast; other inputs are left as they are."""
+    from glam3d.models.networks import nnformer as nnf
+    x = torch.randn(2, 1, 16, 32, 32)
+    v = nnf._channels_last_input(x)
+    assert v.data_ptr() == x.data_ptr() and torch.equal(v, x)
+    assert v.is_contiguous(memory_format=torch.channels_last_3d) and v.stride(1) == 1 and x.stride(1) != 1
+    multi = torch.randn(1, 2, 4, 4, 4)
+    assert nnf._channels_last_input(multi) is multi
+    torch.manual_seed(0)
+    model = build_model("glam_nnformer_tiny").eval()
+    x = torch.randn(1, 1, 32, 64, 64)
+
+    def run():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            return model(x)
+    y = run()
+    monkeypatch.setattr(nnf, "_channels_last_input", lambda t: t)
+    assert torch.equal(y, run())
+
+
 def test_build_meta_counts_a_spec_like_the_real_network():
     """The bench counts on the meta device (no weights made): a spec with options counts as the real build does."""
     from glam3d.models.complexity import build_meta

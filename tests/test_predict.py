@@ -328,23 +328,30 @@ def test_dicom_series_lps_to_ras(tmp_path):
 
 
 def test_cpu_amp(tmp_path, capsys, monkeypatch):
-    """On a CPU: float32 by default, bf16 autocast when asked (recorded in the manifest; a warning where the CPU
-    has no native bf16), fp16 refused in one line before anything is written."""
+    """On a CPU: float32 by default, bf16 autocast when asked (with the weights cast once; both recorded in the
+    manifest; a warning where the CPU has no native bf16), fp16 refused in one line before anything is written."""
     import glam3d.engine.inference as inf
 
     img, _, raw = make_scan("RAS")
     nib.save(img, tmp_path / "a.nii.gz")
     ck = write_checkpoint(tmp_path / "ck.pt", [3.0, 1.5, 1.5])
     base = ["predict", "--checkpoint", str(ck), "--input", str(tmp_path / "a.nii.gz"), "--device", "cpu", "--quiet"]
+    cast = []
+    real_cast = inf.inference_weights
+    monkeypatch.setattr(inf, "inference_weights", lambda m, amp: (cast.append(amp), real_cast(m, amp))[1])
     for amp, seen, native in (("auto", None, True), ("bf16", torch.bfloat16, True), ("bf16", torch.bfloat16, False)):
         monkeypatch.setattr(inf, "cpu_bf16_native", lambda native=native: native)
         Oracle.autocast_seen.clear()
+        cast.clear()
         out = tmp_path / f"pred_{amp}_{native}"
         assert main(base + ["--output", str(out), "--amp", amp]) == 0
         assert Oracle.autocast_seen and set(Oracle.autocast_seen) == {seen}
         assert np.array_equal(np.asanyarray(nib.load(out / "a.nii.gz").dataobj), raw)
         man = json.loads((out / "predictions.json").read_text())
         assert man["inference"]["amp"] == ("off" if seen is None else "bf16")
+        # bf16 on a CPU: the weights are cast once before the sliding window, not by autocast at every window
+        assert cast == ([] if seen is None else [torch.bfloat16])
+        assert man["inference"]["weights"] == ("float32" if seen is None else "bf16")
         err = capsys.readouterr().err
         assert ("no native bf16" in err) is (amp == "bf16" and not native)
     out = tmp_path / "pred_fp16"

@@ -67,9 +67,11 @@ def add_mlp_(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, chunk: int | None
 
 
 def gemm_conv_pays(x: torch.Tensor, conv: nn.Module, factor: int = 4) -> bool:
-    """CPU inference and a convolution whose weight is ``factor`` times larger than its im2col patches
-    (``x (B, *S, C)`` channels-last): then :func:`conv_as_gemm` beats the convolution kernel."""
-    if not chunked_inference(x) or x.dtype != torch.float32 or getattr(conv, "groups", 1) != 1 \
+    """CPU float32 inference and a convolution (float32 weight in the standard layout) whose weight is ``factor``
+    times larger than its im2col patches (``x (B, *S, C)`` channels-last): then :func:`conv_as_gemm` beats the
+    convolution kernel."""
+    if not chunked_inference(x) or x.dtype != torch.float32 or conv.weight.dtype != torch.float32 \
+            or not conv.weight.is_contiguous() or getattr(conv, "groups", 1) != 1 \
             or getattr(conv, "padding_mode", "zeros") != "zeros" or any(d != 1 for d in conv.dilation):
         return False
     out = [(s + 2 * p - k) // st + 1 for s, k, st, p in zip(x.shape[1:-1], conv.kernel_size, conv.stride,
