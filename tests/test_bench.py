@@ -179,6 +179,7 @@ def test_bf16_section_on_any_device():
                       matmul_size=128, sw_volume=(32, 64, 64), sections=["forward", "bf16"])
     res = run_bench(cfg)
     assert res["matmul_peak_bf16_gflops"] > 0
+    assert res["bf16_weights"] == "cast once (inference_weights)"  # as glam3d predict runs bf16 on a CPU
     for r in res["rows"]:
         assert r["forward_bf16_s"] > 0 and len(r["forward_bf16_all"]) == 2
         assert r["sw_bf16_voxels_per_s"] > 0, r.get("sw_bf16")
@@ -229,12 +230,13 @@ def test_sliding_window_child_warm_up(monkeypatch):
     """The warm-up forward runs with the measurement's batch size and autocast (always on CUDA; on a CPU when
     asked) and never inside the timed region: the model sees exactly one extra batch before predict_volume."""
     import glam3d.bench as bench
-    calls = []
+    calls, weights = [], set()
     real_build = bench._build
 
     def build(name, device, seed=0):
         m = real_build(name, device, seed)
-        m.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
+        m.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape))
+                                or weights.add(mod.stem.proj1.conv1.weight.dtype))  # (None: output kept)
         return m
 
     monkeypatch.setattr(bench, "_build", build)
@@ -242,9 +244,12 @@ def test_sliding_window_child_warm_up(monkeypatch):
             "threads": 1}
     cold = bench._worker(dict(spec))
     assert cold["warmed_up"] is False and len(calls) == 1  # one window, no warm-up
+    assert weights == {torch.float32}
     calls.clear()
+    weights.clear()
     warm = bench._worker(dict(spec, warmup=True, amp="bf16"))
     assert warm["warmed_up"] is True and calls == [(1, 1, 32, 64, 64)] * 2
+    assert weights == {torch.bfloat16}  # bf16 on a CPU: the weights cast once, as glam3d predict does
     assert warm["labels_shape"] == [32, 64, 64]
 
 
