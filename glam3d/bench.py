@@ -1007,7 +1007,9 @@ def _tables(res: dict):
     tabs.append((f"models (matmul peak {peaks}; sliding window on "
                  f"{'x'.join(map(str, sw))}, overlap {res['config']['overlap']}, Gaussian"
                  + (f", median of {res['config']['sw_rounds']} rounds" if res["config"].get("sw_rounds", 1) > 1
-                    else "") + ")", head, body))
+                    else "")
+                 + (f"; bf16 weights: {res['bf16_weights']}" if bf16 and res.get("bf16_weights") else "") + ")",
+                 head, body))
 
     body = []
     for size, rr in res["ratios"].items():

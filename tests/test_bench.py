@@ -189,8 +189,9 @@ def test_bf16_section_on_any_device():
     assert tiny["glam_over_nnformer_forward_bf16"] == pytest.approx(sum(expect) / 2)
     assert tiny["glam_over_nnformer_sw_bf16"] == pytest.approx(
         res["rows"][0]["sw_bf16_voxels_per_s"] / res["rows"][1]["sw_bf16_voxels_per_s"])
-    head = _tables(res)[0][1]
+    title, head = _tables(res)[0][:2]
     assert "fwd bf16 (s)" in head and "SW bf16 vox/s" in head and "GPU peak (GB)" not in head
+    assert "bf16 weights: cast once" in title
 
 
 @pytest.mark.parametrize("native", [False, True])

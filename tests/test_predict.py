@@ -413,3 +413,37 @@ def test_probabilities_go_through_scratch_and_equal_the_in_memory_ones(tmp_path,
     whole = pipeline.restore_probabilities(kept["probs"][0], pipeline.preprocess_scan(img, plan)[1], plan)
     np.testing.assert_array_equal(a, np.moveaxis(whole, 0, -1))  # bit for bit
     assert np.allclose(outs["scratch"].affine, img.affine, atol=1e-6)
+
+
+def test_bf16_cast_lets_the_mapped_checkpoint_go(tmp_path):
+    """glam3d predict --amp bf16 on a CPU: the weights cast once and the remaining tensors copied, so that none is
+    left on the mapped checkpoint file — the mapping (and its float32 pages) goes — and the network's bf16
+    outputs are those of autocast on the mapped float32 weights, bit for bit."""
+    import gc
+
+    import glam3d.models.networks  # noqa: F401  (the real networks; this module's registry is isolated)
+    from glam3d.commands.predict import _cast_off_the_map
+    from glam3d.engine.checkpoint import checkpoint_metadata, load_checkpoint, model_from_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, {"model_spec": {"name": "nnformer_tiny", "kwargs": {}},
+                           "model": registry.build_model("nnformer_tiny").state_dict()})
+
+    def mapped() -> bool:
+        with open("/proc/self/maps") as f:
+            return str(path) in f.read()
+
+    state = load_checkpoint(path, mmap=True)
+    model = model_from_checkpoint(state, path, assign=True).eval()
+    state = checkpoint_metadata(state)
+    gc.collect()
+    assert mapped()  # the weights are the file's pages
+    x = torch.randn(1, 1, 32, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x)
+    _cast_off_the_map(model, torch.bfloat16)
+    gc.collect()
+    assert not mapped()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(x), ref)
