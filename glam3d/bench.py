@@ -66,7 +66,7 @@ import torch
 
 from .alloc import ENV_SWITCH, allocator_state, tune_allocator
 from .commands.bench import SECTIONS  # the CLI's list (a light module: no torch import at parse time)
-from .engine.inference import autocast_to, inference_weights
+from .engine.inference import autocast_to, inference_weights, resolve_amp
 
 __all__ = ["BenchConfig", "run_bench", "format_report", "to_markdown", "matmul_peak_gflops", "time_forward",
            "TARGETS", "FULL_MODELS", "QUICK_MODELS"]
@@ -329,7 +329,6 @@ def _child_setup(spec: dict):
     model = _build(spec["model"], device)
     roi = tuple(model.default_crop)
     spec["in_channels"] = model.in_channels
-    from .engine.inference import resolve_amp
     if device.type == "cpu":  # bf16 on a CPU: weights cast once, as glam3d predict runs it
         inference_weights(model, resolve_amp(spec.get("amp", False), device))
     if spec.get("cuda_graphs"):  # captured by the warm-up batch below, replayed by the timed pass
@@ -347,7 +346,6 @@ def _warm_up(model, device: torch.device, roi, spec: dict) -> bool:
     small beside a 5 s window). Returns whether it ran."""
     if device.type != "cuda" and not spec.get("warmup"):
         return False
-    from .engine.inference import resolve_amp
     amp = resolve_amp(spec.get("amp", False), device)
     x = torch.randn(spec["sw_batch_size"], spec["in_channels"], *roi, device=device)
     with torch.inference_mode(), autocast_to(device, amp):

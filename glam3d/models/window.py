@@ -557,9 +557,16 @@ class WindowAttention(nn.Module):
         else:
             qkv = linear(x, self.qkv).view(n, L, 3, h, E).permute(2, 0, 3, 1, 4)
             q, k, v = qkv[0], qkv[1], qkv[2]
-        if (num_prefix and not prefix_queries) or num_pad:
-            q = q[:, :, (0 if prefix_queries else num_prefix):L - num_pad]
+        first, stop = self._query_rows(L, num_prefix, prefix_queries, num_pad)
+        if (first, stop) != (0, L):
+            q = q[:, :, first:stop]
         return q, k, v
+
+    @staticmethod
+    def _query_rows(L: int, num_prefix: int, prefix_queries: bool, num_pad: int) -> Tuple[int, int]:
+        """The rows of a ``[prefix; window; padding]`` sequence of length ``L`` that ask: ``(first, stop)`` —
+        without the ``num_pad`` padding keys, and without the prefix when ``prefix_queries`` is False."""
+        return (0 if prefix_queries else num_prefix), L - num_pad
 
     def _window_groups(self, B_: int, ws, num_prefix: int, prefix_queries: bool,
                        classes: Optional[WindowClasses], dtype: torch.dtype, num_pad: int = 0):
@@ -584,7 +591,8 @@ class WindowAttention(nn.Module):
         """:meth:`forward` without autograd on CPU, :data:`~glam3d.models.layers.CHUNK_TOKENS` tokens of windows
         at a time."""
         B_, L, C = x.shape
-        Lq = L - num_pad - (num_prefix if num_prefix and not prefix_queries else 0)
+        first, stop = self._query_rows(L, num_prefix, prefix_queries, num_pad)
+        Lq = stop - first  # (the output is allocated before the first chunk's projection)
         out = x.new_empty(B_, Lq, C)
         step = max(1, layers.CHUNK_TOKENS // L)
         for s, e, m in self._window_groups(B_, ws, num_prefix, prefix_queries, classes, x.dtype, num_pad):
