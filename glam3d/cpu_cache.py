@@ -14,6 +14,9 @@ PyTorch's own CPU caching allocator is reachable from C++ only. This module comp
   freed longest ago are unmapped first. Peak memory = peak of the live tensors + at most the slack (+ 2 MiB
   rounding per tensor), so the long-CT bound holds, while the repeated forwards of a sliding window reuse their
   blocks without page faults;
+* a miss that has to unmap cached blocks to stay under that bound resizes the one of them closest in size to
+  the request instead (its tail unmapped, or the mapping grown with ``mremap``): the same blocks stay cached
+  and the same bytes mapped, but only the bytes it grows by are faulted in and zeroed (``fresh_bytes``);
 * smaller blocks go to PyTorch's allocator as before.
 
 The library is built once per torch version and source into ``$GLAM3D_CACHE_DIR`` (default
@@ -47,7 +50,7 @@ DEFAULT_SLACK_MB = 64
 DEFAULT_CAP_MB = 2048
 MIN_BYTES = 1 << 20
 _STAT_KEYS = ("live_bytes", "cached_bytes", "peak_bytes", "peak_live_bytes", "hits", "misses", "evictions",
-              "cap_bytes", "slack_bytes", "min_bytes")
+              "cap_bytes", "slack_bytes", "min_bytes", "resizes", "fresh_bytes")
 
 _lib: Optional[ctypes.CDLL] = None
 
@@ -143,7 +146,9 @@ def installed() -> bool:
 
 def stats() -> Dict[str, int]:
     """Counters of the cache (``{}`` when it is not installed): bytes live / cached in blocks >= ``min_bytes``,
-    their peak (``peak_bytes`` = live + cached, ``peak_live_bytes``), hits, misses, evictions, and settings."""
+    their peak (``peak_bytes`` = live + cached, ``peak_live_bytes``), hits, misses, evictions, settings,
+    ``resizes`` (misses served by resizing a block the bound made it give up) and ``fresh_bytes`` (bytes new to
+    the blocks of misses: faulted in and zeroed at their first touch)."""
     if _lib is None:
         return {}
     buf = (ctypes.c_int64 * len(_STAT_KEYS))()

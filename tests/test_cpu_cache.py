@@ -73,6 +73,40 @@ def test_cache_stays_within_peak_live_plus_slack(tmp_path):
 
 
 @needs_compiler
+def test_miss_under_the_bound_resizes_an_evicted_block(tmp_path):
+    """A miss that must give cached blocks up to stay under the bound resizes one of them instead of mapping a
+    fresh block: shrunk, it keeps its pages (the old bytes are still there: nothing faulted in or zeroed);
+    grown, only the added bytes are new. Mapped bytes stay under the bound."""
+    r = _child("""
+        import json
+        from glam3d import cpu_cache
+        import torch
+        cpu_cache.install(slack_mb=8, cap_mb=1024)
+        keep = torch.empty(40 << 20, dtype=torch.uint8)                         # 40 MiB live throughout
+        steps = []
+        for mib, fill in ((62, 7), (52, None), (62, None), (30, None)):
+            s0 = cpu_cache.stats()
+            t = torch.empty(mib << 20, dtype=torch.uint8)
+            if fill is not None:
+                t.fill_(fill)
+            head = t[: 52 << 20 : 4096].eq(7).all().item()      # one byte a page: the old bytes still in place?
+            s1 = cpu_cache.stats()
+            steps.append({k: s1[k] - s0[k] for k in ("misses", "resizes", "fresh_bytes")} | {"head": head})
+            del t
+        print(json.dumps({"steps": steps, "stats": cpu_cache.stats()}))
+    """, tmp_path)
+    s, (first, shrunk, grown, small) = r["stats"], r["steps"]
+    assert first == {"misses": 1, "resizes": 0, "fresh_bytes": 62 << 20, "head": True}   # a fresh mapping
+    # 40 live + 62 cached + 52 asked > 102 peak live + 8 slack: the 62 MiB block shrinks to 52, pages kept
+    assert shrunk == {"misses": 1, "resizes": 1, "fresh_bytes": 0, "head": True}
+    # 62 asked, only the 52 MiB block cached and no room for both: it grows by 10 MiB; its first 52 kept
+    assert grown == {"misses": 1, "resizes": 1, "fresh_bytes": 10 << 20, "head": True}
+    assert small["resizes"] == 1 and small["fresh_bytes"] == 0                     # 62 -> 30: shrunk again
+    assert s["peak_live_bytes"] == (40 << 20) + (62 << 20) and s["peak_bytes"] <= s["peak_live_bytes"] + (8 << 20)
+    assert s["cached_bytes"] == 30 << 20 and s["live_bytes"] == 40 << 20
+
+
+@needs_compiler
 def test_cache_computes_what_pytorch_allocator_computes(tmp_path):
     """A GLAM-nnFormer forward (oneDNN fused linears, SDPA), a training step and a data loader with worker
     processes give bit-identical results with the cache and without: reused blocks are never read as if they

@@ -6,13 +6,18 @@
 // highest live total seen so far plus `slack_bytes`, and never holds more than `cap_bytes`: before a miss maps
 // a new block, the blocks freed longest ago are unmapped until the new one fits under that bound. So peak
 // memory is the peak of the live tensors plus at most the slack, while a network that allocates the same sizes
-// at every forward (sliding-window inference) reuses its blocks. Smaller blocks go to the allocator that was in
+// at every forward (sliding-window inference) reuses its blocks. When a miss would have to unmap cached blocks
+// to stay under the bound, the one of them closest in size is resized to the request instead (its tail unmapped,
+// or the mapping grown with mremap), so only the bytes it grows by are faulted in and zeroed, not the whole
+// block: the same blocks stay cached and the same bytes stay mapped as if it had been unmapped and a fresh block
+// mapped. Blocks are mappings of their own (mmap / munmap). Smaller blocks go to the allocator that was in
 // place before. Plain C interface for ctypes: no Python headers, only c10.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
 #include <pthread.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -27,7 +32,51 @@
 
 namespace {
 
+constexpr int kStats = 12;  // glam3d_cache_stats' fields
 constexpr size_t kHuge = size_t(2) << 20;  // 2 MiB: huge-page size, alignment and rounding granularity
+
+// `size` bytes (a multiple of kHuge) at a kHuge-aligned address, with protection `prot`; nullptr when the
+// address space or memory is exhausted.
+void* map_aligned(size_t size, int prot) {
+  void* raw = mmap(nullptr, size + kHuge, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+  uintptr_t aligned = (start + kHuge - 1) / kHuge * kHuge;
+  if (aligned > start) munmap(raw, aligned - start);
+  size_t tail = start + size + kHuge - (aligned + size);
+  if (tail) munmap(reinterpret_cast<void*>(aligned + size), tail);
+  return reinterpret_cast<void*>(aligned);
+}
+
+void* map_block(size_t size) {
+  void* p = map_aligned(size, PROT_READ | PROT_WRITE);
+#ifdef MADV_HUGEPAGE
+  if (p != nullptr) madvise(p, size, MADV_HUGEPAGE);
+#endif
+  return p;
+}
+
+void unmap_block(void* p, size_t size) { munmap(p, size); }
+
+// The block `p` of `old_size` bytes as a block of `size` bytes (its first min(old, size) bytes kept in place of
+// being faulted in again): the tail unmapped, or the mapping grown (in place, else moved to a fresh aligned
+// address). nullptr when it cannot grow; `p` is then unchanged.
+void* resize_block(void* p, size_t old_size, size_t size) {
+  if (size <= old_size) {
+    if (size < old_size) munmap(static_cast<char*>(p) + size, old_size - size);
+    return p;
+  }
+  void* q = mremap(p, old_size, size, 0);  // grow in place when the addresses after it are free
+  if (q != MAP_FAILED) return q;
+  void* target = map_aligned(size, PROT_NONE);  // an aligned range to move it to (replaced by mremap)
+  if (target == nullptr) return nullptr;
+  q = mremap(p, old_size, size, MREMAP_MAYMOVE | MREMAP_FIXED, target);
+  if (q == MAP_FAILED) {
+    munmap(target, size);
+    return nullptr;
+  }
+  return q;
+}
 
 class CachingCPUAllocator final : public c10::Allocator {
  public:
@@ -38,7 +87,8 @@ class CachingCPUAllocator final : public c10::Allocator {
     if (n < min_) return fallback_->allocate(n);  // its DataPtr: context == data, freed by fallback_raw_
     size_t size = (n + kHuge - 1) / kHuge * kHuge;
     void* p = nullptr;
-    std::vector<void*> evicted;
+    std::pair<void*, size_t> reuse{nullptr, 0};  // an evicted block to resize into this one
+    std::vector<std::pair<void*, size_t>> evicted;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = free_.lower_bound(size);
@@ -54,24 +104,39 @@ class CachingCPUAllocator final : public c10::Allocator {
         ++misses_;
         size_t bound = std::max(peak_live_, live_ + size) + slack_;
         while (!order_.empty() && live_ + cached_ + size > bound) evicted.push_back(evict_oldest());
+        if (!evicted.empty()) {
+          // the smallest evicted block that is large enough (no fault at all), else the largest one
+          auto best = evicted.begin();
+          for (auto e = evicted.begin(); e != evicted.end(); ++e) {
+            bool fits = e->second >= size, best_fits = best->second >= size;
+            if (fits != best_fits ? fits : (fits ? e->second < best->second : e->second > best->second)) best = e;
+          }
+          reuse = *best;
+          evicted.erase(best);
+          ++resizes_;
+        }
+        fresh_ += reuse.first == nullptr ? size : (size > reuse.second ? size - reuse.second : 0);
       }
       live_ += size;
       peak_live_ = std::max(peak_live_, live_);
       peak_ = std::max(peak_, live_ + cached_);
     }
-    for (void* e : evicted) std::free(e);
+    for (auto& e : evicted) unmap_block(e.first, e.second);
+    if (reuse.first != nullptr) {
+      p = resize_block(reuse.first, reuse.second, size);
+      if (p == nullptr) unmap_block(reuse.first, reuse.second);  // could not grow: a fresh block below
+    }
     if (p == nullptr) {
-      if (posix_memalign(&p, kHuge, size) != 0 || p == nullptr) {
+      p = map_block(size);
+      if (p == nullptr) {
         release_all();  // give the cache back and try once more before reporting out of memory
-        if (posix_memalign(&p, kHuge, size) != 0 || p == nullptr) {
+        p = map_block(size);
+        if (p == nullptr) {
           std::lock_guard<std::mutex> lock(mu_);
           live_ -= size;
           TORCH_CHECK(false, "glam3d CPU cache: out of memory allocating ", n, " bytes");
         }
       }
-#ifdef MADV_HUGEPAGE
-      madvise(p, size, MADV_HUGEPAGE);
-#endif
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -91,7 +156,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   static void deleter(void* ptr);
 
   void give_back(void* p) {
-    std::vector<void*> evicted;
+    std::vector<std::pair<void*, size_t>> evicted;
     bool small = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -109,7 +174,7 @@ class CachingCPUAllocator final : public c10::Allocator {
       }
     }
     if (small) fallback_raw_(p);
-    for (void* e : evicted) std::free(e);
+    for (auto& e : evicted) unmap_block(e.first, e.second);
   }
 
   void release_all() {
@@ -121,13 +186,14 @@ class CachingCPUAllocator final : public c10::Allocator {
       evictions_ += all.size();
       cached_ = 0;
     }
-    for (auto& e : all) std::free(e.first);
+    for (auto& e : all) unmap_block(e.first, e.second);
   }
 
   void stats(int64_t* out) {
     std::lock_guard<std::mutex> lock(mu_);
-    const size_t v[10] = {live_, cached_, peak_, peak_live_, hits_, misses_, evictions_, cap_, slack_, min_};
-    for (int i = 0; i < 10; ++i) out[i] = int64_t(v[i]);
+    const size_t v[kStats] = {live_,     cached_, peak_, peak_live_, hits_, misses_, evictions_, cap_, slack_,
+                              min_,      resizes_, fresh_};
+    for (int i = 0; i < kStats; ++i) out[i] = int64_t(v[i]);
   }
 
   // fork() while another thread holds the lock would leave the child's copy locked forever: hold it across.
@@ -141,18 +207,18 @@ class CachingCPUAllocator final : public c10::Allocator {
   }
 
  private:
-  // Caller holds mu_. Unlinks the block freed longest ago; the caller frees it outside the lock.
-  void* evict_oldest() {
+  // Caller holds mu_. Unlinks the block freed longest ago; the caller unmaps it outside the lock.
+  std::pair<void*, size_t> evict_oldest() {
     auto entry = order_.begin();
     auto range = free_.equal_range(entry->second);
     for (auto it = range.first; it != range.second; ++it) {
       if (it->second == entry) { free_.erase(it); break; }
     }
-    void* p = entry->first;
-    cached_ -= entry->second;
+    std::pair<void*, size_t> block = *entry;
+    cached_ -= block.second;
     order_.erase(entry);
     ++evictions_;
-    return p;
+    return block;
   }
 
   c10::Allocator* fallback_;
@@ -163,6 +229,8 @@ class CachingCPUAllocator final : public c10::Allocator {
   std::multimap<size_t, std::list<std::pair<void*, size_t>>::iterator> free_;  // size -> its entry of order_
   std::unordered_map<void*, size_t> live_sizes_;  // large blocks in use -> their size
   size_t live_ = 0, cached_ = 0, peak_ = 0, peak_live_ = 0, hits_ = 0, misses_ = 0, evictions_ = 0;
+  size_t resizes_ = 0;  // misses served by resizing an evicted block
+  size_t fresh_ = 0;    // bytes new to a miss's block: faulted in and zeroed at first touch
 };
 
 CachingCPUAllocator* g_alloc = nullptr;
@@ -187,9 +255,10 @@ int glam3d_cache_install(int64_t cap_bytes, int64_t slack_bytes, int64_t min_byt
 
 int glam3d_cache_installed() { return (g_alloc != nullptr && c10::GetCPUAllocator() == g_alloc) ? 1 : 0; }
 
-// out[10]: live bytes, cached bytes, peak (live + cached), peak live, hits, misses, evictions, cap, slack, min
+// out[12]: live bytes, cached bytes, peak (live + cached), peak live, hits, misses, evictions, cap, slack, min,
+// resizes (misses served by resizing an evicted block), fresh bytes (new to a miss's block)
 void glam3d_cache_stats(int64_t* out) {
-  if (g_alloc == nullptr) { std::memset(out, 0, 10 * sizeof(int64_t)); return; }
+  if (g_alloc == nullptr) { std::memset(out, 0, kStats * sizeof(int64_t)); return; }
   g_alloc->stats(out);
 }
 
