@@ -884,6 +884,9 @@ def _targets(rows, ratios, res) -> List[dict]:
         out.append({"target": key, "description": desc, "value": value,
                     "status": status or ("n/a" if ok is None else ("PASS" if ok else "FAIL")), "note": note})
 
+    # the ratio at equal efficiency: GLAM's extra multiply-adds run as fast as nnFormer's average
+    glam_row, nn_row = rows.get(f"glam_nnformer_{size}", {}), rows.get(f"nnformer_{size}", {})
+    macs = glam_row["macs_G"] / nn_row["macs_G"] if glam_row.get("macs_G") and nn_row.get("macs_G") else None
     for key, name, upper in (("glam_forward_ratio", "forward", True), ("glam_sw_ratio", "sw", False),
                              ("glam_forward_ratio_graph", "forward_graph", True),
                              ("glam_sw_ratio_graph", "sw_graph", False),
@@ -896,8 +899,10 @@ def _targets(rows, ratios, res) -> List[dict]:
         ok = None if r is None else (r <= thr if upper else r >= thr)
         # the threshold inside the 95 % interval: the rounds do not decide
         unclear = r is not None and ci is not None and (ci[0] <= thr < ci[1] if upper else ci[0] < thr <= ci[1])
-        add(key, r, ok, f"{size} size" + (f"; 95 % CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""),
-            "UNCLEAR" if unclear else None)
+        note = f"{size} size" + (f"; 95 % CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else "")
+        if macs:
+            note += f"; multiply-adds {macs:.3f}" if upper else f"; 1 / multiply-adds {1 / macs:.3f}"
+        add(key, r, ok, note, "UNCLEAR" if unclear else None)
     # the best fp32 rate measured: eager, or replayed from a CUDA graph where the eager GPU forward waits on the
     # host's kernel dispatch (the rate of the kernels, what glam3d predict gets on a GPU)
     nn = rows.get("nnformer_synapse", {})
