@@ -900,7 +900,7 @@ def _targets(rows, ratios, res) -> List[dict]:
         # the threshold inside the 95 % interval: the rounds do not decide
         unclear = r is not None and ci is not None and (ci[0] <= thr < ci[1] if upper else ci[0] < thr <= ci[1])
         note = f"{size} size" + (f"; 95 % CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else "")
-        if macs:
+        if macs and r is not None:
             note += f"; multiply-adds {macs:.3f}" if upper else f"; 1 / multiply-adds {1 / macs:.3f}"
         add(key, r, ok, note, "UNCLEAR" if unclear else None)
     # the best fp32 rate measured: eager, or replayed from a CUDA graph where the eager GPU forward waits on the

@@ -164,10 +164,13 @@ def test_forward_target_unclear_when_threshold_inside_interval():
     assert got["glam_forward_ratio_graph"] == got["glam_sw_ratio_graph"] == "FAIL"
     # with both networks' multiply-adds measured, the ratio lines say the ratio at equal efficiency
     macs = {"glam_nnformer_synapse": {"macs_G": 252.1}, "nnformer_synapse": {"macs_G": 211.8}}
+    ratios["synapse"]["glam_over_nnformer_sw"] = 0.82
     notes = {t["target"]: t["note"] for t in _targets(macs, ratios, {})}
     assert notes["glam_forward_ratio"].endswith("; multiply-adds 1.190")
     assert notes["glam_sw_ratio"].endswith("; 1 / multiply-adds 0.840")
     assert "multiply-adds" not in {t["target"]: t for t in _targets({}, ratios, {})}["glam_forward_ratio"]["note"]
+    ratios["synapse"].update(glam_over_nnformer_forward=None, glam_over_nnformer_forward_ci95=None)
+    assert "multiply-adds" not in {t["target"]: t for t in _targets(macs, ratios, {})}["glam_forward_ratio"]["note"]
     assert got["glam_forward_ratio_graph_bf16"] == got["glam_sw_ratio_graph_bf16"] == "PASS"
     # nnFormer's rate: the better of eager and graph replays, the note says which
     rows = {"nnformer_synapse": {"peak_fraction": 0.31, "peak_fraction_graph": 0.62}}
