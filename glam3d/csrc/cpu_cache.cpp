@@ -17,7 +17,6 @@
 
 #include <pthread.h>
 #include <sys/mman.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -124,7 +123,11 @@ class CachingCPUAllocator final : public c10::Allocator {
     for (auto& e : evicted) unmap_block(e.first, e.second);
     if (reuse.first != nullptr) {
       p = resize_block(reuse.first, reuse.second, size);
-      if (p == nullptr) unmap_block(reuse.first, reuse.second);  // could not grow: a fresh block below
+      if (p == nullptr) {  // could not grow: a fresh block below, all of it new
+        unmap_block(reuse.first, reuse.second);
+        std::lock_guard<std::mutex> lock(mu_);
+        fresh_ += reuse.second;
+      }
     }
     if (p == nullptr) {
       p = map_block(size);
@@ -191,8 +194,8 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   void stats(int64_t* out) {
     std::lock_guard<std::mutex> lock(mu_);
-    const size_t v[kStats] = {live_,     cached_, peak_, peak_live_, hits_, misses_, evictions_, cap_, slack_,
-                              min_,      resizes_, fresh_};
+    const size_t v[kStats] = {live_, cached_, peak_, peak_live_, hits_,     misses_,
+                              evictions_, cap_, slack_, min_, resizes_, fresh_};
     for (int i = 0; i < kStats; ++i) out[i] = int64_t(v[i]);
   }
 
