@@ -874,6 +874,21 @@ def _variant_ratios(rows: Dict[str, dict], models: Sequence[str]) -> Dict[str, d
     return out
 
 
+def _sw_equal_efficiency(nn_row: dict, macs: float) -> Optional[float]:
+    """The sliding-window GLAM / nnFormer ratio at equal efficiency, with the work both networks share.
+
+    nnFormer's sliding window takes ``sw_seconds`` for ``windows`` windows; GLAM's extra multiply-adds at
+    nnFormer's average rate would add ``windows * forward_s * (macs - 1)`` to it (its batch-1 forward time
+    standing in for a window's share of a batch). The weighting, blending and argmax cost both networks the same,
+    so this reference lies above ``1 / macs``. ``None`` unless nnFormer's forward and sliding window were both
+    measured."""
+    sw, f = nn_row.get("sw_seconds"), nn_row.get("forward_s")
+    n = (nn_row.get("sw") or {}).get("windows")
+    if not (sw and f and n):
+        return None
+    return sw / (sw + n * f * (macs - 1))
+
+
 def _targets(rows, ratios, res) -> List[dict]:
     syn = ratios["synapse"]
     size = "synapse" if (syn["glam_over_nnformer_forward"], syn["glam_over_nnformer_sw"]) != (None, None) else "tiny"
@@ -902,6 +917,8 @@ def _targets(rows, ratios, res) -> List[dict]:
         note = f"{size} size" + (f"; 95 % CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else "")
         if macs and r is not None:
             note += f"; multiply-adds {macs:.3f}" if upper else f"; 1 / multiply-adds {1 / macs:.3f}"
+            if name == "sw" and _sw_equal_efficiency(nn_row, macs) is not None:
+                note += f", with the shared work {_sw_equal_efficiency(nn_row, macs):.3f}"
         add(key, r, ok, note, "UNCLEAR" if unclear else None)
     # the best fp32 rate measured: eager, or replayed from a CUDA graph where the eager GPU forward waits on the
     # host's kernel dispatch (the rate of the kernels, what glam3d predict gets on a GPU)

@@ -169,6 +169,12 @@ def test_forward_target_unclear_when_threshold_inside_interval():
     notes = {t["target"]: t["note"] for t in _targets(macs, ratios, {})}
     assert notes["glam_forward_ratio"].endswith("; multiply-adds 1.190")
     assert notes["glam_sw_ratio"].endswith("; 1 / multiply-adds 0.840")
+    # with nnFormer's forward and sliding window measured, the sliding-window line also counts the shared work:
+    # 51.0 s for 27 windows of 1.609 s, plus 27 x 1.609 x 0.190 s of GLAM's extra = 0.861
+    macs["nnformer_synapse"].update(forward_s=1.609, sw_seconds=51.0, sw={"windows": 27})
+    notes = {t["target"]: t["note"] for t in _targets(macs, ratios, {})}
+    assert notes["glam_sw_ratio"].endswith("; 1 / multiply-adds 0.840, with the shared work 0.861")
+    assert notes["glam_forward_ratio"].endswith("; multiply-adds 1.190")
     assert "multiply-adds" not in {t["target"]: t for t in _targets({}, ratios, {})}["glam_forward_ratio"]["note"]
     ratios["synapse"].update(glam_over_nnformer_forward=None, glam_over_nnformer_forward_ci95=None)
     assert "multiply-adds" not in {t["target"]: t for t in _targets(macs, ratios, {})}["glam_forward_ratio"]["note"]
