@@ -917,8 +917,8 @@ def _targets(rows, ratios, res) -> List[dict]:
         note = f"{size} size" + (f"; 95 % CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else "")
         if macs and r is not None:
             note += f"; multiply-adds {macs:.3f}" if upper else f"; 1 / multiply-adds {1 / macs:.3f}"
-            if name == "sw" and _sw_equal_efficiency(nn_row, macs) is not None:
-                note += f", with the shared work {_sw_equal_efficiency(nn_row, macs):.3f}"
+            shared = _sw_equal_efficiency(nn_row, macs) if name == "sw" else None
+            note += f", with the shared work {shared:.3f}" if shared is not None else ""
         add(key, r, ok, note, "UNCLEAR" if unclear else None)
     # the best fp32 rate measured: eager, or replayed from a CUDA graph where the eager GPU forward waits on the
     # host's kernel dispatch (the rate of the kernels, what glam3d predict gets on a GPU)
