@@ -376,8 +376,9 @@ def _measure(spec: dict, device: torch.device, roi, vol, run: Callable[[], torch
 
 def _long_ct_worker(spec: dict) -> dict:
     """Child process, long-CT line: write a synthetic int16 CT to a temporary ``.npy`` (a few planes at a time),
-    then infer it disk to disk (NpySlabReader + normalize + NpySlabWriter) — or, with ``in_memory``, from an
-    int16 array in memory to a labels tensor. Reports time, peak RSS and the accumulator's peak."""
+    then infer it disk to disk (NpySlabReader + normalize + NpySlabWriter, the blending's sums shared by two rows
+    of windows parked in the same folder) — or, with ``in_memory``, from an int16 array in memory to a labels
+    tensor. Reports time, peak RSS and the accumulator's peak."""
     import tempfile
 
     from .engine.inference import NpySlabReader, NpySlabWriter, predict_volume
@@ -405,6 +406,7 @@ def _long_ct_worker(spec: dict) -> dict:
                     w[d0:d0 + planes.shape[1]] = planes[0]
             image = NpySlabReader(ct)
             out = NpySlabWriter(os.path.join(tmp, "labels.npy"), vol)
+            kwargs["spill"] = tmp  # as glam3d predict does: sums shared by two window rows wait on disk
 
             def run():
                 with out:
@@ -412,7 +414,7 @@ def _long_ct_worker(spec: dict) -> dict:
         res = _measure(spec, device, roi, vol, run)
     res["input"] = "memory (int16)" if spec.get("in_memory") else "npy (int16)"
     for k in ("windows", "peak_accumulator_bytes", "slab_bytes", "input_block_bytes", "labels_bytes",
-              "labels_buffer_bytes"):
+              "labels_buffer_bytes", "spill", "peak_spilled_bytes"):
         res[k] = stats.get(k)
     return res
 

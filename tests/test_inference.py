@@ -415,3 +415,74 @@ def test_one_argmax_per_cell_and_the_chunked_argmax_equal(monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(inf, "_ARGMAX_ELEMENTS", 1)  # one plane per argmax
             assert torch.equal(predict_volume(model, image, (8, 12, 10), overlap=overlap, sw_batch_size=2), labels)
+
+
+@pytest.mark.parametrize("shape,roi,overlap,sw", [
+    ((1, 48, 64, 64), (8, 8, 8), 0.5, 2),
+    ((1, 45, 30, 27), (8, 8, 8), 0.5, 1),   # sizes off the window grid (last rows and columns shifted back)
+    ((2, 40, 24, 24), (8, 12, 12), 0.25, 3),
+    ((1, 50, 20, 20), (8, 8, 8), 0.75, 2),
+    ((1, 37, 16, 16), (8, 8, 8), 0.0, 2),   # overlap 0: the last two rows interleave, nothing waits
+    ((1, 40, 36), (8, 8), 0.5, 2),          # 2D
+])
+def test_spill_parks_shared_rows_and_keeps_labels_bit_for_bit(tmp_path, shape, roi, overlap, sw):
+    model = TinyNet(cin=shape[0], k=5, nd=len(roi)).eval()
+    x = torch.randn(shape)
+    mem, disk = {}, {}
+    l0, p0 = predict_volume(model, x, roi, overlap=overlap, sw_batch_size=sw, stats=mem, return_probs=True)
+    l1, p1 = predict_volume(model, x, roi, overlap=overlap, sw_batch_size=sw, stats=disk, return_probs=True,
+                            spill=tmp_path)
+    assert torch.equal(l0, l1) and torch.equal(p0, p1)
+    ml, mp = _monai_labels(model, x, roi, overlap, sw)
+    assert torch.equal(l1, ml) and torch.equal(p1, mp)
+    assert list(tmp_path.iterdir()) == []  # the spill file was never linked into the folder
+    if overlap == 0:
+        assert disk["spill"] == "unused" and disk["spilled_cells"] == 0
+        assert disk["peak_accumulator_bytes"] == mem["peak_accumulator_bytes"]
+    else:
+        assert disk["spill"] == "on" and disk["spilled_cells"] > 0
+        # what waits for the next row left memory; the file holds about that layer, its slots reused
+        assert disk["peak_accumulator_bytes"] < 0.65 * mem["peak_accumulator_bytes"]
+        assert disk["peak_spilled_bytes"] <= disk["spill_file_bytes"] <= 1.5 * disk["peak_spilled_bytes"]
+
+
+def test_spill_memory_stays_a_row_whatever_the_length(tmp_path):
+    model = TinyNet(k=5).eval()
+    roi = (8, 8, 8)
+    peaks, files = [], []
+    for d in (48, 96, 160):
+        stats = {}
+        predict_volume(model, torch.randn(1, d, 64, 64), roi, overlap=0.5, stats=stats, spill=tmp_path)
+        slab = stats["slab_bytes"]
+        # the cells of one row of windows that no other row adds to, not the (roi_d / 2)-deep layer
+        assert stats["peak_accumulator_bytes"] <= slab / 6, stats["peak_accumulator_bytes"] / slab
+        peaks.append(stats["peak_accumulator_bytes"])
+        files.append(stats["spill_file_bytes"])
+    assert len(set(peaks)) == 1 and len(set(files)) == 1
+
+
+def test_spill_without_room_or_on_a_failed_write_keeps_cells_in_memory(tmp_path, monkeypatch):
+    import os
+
+    import glam3d.utils.io as io
+    model = TinyNet(k=4).eval()
+    x = torch.randn(1, 40, 32, 32)
+    roi = (8, 8, 8)
+    ref = predict_volume(model, x, roi, overlap=0.5)
+    with monkeypatch.context() as m:
+        m.setattr(io, "has_room", lambda folder, nbytes: False)
+        stats = {}
+        assert torch.equal(predict_volume(model, x, roi, overlap=0.5, stats=stats, spill=tmp_path), ref)
+        assert stats["spill"] == "off: no room" and stats["spilled_cells"] == 0
+    real, calls = os.pwrite, []
+
+    def pwrite(fd, data, off):  # the disk fills up after 5 cells: those stay parked, the rest stays in memory
+        calls.append(off)
+        if len(calls) > 5:
+            raise OSError(28, "No space left on device")
+        return real(fd, data, off)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    stats = {}
+    assert torch.equal(predict_volume(model, x, roi, overlap=0.5, stats=stats, spill=tmp_path), ref)
+    assert stats["spill"] == "stopped: No space left on device" and stats["spilled_cells"] == 5
+    assert list(tmp_path.iterdir()) == []

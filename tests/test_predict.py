@@ -157,7 +157,8 @@ def test_predict_reads_the_scan_lazily(tmp_path, monkeypatch):
     seen, spilled = [], []
     real, real_spill = inference.predict_volume, pipeline.spill_stored
     monkeypatch.setattr(inference, "predict_volume", lambda model, image, *a, **k: (
-        seen.append((type(image).__name__, type(k.get("out")).__name__)), real(model, image, *a, **k))[1])
+        seen.append((type(image).__name__, type(k.get("out")).__name__, k.get("spill"))),
+        real(model, image, *a, **k))[1])
     monkeypatch.setattr(pipeline, "spill_stored", lambda image, folder: (
         lambda m: (spilled.append((type(m).__name__, folder)), m)[1])(real_spill(image, folder)))
     img16 = nib.Nifti1Image(np.round(img.get_fdata()).astype(np.int16), img.affine)  # a CT as stored: int16 HU
@@ -177,8 +178,9 @@ def test_predict_reads_the_scan_lazily(tmp_path, monkeypatch):
     eager = pipeline.preprocess_scan
     monkeypatch.setattr(pipeline, "preprocess_scan", lambda image, plan, **k: eager(image, plan))
     assert main(args + ["--output", str(tmp_path / "eager")]) == 0
-    writer = "NpySlabWriter"   # labels to the scratch folder, except with --scratch none
-    assert seen == [("LazyScan", writer)] * 2 + [("LazyScan", "NoneType"), ("Tensor", writer)]
+    writer = "NpySlabWriter"   # labels (and the blending's parked sums) to the scratch folder, except with none
+    assert seen == [("LazyScan", writer, tmp_path / "lazy"), ("LazyScan", writer, tmp_path / "scr"),
+                    ("LazyScan", "NoneType", None), ("Tensor", writer, tmp_path / "eager")]
     a, b, c, d = (np.asanyarray(nib.load(tmp_path / o / "scan.nii.gz").dataobj) for o in ("lazy", "eager", "o2", "o3"))
     assert a.any() and np.array_equal(a, b) and np.array_equal(a, c) and np.array_equal(a, d)
 

@@ -72,8 +72,9 @@ def add_parser(subparsers):
     p.add_argument("--scratch", default=None, metavar="DIR",
                    help="folder for the temporary files of a scan, so that none is held in memory: the CT "
                         "decoded for reading (mapped, unlinked at once), the labels as the sliding window "
-                        "finishes them and, with --probabilities, the class maps (mapped, unlinked at once) "
-                        "(default: the output folder); 'none': keep them in memory")
+                        "finishes them, with --probabilities the class maps (mapped, unlinked at once), and "
+                        "at overlap > 0 the blending's class sums that wait between two rows of windows (CPU "
+                        "stitching; unlinked at once) (default: the output folder); 'none': keep them in memory")
     p.add_argument("--probabilities", action="store_true",
                    help="also write <case>_probabilities.nii.gz (softmax per class, in the input geometry)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
@@ -475,7 +476,8 @@ def run(args) -> int:
                                  sw_batch_size=settings["sw_batch_size"], mode=settings["mode"],
                                  mirror=settings["mirror"], device=device, amp=args.amp, stitch_device=stitch,
                                  return_probs=want_probs, progress=desc or False, out=writer,
-                                 probs_out=_probability_target(scratch, stitch or device) if want_probs else None)
+                                 probs_out=_probability_target(scratch, stitch or device) if want_probs else None,
+                                 spill=scratch if (stitch or device).type == "cpu" else None)
         except BaseException as err:
             if writer is not None:
                 writer.abort()  # its temporary file goes
