@@ -590,9 +590,14 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
         return (slice(None),) + tuple(slice(bounds[k][c[k]] - w[k].start, bounds[k][c[k] + 1] - w[k].start)
                                       for k in range(nd))
 
+    def release(c):
+        """Cell ``c``'s entry ``(sums, windows)`` out of the live set, its bytes no longer counted."""
+        entry = live.pop(c)
+        acc["live"] -= entry[0].numel() * entry[0].element_size()
+        return entry
+
     def finalise(c):
-        s, seen = live.pop(c)
-        acc["live"] -= s.numel() * s.element_size()
+        s, seen = release(c)
         n = torch.zeros((1,) + s.shape[1:], dtype=torch.float32, device=stitch)  # the count map, summed now in
         for i in seen:                                                           # the windows' order, as MONAI
             n.add_(weight[local(c, windows[i])])
@@ -689,12 +694,13 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
             cells = list(itertools.product(*cell_ranges[i]))
             for c in cells:
                 entry = live.get(c)
-                if entry is None and spill is not None and c in parked:
-                    entry = live[c] = parked.take(c, stitch)
-                    acc["live"] += entry[0].numel() * entry[0].element_size()
                 if entry is None:
-                    shape = tuple(bounds[k][c[k] + 1] - bounds[k][c[k]] for k in range(nd))
-                    entry = live[c] = (torch.zeros((k_classes,) + shape, dtype=torch.float32, device=stitch), [])
+                    if spill is not None and c in parked:  # back from disk for this row
+                        entry = parked.take(c, stitch)
+                    else:
+                        shape = tuple(bounds[k][c[k] + 1] - bounds[k][c[k]] for k in range(nd))
+                        entry = (torch.zeros((k_classes,) + shape, dtype=torch.float32, device=stitch), [])
+                    live[c] = entry
                     acc["live"] += entry[0].numel() * entry[0].element_size()
                 entry[0].add_(o[local(c, w)])  # `+=` on the cell: the same float32 sum, voxel by voxel, as MONAI's
                 entry[1].append(i)  # the windows that touched it: the count map is their weights' sum
@@ -706,9 +712,7 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
                     finalise(c)
                 elif (spill is not None and _parks(touchers[c], i, windows)
                       and parked.put(c, *live[c], acc["live"])):
-                    s_c = live.pop(c)[0]
-                    acc["live"] -= s_c.numel() * s_c.element_size()
-                    del s_c
+                    release(c)
         del res, o
         if bar is not None:
             bar(start + len(batch_w), len(windows))
@@ -791,17 +795,16 @@ class BlendSpill:
 
     def put(self, c, s: torch.Tensor, seen: list, live_bytes: int) -> bool:
         """Park cell ``c``'s sums ``s`` and the windows that added to them; ``False``: not parked, keep it."""
-        a = s.detach().to("cpu").contiguous().numpy()
-        n = a.nbytes
         if not self._open(live_bytes):
             return False
+        a = s.detach().to("cpu").contiguous().numpy()
+        n = a.nbytes
         off = self.free[n].pop() if self.free[n] else self.end
         view, done = memoryview(a.reshape(-1)).cast("B"), 0
         try:
             while done < n:
                 done += os.pwrite(self.file.fileno(), view[done:], off + done)
         except OSError as err:  # e.g. the disk filled up: what is parked stays readable, no more parking
-            self.free[n].append(off)
             self.state = f"stopped: {err.strerror or err}"
             return False
         self.end = max(self.end, off + n)
