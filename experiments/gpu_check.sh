@@ -47,7 +47,7 @@ cat "$OUT/env.log"
 [[ $STEPS == *" tests "* ]] && TAIL=12 step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
 if [[ $STEPS != *" e2e "* ]]; then rm -rf "$W"; exit 0; fi
-CFG=experiments/configs/phantom_glam_nnformer_tiny.yaml
+CFG=glam3d/configs/phantom_glam_nnformer_tiny.yaml
 TAIL=4 step e2e 60 torchrun --standalone --nnodes=1 --nproc_per_node=1 -m glam3d train "$CFG" --data "$PRE" \
     --out "$W/run" --device cuda -o train.amp=bf16 --epochs 4 -o train.iters_per_epoch=25 -o train.val_every=2 \
     --no-progress

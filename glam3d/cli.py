@@ -16,6 +16,7 @@ from .errors import run_command
 # command name -> module under glam3d.commands
 COMMANDS = {
     "models": "models",
+    "configs": "configs",
     "demo": "demo",
     "train": "train",
     "predict": "predict",

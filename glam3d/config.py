@@ -24,7 +24,7 @@ file. ``--override a.b=value`` values are YAML scalars (``optim.lr=3e-4``, ``dat
 
 Usage::
 
-    cfg = load_config("experiments/configs/phantom_glam_nnformer_tiny.yaml", overrides=["train.epochs=2"])
+    cfg = load_config("phantom_glam_nnformer_tiny", overrides=["train.epochs=2"])  # a shipped config, or a path
     cfg.optim.lr            # 0.001
     config_to_dict(cfg)     # plain dict (saved as the run's config.yaml and in checkpoints)
 """
@@ -36,6 +36,7 @@ import difflib
 import math
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
@@ -253,9 +254,34 @@ def _with_task_defaults(raw: dict, source: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------------------------
+def shipped_configs() -> List[str]:
+    """Names of the configs that ship inside the package (``glam3d/configs/NAME.yaml``), sorted."""
+    return sorted(p.name[:-5] for p in resources.files("glam3d").joinpath("configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def config_path(name_or_path) -> Path:
+    """A config given as a file path, or as the name of a shipped config (``synapse_glam_nnformer``, with or
+    without ``.yaml``), found through :mod:`importlib.resources` so that an installed wheel finds its own configs.
+    A path that exists wins over a shipped name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if str(path) in (name, name + ".yaml"):  # a bare name, not a path to a missing file
+        shipped = resources.files("glam3d").joinpath("configs", name + ".yaml")
+        if shipped.is_file():
+            return Path(str(shipped))
+        close = difflib.get_close_matches(name, shipped_configs(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else " (`glam3d configs` lists the shipped configs)"
+        raise UserError(f"no such config file or shipped config{hint}", name_or_path)
+    raise UserError("config file not found", path)
+
+
 def load_config(path, overrides: Optional[List[str]] = None) -> Config:
-    """Read a YAML config (following ``base:``), apply ``key=value`` overrides, check keys and types."""
-    path = Path(path)
+    """Read a YAML config (a path, or the name of a shipped config: :func:`config_path`), following ``base:``;
+    apply ``key=value`` overrides; check keys and types."""
+    path = config_path(path)
     raw = load_yaml_with_base(path)
     raw.setdefault("name", path.stem)
     for item in overrides or []:

@@ -9,7 +9,7 @@ import pytest
 from glam3d.config import Config, config_from_dict, dump_config, load_config, validate_config
 from glam3d.errors import UserError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "glam3d" / "configs"
 
 
 def _write(tmp_path, text, name="c.yaml"):
@@ -45,7 +45,7 @@ def test_every_shipped_config_loads(path):
 
 
 def test_ablations_inherit_and_override():
-    gt = {n: load_config(CONFIGS / f"synapse_glam_nnformer_gt{n}.yaml") for n in (0, 1, 5, 20)}
+    gt = {n: load_config(CONFIGS / f"synapse_glam_nnformer_tokens{n}.yaml") for n in (0, 1, 5, 20)}
     for n, cfg in gt.items():
         assert cfg.model.overrides == {"deep_supervision": True, "num_global_tokens": n}
         assert cfg.optim.lr == 0.01 and cfg.train.epochs == 1000  # inherited
@@ -133,3 +133,29 @@ def test_bad_yaml_and_values(tmp_path):
         validate_config(cfg)
     with pytest.raises(UserError, match="data.root"):
         validate_config(Config())
+
+
+def test_shipped_configs_resolve_by_name(tmp_path, monkeypatch):
+    from glam3d.config import config_path, shipped_configs
+    monkeypatch.chdir(tmp_path)  # found through the package, not the working folder
+    names = shipped_configs()
+    assert "phantom_glam_nnformer_tiny" in names and len(names) == len(list(CONFIGS.glob("*.yaml")))
+    assert config_path("synapse_glam_nnformer").samefile(CONFIGS / "synapse_glam_nnformer.yaml")
+    assert config_path("synapse_glam_nnformer.yaml").samefile(CONFIGS / "synapse_glam_nnformer.yaml")
+    assert load_config("synapse_glam_nnformer_tokens5").model.overrides["num_global_tokens"] == 5  # base: followed
+    with pytest.raises(UserError, match=r"synapse_glam_nnformr: no such config .*did you mean 'synapse_glam_nnformer'"):
+        config_path("synapse_glam_nnformr")
+    with pytest.raises(UserError, match=r"sub/none\.yaml: config file not found"):
+        config_path("sub/none.yaml")
+    own = tmp_path / "synapse_glam_nnformer.yaml"  # a file the user has wins over the shipped name
+    own.write_text("name: mine\n")
+    assert config_path("synapse_glam_nnformer.yaml").resolve() == own
+
+
+def test_configs_command_lists_and_prints(capsys):
+    from glam3d.cli import main
+    assert main(["configs"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("synapse_nnformer ") for line in listing)
+    assert main(["configs", "synapse_glam_nnformer_nonlu"]) == 0
+    assert capsys.readouterr().out == (CONFIGS / "synapse_glam_nnformer_nonlu.yaml").read_text()

@@ -247,7 +247,7 @@ def test_paper_table1_configs_resolve_and_build():
     from glam3d.data.natural import resolve_2d_data_config
     from glam3d.models import build_model
 
-    root = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    root = Path(__file__).resolve().parents[1] / "glam3d" / "configs"
     rows = {f"ade20k_{g}swin_unet_{s}" for g in ("", "glam_") for s in ("tiny", "base")}
     rows |= {f"ade20k_{g}swin_upernet_{s}" for g in ("", "glam_") for s in ("tiny", "small", "base")}
     rows |= {f"cityscapes_{g}swin_upernet_{s}" for g in ("", "glam_") for s in ("tiny", "base")}

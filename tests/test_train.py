@@ -361,7 +361,7 @@ def test_all_augmentations_keep_shapes_and_labels(tiny):
     from glam3d.data.transforms import train_transforms
 
     data, _ = tiny
-    dcfg = load_config(Path(__file__).resolve().parents[1] / "experiments/configs/synapse_glam_nnformer.yaml").data
+    dcfg = load_config(Path(__file__).resolve().parents[1] / "glam3d/configs/synapse_glam_nnformer.yaml").data
     dcfg.roi_size = [16, 20, 20]
     for name in ("flip_prob", "affine_prob", "rotate90_prob", "intensity_scale_prob", "intensity_shift_prob",
                  "noise_prob", "gamma_prob"):

@@ -17,7 +17,7 @@ from PIL import Image
 from glam3d.config import Data2DConfig, DataConfig, load_config, validate_config
 from glam3d.errors import UserError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "glam3d" / "configs"
 TWO_D = sorted(list(CONFIGS.glob("ade20k_*.yaml")) + list(CONFIGS.glob("cityscapes_*.yaml")))
 
 TINY_UPERNET = ("model.overrides={num_classes: 4, default_crop: [64, 64], embed_dim: 24, depths: [1, 1, 1, 1], "

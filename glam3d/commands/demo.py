@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "phantom_glam_nnformer_tiny.yaml"
+DEFAULT_CONFIG = "phantom_glam_nnformer_tiny"  # shipped in the package (glam3d/configs)
 TARGET_DICE = 0.80
 TARGET_MINUTES = 15.0
 # the demo's training grid (sz sy sx, mm): a 32x64x64 crop of a 4 mm grid holds most of a phantom abdomen (every
@@ -33,8 +33,8 @@ def add_parser(subparsers):
     p = subparsers.add_parser("demo", help="phantoms -> preprocess -> train tiny GLAM-nnFormer -> infer -> report",
                               description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="work folder (default ./demo_out)")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training config (default: the tiny "
-                                                                        "phantom config)")
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="training config: a file or a shipped config's name (default: phantom_glam_nnformer_tiny)")
     p.add_argument("--cases", type=int, default=30, help="phantom cases (BTCV ids; default 30 = 18 train/12 test)")
     p.add_argument("--matrix", type=int, default=128, help="phantom in-plane matrix (default 128, ~2.8 mm)")
     p.add_argument("--spacing", nargs=3, type=float, default=list(DEMO_SPACING), metavar=("SZ", "SY", "SX"),
@@ -49,15 +49,13 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from ..config import load_config
+    from ..config import config_path, load_config
     from ..engine.train import train
     from .. import cli as glam_cli
     from preprocessing import cli as pre_cli
 
     out: Path = args.out
-    if not args.config.is_file():
-        raise UserError("training config not found (run the demo from a clone of the repository, or pass "
-                        "--config)", args.config)
+    config_path(args.config)  # a missing config fails here, before any work
     if args.overwrite and out.exists():
         foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES)
         if foreign:

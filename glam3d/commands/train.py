@@ -3,10 +3,10 @@
 
 Examples::
 
-    glam3d train experiments/configs/phantom_glam_nnformer_tiny.yaml --override data.root=data/phantom_pre
-    glam3d train experiments/configs/synapse_glam_nnformer.yaml --out runs/glam_s1 --override train.seed=1
-    glam3d train experiments/configs/synapse_glam_nnformer.yaml --out runs/glam_s1 --resume
-    torchrun --nproc_per_node=4 -m glam3d train experiments/configs/synapse_glam_nnformer.yaml
+    glam3d train phantom_glam_nnformer_tiny --override data.root=data/phantom_pre
+    glam3d train synapse_glam_nnformer --out runs/glam_s1 --override train.seed=1
+    glam3d train synapse_glam_nnformer --out runs/glam_s1 --resume
+    torchrun --nproc_per_node=4 -m glam3d train synapse_glam_nnformer
 
 Also runnable without the dispatcher: ``python -m glam3d.commands.train CONFIG ...``.
 """
@@ -21,13 +21,14 @@ HELP = "train a network from a YAML config (single process, or DDP under torchru
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help=HELP, description=HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="configs: experiments/configs/*.yaml; keys: see glam3d/config.py")
+                              epilog="configs: `glam3d configs` lists the shipped ones; keys: see glam3d/config.py")
     _add_arguments(p)
     return p
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config (may inherit another with 'base:')")
+    p.add_argument("config", help="YAML config file, or the name of a shipped config (`glam3d configs`); a file may "
+                                   "inherit another with 'base:'")
     p.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="set a config key, e.g. optim.lr=3e-4 or data.roi_size=[32,64,64] (repeatable)")
     p.add_argument("--out", metavar="DIR", help="run folder (default: the config's 'output')")

@@ -13,7 +13,7 @@ Usage::
 
     from glam3d.config import load_config
     from glam3d.engine.train import train
-    summary = train(load_config("experiments/configs/phantom_glam_nnformer_tiny.yaml"))
+    summary = train(load_config("phantom_glam_nnformer_tiny"))
     summary["best_mean_dice"], summary["checkpoint_best"]
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the same call runs DistributedDataParallel: every rank draws its own
