@@ -25,8 +25,9 @@ examples:
                nnformer_synapse --sections forward --repeats 15
                                                 # a variant with options beside the default and its twin
   glam3d bench --device cuda --repeats 15       # + bf16 columns and the longest 512x512 scan that fits
-The full CPU run takes several minutes (Synapse-size networks); every model's sliding-window run is a child
-process so its peak memory is its own.
+The full CPU run takes about 45 minutes on two cores (Synapse-size networks; a third of it the long-CT lines,
+--sections picks parts); every model's sliding-window run is a child process so its peak memory is its own.
+--save DIR names the result by the machine: DIR/<setup>.json + .md (docs/performance.md).
 """
 
 #: what ``glam3d bench`` can measure; "bf16" (autocast forward + sliding window, and the bf16 matmul peak) runs on
