@@ -41,7 +41,7 @@ def groups(results_dir: Path) -> list:
         rows = {r["model"]: r for r in res["rows"]}
         ratios = res["ratios"]["synapse"]
         hardware = setup["name"].split("-torch")[0]
-        for label, sw, mem, suffix in MODES[setup["device"]]:
+        for label, sw, mem, suffix in MODES.get(setup["device"], []):
             vps = {m: rows.get(m, {}).get(f"{sw}_voxels_per_s") for m, _, _ in MODELS}
             if not any(vps.values()):
                 continue

@@ -255,8 +255,8 @@ def capture_graphs(models: Dict[str, torch.nn.Module], inputs: Dict[str, torch.T
     """CUDA only: each model's forward on its (static) input captured once as a CUDA graph
     (:func:`glam3d.engine.cuda_graphs.capture_forward`), so that a replay launches every kernel of the forward
     without the host dispatching them one by one (at batch 1 a fast GPU spends most of an eager forward waiting
-    on that dispatch). Returns
-    name -> a captured forward (``replay()``), or the one-line error of a failed capture."""
+    on that dispatch). Returns name -> a captured forward (``replay()``), or the one-line error of a failed
+    capture."""
     from .engine.cuda_graphs import capture_forward
     out: Dict[str, object] = {}
     for name, m in models.items():
@@ -1245,9 +1245,9 @@ def setup_name(device: str, torch_version: str, precisions: Sequence[str], isa: 
                threads: Optional[int] = None, gpu: Optional[str] = None) -> str:
     """The name of a hardware setup: ``cpu-<isa>-<threads>c-torch<X.Y>-<precisions>`` on a CPU
     (``cpu-avx512-amx-2c-torch2.13-fp32-bf16``), ``gpu-<model>-torch<X.Y>-<precisions>`` on a GPU
-    (``gpu-h100-torch2.11-fp32-bf16``, model :func:`gpu_class`). ``device``: ``cpu`` or ``cuda[:i]``;
-    ``precisions``: what was measured, of ``fp32`` / ``tf32`` / ``bf16``, in that order. Deterministic: the same
-    machine, torch and sections give the same name."""
+    (``gpu-h100-torch2.11-fp32-bf16``, model :func:`gpu_class`); ``<type>-torch<X.Y>-<precisions>`` on another
+    device type (``mps-torch2.13-fp32``). ``precisions``: what was measured, of ``fp32`` / ``tf32`` / ``bf16``,
+    in that order. Deterministic: the same machine, torch and sections give the same name."""
     kind = torch.device(device).type
     order = ("fp32", "tf32", "bf16")
     if not precisions or any(p not in order for p in precisions):
@@ -1262,7 +1262,7 @@ def setup_name(device: str, torch_version: str, precisions: Sequence[str], isa: 
         if not gpu:
             raise ValueError("a GPU setup needs the GPU's name")
         return f"gpu-{gpu_class(gpu)}-torch{tv}-{prec}"
-    raise ValueError(f"device {device!r}: results are named for cpu and cuda devices only")
+    return f"{kind}-torch{tv}-{prec}"
 
 
 def setup_precisions(sections: Sequence[str], tf32: bool = False) -> List[str]:
@@ -1274,16 +1274,22 @@ def setup_precisions(sections: Sequence[str], tf32: bool = False) -> List[str]:
 
 def machine_setup(device, threads: int, sections: Sequence[str]) -> dict:
     """This machine's setup for a run of ``sections`` on ``device`` with ``threads`` torch threads:
-    ``{"name": setup_name(...), "device", "cpu_isa", "threads", "gpu", "torch", "precisions"}`` (``res["setup"]``
-    of every result)."""
+    ``{"name": setup_name(...), "device": "cpu" | "gpu" | another type, "cpu_isa", "threads", "gpu" (its full
+    name), "torch": "X.Y", "precisions"}`` (``res["setup"]`` of every result)."""
     device = torch.device(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     tf32 = device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
-    prec = setup_precisions(sections, tf32)
+    prec = setup_precisions(sections, tf32) or ["fp32"]
     isa = cpu_isa()
-    return {"name": setup_name(str(device), torch.__version__, prec, isa=isa, threads=threads, gpu=gpu),
-            "device": device.type, "cpu_isa": isa, "threads": threads, "gpu": gpu,
-            "torch": _torch_minor(torch.__version__), "precisions": prec}
+    model = gpu
+    if gpu is not None:
+        try:
+            gpu_class(gpu)
+        except ValueError:  # a device name without a model in it: "unknown" rather than no result
+            model = "unknown"
+    return {"name": setup_name(str(device), torch.__version__, prec, isa=isa, threads=threads, gpu=model),
+            "device": "gpu" if device.type == "cuda" else device.type, "cpu_isa": isa, "threads": threads,
+            "gpu": gpu, "torch": _torch_minor(torch.__version__), "precisions": prec}
 
 
 def result_paths(directory, name: str, partial: bool = False) -> Tuple[str, str]:

@@ -580,11 +580,11 @@ def test_setup_name_and_precisions():
     assert setup_name("cuda:1", "2.11.0+cu130", ["fp32", "bf16"], gpu="NVIDIA H100 80GB HBM3", threads=16) == \
         "gpu-h100-torch2.11-fp32-bf16"
     assert setup_name("cuda", "2.11.0", ["tf32"], gpu="NVIDIA A100-SXM4-80GB") == "gpu-a100-torch2.11-tf32"
+    assert setup_name("mps", "2.13.0", ["fp32"]) == "mps-torch2.13-fp32"
     for bad in (dict(device="cpu", torch_version="2.13.0", precisions=["fp32"], isa="avx2"),      # no threads
                 dict(device="cpu", torch_version="2.13.0", precisions=["fp16"], isa="avx2", threads=2),
                 dict(device="cpu", torch_version="2.13.0", precisions=[], isa="avx2", threads=2),
                 dict(device="cuda", torch_version="2.13.0", precisions=["fp32"]),                   # no GPU name
-                dict(device="meta", torch_version="2.13.0", precisions=["fp32"]),
                 dict(device="cpu", torch_version="nightly", precisions=["fp32"], isa="avx2", threads=2)):
         with pytest.raises(ValueError):
             setup_name(**bad)
@@ -599,6 +599,18 @@ def test_machine_setup_reads_this_machine(monkeypatch):
     s = bench.machine_setup("cpu", 2, ["forward", "sw", "bf16"])
     assert s == {"name": "cpu-avx512-amx-2c-torch2.13-fp32-bf16", "device": "cpu", "cpu_isa": "avx512-amx",
                  "threads": 2, "gpu": None, "torch": "2.13", "precisions": ["fp32", "bf16"]}
+    # a GPU: its model from the device's name, tf32 where TF32 matmuls are on; a name without a model: "unknown"
+    names = iter(["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3", "NVIDIA"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
+    g = bench.machine_setup("cuda", 16, ["forward", "sw", "graph"])
+    assert g["name"] == "gpu-h100-torch2.13-fp32-bf16" and g["device"] == "gpu" and g["gpu"] == "NVIDIA H100 80GB HBM3"
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # (a torch setting monkeypatch cannot restore)
+    try:
+        assert bench.machine_setup("cuda:0", 16, ["forward"])["name"] == "gpu-h100-torch2.13-tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert bench.machine_setup("cuda", 16, ["gpu"])["name"] == "gpu-unknown-torch2.13-bf16"
 
 
 def _stand_in_run_bench(seen):
