@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, on any CUDA machine: the benchmark on the GPU (fp32, bf16, CUDA-graph replays of the forward
-# and of the sliding window, the largest scan, torch.compile last), the CUDA tests, then a training run through torchrun with bf16 AMP (and a short fp16 one, a
-# resume), CUDA inference in the scan's own geometry (GPU and CPU stitching, the same checkpoint on the CPU) and
-# the Dice report.
+# The GPU checks in one go, on any CUDA machine: the benchmark on the GPU (fp32, bf16, CUDA-graph replays of the
+# forward and of the sliding window, the largest scan, torch.compile last), the CUDA tests, then a training run
+# through torchrun with bf16 AMP (and a short fp16 one, a resume), CUDA inference in the scan's own geometry (GPU
+# and CPU stitching, the same checkpoint on the CPU) and the Dice report.
 #   bash experiments/gpu_check.sh PRE RAW OUT [BENCH_SECONDS]
 #     PRE: a preprocessed phantom/Synapse folder (dataset.json + cases/), RAW: a BTCV-style folder (img/, label/)
-#     with the scans to segment, OUT: where the logs and the benchmark tables go.
+#     with the scans to segment, OUT: where the logs and the benchmark result go.
 #   STEPS="bench" bash experiments/gpu_check.sh …   only some of the step groups (default "bench tests e2e").
-# Every step has a time limit and its own log; one failing step does not stop the others. The benchmark rewrites
-# its JSON/Markdown after every section, so a bench step cut by its limit still leaves what it measured.
+# Every step has a time limit and its own log; one failing step does not stop the others. The benchmark result is
+# OUT/<setup>.json + .md, named by the GPU and torch (e.g. gpu-h100-torch2.11-fp32-bf16); a bench step cut by its
+# limit leaves what it measured in OUT/<setup>.partial.json + .md. The logs name the GPU without its UUID, and the
+# temporary work folder as $W.
 set -uo pipefail
 PRE=${1:?usage: gpu_check.sh PRE RAW OUT [BENCH_SECONDS]}
 RAW=${2:?}
@@ -31,23 +33,27 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to OUT/NAME.log, pri
     tail -n "+$((before + 2))" "$OUT/$name.log" | tail -n "${TAIL:-8}"
 }
 
-{ nvidia-smi -L; $PY -c "import torch, monai; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; \
+  $PY -c "import torch, monai; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'cudnn', torch.backends.cudnn.version(), torch.cuda.get_device_name(0), 'monai', monai.__version__)"; } \
     >"$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 
-# Synapse-size models only (the tiny rows are for CPUs and CI). On an H100 (2026-11-27) the forward sections
-# took 40 s, each of the 12 sliding-window children (eager / CUDA graphs x fp32 / bf16 x 3 models) ~28 s, the
-# largest-volume search ~100 s: ~8.5 min; torch.compile (section compiled, run last) takes minutes more.
-# (scaling, long_ct and predict_ct are CPU-memory sections: left out here.)
-[[ $STEPS == *" bench "* ]] && TAIL=70 step bench "$BENCH_S" $PY -m glam3d bench --device cuda --repeats 15 --largest-limit 1024 \
-    --models glam_nnformer_synapse nnformer_synapse swin_unetr_synapse \
-    --sections forward bf16 graph sw gpu train compiled --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md"
+# Synapse-size models only (the tiny rows are for CPUs and CI). On an H100 the forward sections take ~40 s, each
+# of the 12 sliding-window children (eager / CUDA graphs x fp32 / bf16 x 3 models) ~28 s (mostly process
+# start-up around a 0.4-2 s measurement), the largest-volume search ~100 s: ~8.5 min; torch.compile (section
+# compiled, run last) takes minutes more. (scaling, long_ct and predict_ct are CPU-memory sections: left out.)
+[[ $STEPS == *" bench "* ]] && TAIL=70 step bench "$BENCH_S" $PY -m glam3d bench --device cuda --repeats 15 \
+    --largest-limit 1024 --models glam_nnformer_synapse nnformer_synapse swin_unetr_synapse \
+    --sections forward bf16 graph sw gpu train compiled --save "$OUT"
 
 [[ $STEPS == *" tests "* ]] && TAIL=12 step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
-if [[ $STEPS != *" e2e "* ]]; then rm -rf "$W"; exit 0; fi
-CFG=glam3d/configs/phantom_glam_nnformer_tiny.yaml
+scrub() {  # the logs name the work folder $W, not its temporary path
+    sed -i "s#$W#\$W#g" "$OUT"/*.log
+}
+if [[ $STEPS != *" e2e "* ]]; then scrub; rm -rf "$W"; exit 0; fi
+CFG=phantom_glam_nnformer_tiny   # a shipped config, by name
 TAIL=4 step e2e 60 torchrun --standalone --nnodes=1 --nproc_per_node=1 -m glam3d train "$CFG" --data "$PRE" \
     --out "$W/run" --device cuda -o train.amp=bf16 --epochs 4 -o train.iters_per_epoch=25 -o train.val_every=2 \
     --no-progress
@@ -71,4 +77,5 @@ for other in ('cuda_cuda', 'cuda_cpu', 'cuda_cuda_eager'):
               np.allclose(nib.load(f).affine, img.affine), 'labels equal to CPU: %.5f' % (a == b).mean())
 "
 TAIL=14 step e2e 60 $PY -m glam3d evaluate --pred "$W/pred_cuda_cuda" --gt "$RAW" --out "$W/report"
+scrub
 rm -rf "$W"

@@ -41,6 +41,12 @@ SwinUNETR voxels per second) and PASS / FAIL per target. ``run_bench(cfg, on_sec
 report so far after every section (``res["complete"]`` False), which is how ``glam3d bench --json`` keeps the
 measurements of a run that is cut short.
 
+Every result names the hardware setup it was measured on (``res["setup"]``, :func:`machine_setup`), e.g.
+``cpu-avx512-amx-2c-torch2.13-fp32-bf16`` or ``gpu-h100-torch2.11-fp32-bf16``: device, CPU vector ISA class
+(:func:`cpu_isa_class`) and threads, or GPU model (:func:`gpu_class`); torch's major.minor version; the
+precisions measured. :func:`save_result` writes ``DIR/<setup>.json`` and ``.md`` (``glam3d bench --save DIR``), so
+one folder holds one current result per setup.
+
 Usage::
 
     from glam3d.bench import BenchConfig, run_bench, format_report
@@ -248,8 +254,9 @@ def capture_graphs(models: Dict[str, torch.nn.Module], inputs: Dict[str, torch.T
                    amp: Optional[torch.dtype] = None) -> Dict[str, object]:
     """CUDA only: each model's forward on its (static) input captured once as a CUDA graph
     (:func:`glam3d.engine.cuda_graphs.capture_forward`), so that a replay launches every kernel of the forward
-    without the host dispatching them one by one (at batch 1 the H100 waits on that dispatch). Returns
-    name -> a captured forward (``replay()``), or the one-line error of a failed capture."""
+    without the host dispatching them one by one (at batch 1 a fast GPU spends most of an eager forward waiting
+    on that dispatch). Returns name -> a captured forward (``replay()``), or the one-line error of a failed
+    capture."""
     from .engine.cuda_graphs import capture_forward
     out: Dict[str, object] = {}
     for name, m in models.items():
@@ -342,8 +349,8 @@ def _warm_up(model, device: torch.device, roi, spec: dict) -> bool:
     """One untimed forward of a batch of windows (same batch size and autocast as the measurement) before a
     sliding-window line is timed — on CUDA always (the first use of each kernel loads it lazily and creates the
     cuBLAS / cuDNN handles: seconds, paid once by a long-running inference, and different for fp32 and bf16),
-    elsewhere when ``spec["warmup"]`` (the recorded CPU lines were measured cold; CPU first-call costs are
-    small beside a 5 s window). Returns whether it ran."""
+    elsewhere only when ``spec["warmup"]`` (CPU lines are measured cold, so they stay comparable with each
+    other; CPU first-call costs are small beside a 5 s window). Returns whether it ran."""
     if device.type != "cuda" and not spec.get("warmup"):
         return False
     amp = resolve_amp(spec.get("amp", False), device)
@@ -689,6 +696,7 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
         "cuda_tf32": ({"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32,
                        "cudnn_version": torch.backends.cudnn.version()} if device.type == "cuda" else None),
         "allocator": allocator_state()}}
+    res["setup"] = machine_setup(device, torch.get_num_threads(), cfg.sections)
 
     rows: Dict[str, dict] = {}
     res["sections_done"] = []
@@ -723,8 +731,8 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
     if "forward" in cfg.sections:
         _log(cfg, f"forward timing, {cfg.repeats} rounds over {len(cfg.models)} models")
         times = time_forward(models, inputs, cfg.repeats, device)
-        # the peak is the machine's best rate: a second sample right after the rounds, the higher one counts (one
-        # sample at the start read 144 GFLOP/s where the same VM gives 170-200, and "% of peak" 115 %)
+        # the peak is the machine's best rate: a second sample right after the rounds, the higher one counts (a
+        # single sample taken while a shared machine is busy can read low enough to put a network above 100 %)
         again = matmul_peak_gflops(cfg.matmul_size, repeats=7 if not cfg.quick else 3, device=device)
         res["matmul_peak_samples"] = [peak, again]
         peak = res["matmul_peak_gflops"] = max(peak, again)
@@ -1099,15 +1107,21 @@ def _tables(res: dict):
 def format_report(res: dict) -> str:
     """Plain-text report (the table printed by ``glam3d bench``)."""
     m = res["machine"]
-    lines = [f"glam3d bench: {m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ''}, torch {m['torch']}, "
-             f"{m['threads']} threads, {m['cpu_count']} CPUs, load average {_load(m)}, allocator {_alloc(m)}; "
-             f"total {res['total_seconds']:.0f} s{_partial(res)}"]
+    lines = [f"glam3d bench{_setup_label(res)}: {m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ''}, "
+             f"torch {m['torch']}, {m['threads']} threads, {m['cpu_count']} CPUs, load average {_load(m)}, "
+             f"allocator {_alloc(m)}; total {res['total_seconds']:.0f} s{_partial(res)}"]
     for title, head, body in _tables(res):
         widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(head)]
         lines += ["", title, "  ".join(h.ljust(w) for h, w in zip(head, widths)),
                   "  ".join("-" * w for w in widths)]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
     return "\n".join(lines)
+
+
+def _setup_label(res: dict) -> str:
+    """`` [<setup name>]`` for a report's first line (empty for a result without a setup)."""
+    name = (res.get("setup") or {}).get("name")
+    return f" [{name}]" if name else ""
 
 
 def _alloc(m) -> str:
@@ -1138,12 +1152,188 @@ def _load(m) -> str:
 def to_markdown(res: dict) -> str:
     """The same report as Markdown tables."""
     m = res["machine"]
-    lines = [f"_glam3d bench: {m['device']}, torch {m['torch']}, {m['threads']} threads, {m['cpu_count']} CPUs, "
-             f"load average {_load(m)}, allocator {_alloc(m)}; total {res['total_seconds']:.0f} s{_partial(res)}_"]
+    lines = [f"_glam3d bench{_setup_label(res)}: {m['device']}, torch {m['torch']}, {m['threads']} threads, "
+             f"{m['cpu_count']} CPUs, load average {_load(m)}, allocator {_alloc(m)}; "
+             f"total {res['total_seconds']:.0f} s{_partial(res)}_"]
     for title, head, body in _tables(res):
         lines += ["", f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the hardware setup, and the result files named by it
+# ---------------------------------------------------------------------------------------------------------------
+#: sections that measure float32 work / bf16 work (the setup name's precision part; "graph" replays both)
+FP32_SECTIONS = ("forward", "sw", "scaling", "long_ct", "predict_ct", "train", "graph", "compiled")
+BF16_SECTIONS = ("bf16", "graph", "gpu")
+
+#: words of a GPU's name that say who made it or its product line, not which chip it is
+_GPU_BRAND_WORDS = {"nvidia", "amd", "intel", "tesla", "geforce", "quadro", "radeon", "instinct", "graphics", "arc"}
+
+
+def cpu_isa_class(capability: str, flags: Sequence[str] = (), machine: str = "") -> str:
+    """The CPU's vector ISA class as PyTorch uses it, for a setup name: ATen's kernel level (``capability``,
+    :func:`torch.backends.cpu.get_cpu_capability`: ``AVX512``, ``AVX2``, ``SVE256``, ``ZVECTOR``…) lowercased,
+    or, where ATen runs its portable ``DEFAULT`` kernels, the architecture (``machine``, :func:`platform.machine`:
+    ``arm64``, ``x86-64``); then ``-amx`` when the CPU flags (``flags``, Linux ``/proc/cpuinfo``) include AMX-BF16
+    tiles, else ``-bf16`` when they include AVX512-BF16: the two ways a CPU computes bf16 natively, which decide
+    how fast the bf16 sections run. ``("AVX512", ["avx512f", "avx512_bf16", "amx_bf16"])`` -> ``avx512-amx``."""
+    import re
+    level = (capability or "default").strip().lower()
+    if level == "default":
+        arch = (machine or "").strip().lower()
+        arch = {"aarch64": "arm64", "amd64": "x86-64", "x86_64": "x86-64"}.get(arch, arch)
+        level = re.sub(r"[^a-z0-9]+", "-", arch).strip("-") or "default"
+    flags = {f.strip().lower() for f in flags}
+    if "amx_bf16" in flags:
+        return f"{level}-amx"
+    if "avx512_bf16" in flags:
+        return f"{level}-bf16"
+    return level
+
+
+def _cpu_flags() -> List[str]:
+    """This CPU's feature flags (Linux ``/proc/cpuinfo``: ``flags`` on x86, ``Features`` on ARM); [] elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return value.split()
+    except OSError:
+        pass
+    return []
+
+
+def cpu_isa() -> str:
+    """:func:`cpu_isa_class` of this machine."""
+    import platform
+
+    return cpu_isa_class(torch.backends.cpu.get_cpu_capability(), _cpu_flags(), platform.machine())
+
+
+def gpu_class(name: str) -> str:
+    """A GPU's model for a setup name, from its device name: the brand and product-line words dropped, then the
+    words up to the first one with a digit, that one cut at its first ``-``, lowercase letters and digits only.
+    ``NVIDIA H100 80GB HBM3`` -> ``h100``, ``NVIDIA A100-SXM4-40GB`` -> ``a100``, ``NVIDIA GeForce RTX 4090`` ->
+    ``rtx4090``, ``AMD Instinct MI250X`` -> ``mi250x``."""
+    import re
+    words = [w for w in re.split(r"[\s_]+", name.strip().lower()) if w and w not in _GPU_BRAND_WORDS]
+    kept = []
+    for w in words:
+        if any(c.isdigit() for c in w):
+            kept.append(w.split("-")[0])
+            break
+        kept.append(w)
+    slug = re.sub(r"[^a-z0-9]", "", "".join(kept))
+    if not slug:
+        raise ValueError(f"GPU name {name!r} has no model in it")
+    return slug
+
+
+def _torch_minor(version: str) -> str:
+    """``2.13.0+cpu`` -> ``2.13``."""
+    import re
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m:
+        raise ValueError(f"torch version {version!r} is not MAJOR.MINOR...")
+    return f"{m.group(1)}.{m.group(2)}"
+
+
+def setup_name(device: str, torch_version: str, precisions: Sequence[str], isa: Optional[str] = None,
+               threads: Optional[int] = None, gpu: Optional[str] = None) -> str:
+    """The name of a hardware setup: ``cpu-<isa>-<threads>c-torch<X.Y>-<precisions>`` on a CPU
+    (``cpu-avx512-amx-2c-torch2.13-fp32-bf16``), ``gpu-<model>-torch<X.Y>-<precisions>`` on a GPU
+    (``gpu-h100-torch2.11-fp32-bf16``, model :func:`gpu_class`); ``<type>-torch<X.Y>-<precisions>`` on another
+    device type (``mps-torch2.13-fp32``). ``precisions``: what was measured, of ``fp32`` / ``tf32`` / ``bf16``,
+    in that order. Deterministic: the same machine, torch and sections give the same name."""
+    kind = torch.device(device).type
+    order = ("fp32", "tf32", "bf16")
+    if not precisions or any(p not in order for p in precisions):
+        raise ValueError(f"precisions {list(precisions)} must be some of {', '.join(order)}")
+    prec = "-".join(p for p in order if p in precisions)
+    tv = _torch_minor(torch_version)
+    if kind == "cpu":
+        if not isa or not threads or threads < 1:
+            raise ValueError("a CPU setup needs its ISA class and the number of threads")
+        return f"cpu-{isa}-{int(threads)}c-torch{tv}-{prec}"
+    if kind == "cuda":
+        if not gpu:
+            raise ValueError("a GPU setup needs the GPU's name")
+        return f"gpu-{gpu_class(gpu)}-torch{tv}-{prec}"
+    return f"{kind}-torch{tv}-{prec}"
+
+
+def setup_precisions(sections: Sequence[str], tf32: bool = False) -> List[str]:
+    """The precisions a run of ``sections`` measures: ``fp32`` (``tf32`` on a GPU that allows TF32 matmuls) when
+    any of :data:`FP32_SECTIONS` is in it, ``bf16`` when any of :data:`BF16_SECTIONS` is."""
+    out = (["tf32" if tf32 else "fp32"] if set(sections) & set(FP32_SECTIONS) else [])
+    return out + (["bf16"] if set(sections) & set(BF16_SECTIONS) else [])
+
+
+def machine_setup(device, threads: int, sections: Sequence[str]) -> dict:
+    """This machine's setup for a run of ``sections`` on ``device`` with ``threads`` torch threads:
+    ``{"name": setup_name(...), "device": "cpu" | "gpu" | another type, "cpu_isa", "threads", "gpu" (its full
+    name), "torch": "X.Y", "precisions"}`` (``res["setup"]`` of every result)."""
+    device = torch.device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    tf32 = device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
+    prec = setup_precisions(sections, tf32) or ["fp32"]
+    isa = cpu_isa()
+    model = gpu
+    if gpu is not None:
+        try:
+            gpu_class(gpu)
+        except ValueError:  # a device name without a model in it: "unknown" rather than no result
+            model = "unknown"
+    return {"name": setup_name(str(device), torch.__version__, prec, isa=isa, threads=threads, gpu=model),
+            "device": "gpu" if device.type == "cuda" else device.type, "cpu_isa": isa, "threads": threads,
+            "gpu": gpu, "torch": _torch_minor(torch.__version__), "precisions": prec}
+
+
+def result_paths(directory, name: str, partial: bool = False) -> Tuple[str, str]:
+    """``(DIR/<name>.json, DIR/<name>.md)``; ``partial``: ``DIR/<name>.partial.json`` / ``.md``, where a run in
+    progress writes, so that a cut run never replaces a finished result."""
+    stem = os.path.join(os.fspath(directory), name + (".partial" if partial else ""))
+    return stem + ".json", stem + ".md"
+
+
+def check_replaceable(path, sections: Sequence[str], models: Sequence[str]) -> None:
+    """Raise :class:`glam3d.errors.UserError` unless a result of ``sections`` and ``models`` may be written at
+    ``path``: no file there, or a glam3d bench result with no section and no model that this run leaves out (a
+    narrower run, ``--quick`` or ``--sections forward``, would lose the other figures). A file that is not a bench
+    result is never replaced."""
+    from .errors import UserError
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        old_sections, old_models = old["config"]["sections"], old["config"]["models"]
+        if not (isinstance(old.get("rows"), list) and isinstance(old_sections, list) and isinstance(old_models, list)):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError("exists and is not a glam3d bench result; not replaced", path) from None
+    lost = [s for s in old_sections if s not in sections] + [m for m in old_models if m not in models]
+    if lost:
+        raise UserError(f"measures {', '.join(lost)}, which this run leaves out; not replaced (measure them too, "
+                        f"or write elsewhere with --json / --markdown)", path)
+
+
+def save_result(res: dict, directory, partial: bool = False) -> Tuple[str, str]:
+    """Write ``res`` as JSON and Markdown to :func:`result_paths` of its setup (atomically; ``partial``: the
+    ``.partial`` files of a run in progress; a finished result removes them). Returns the two paths."""
+    from .utils.io import atomic_write_text
+    name = res["setup"]["name"]
+    js, md = result_paths(directory, name, partial)
+    atomic_write_text(js, json.dumps(res, indent=2, default=list) + "\n")
+    atomic_write_text(md, to_markdown(res))
+    if not partial:
+        for p in result_paths(directory, name, partial=True):
+            if os.path.exists(p):
+                os.unlink(p)
+    return js, md
 
 
 def _main(argv=None) -> int:

@@ -2,9 +2,11 @@
 
 No timing assertions (machines differ, CI is shared); only that every row, column, ratio and target is there.
 """
+import dataclasses
 import json
 import math
 import statistics
+import time
 
 import pytest
 import torch
@@ -49,7 +51,7 @@ def test_rows_and_columns(quick_result):
         assert r["output_shape"] == r["volume"][::-1]              # the scan's stored (W, H, D) geometry
         assert r["peak_rss"] > r["rss_before"] > 0 and r["seconds"] > 0
         assert r["checkpoint_bytes"] > 8 * 2.41e6                   # weights + SGD momentum of nnformer_tiny
-        # the checkpoint's validation settings, as the command read them (an overlap of 0 once read as 0.5)
+        # the checkpoint's validation settings, as the command read them (an overlap of 0 stays 0, not the 0.5 default)
         assert r["spacing"] == [5.0, 4.0, 4.0] and r["overlap"] == 0.0 and r["sw_batch_size"] == 1
         assert r["probabilities"] is False
     pct = {t["target"]: t for t in res["targets"]}["predict_ct_memory"]
@@ -85,6 +87,11 @@ def test_cli_quick_writes_files(tmp_path, capsys):
     assert [r["model"] for r in res["rows"]] == ["nnformer_tiny"]
     assert "nnformer_tiny" in out_md.read_text()
     assert "nnformer_tiny" in capsys.readouterr().out
+    # the result names the setup it ran on: this CPU's ISA class, the one thread asked for, torch X.Y, fp32 only
+    major, minor = torch.__version__.split(".")[:2]
+    assert res["setup"]["name"] == f"cpu-{res['setup']['cpu_isa']}-1c-torch{major}.{minor}-fp32"
+    assert res["setup"]["threads"] == res["machine"]["threads"] == 1
+    assert f"[{res['setup']['name']}]" in out_md.read_text().splitlines()[0]
 
 
 def test_cli_bad_option():
@@ -529,3 +536,189 @@ def test_synthetic_nifti_ct_is_the_synthetic_planes(tmp_path):
     data = np.asanyarray(img.dataobj)
     want = np.concatenate([_synthetic_ct_planes(d, min(d + 16, 37), (20, 24))[0].numpy() for d in range(0, 37, 16)])
     np.testing.assert_array_equal(data.transpose(2, 1, 0), want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# result files named by the hardware setup (no measurement: names from given parts, the CLI over a stand-in run)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("capability, flags, machine, expected", [
+    ("AVX512", ["fpu", "avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"], "x86_64", "avx512-amx"),
+    ("AVX512", ["avx2", "avx512f", "avx512_bf16"], "x86_64", "avx512-bf16"),
+    ("AVX512", ["avx2", "avx512f"], "x86_64", "avx512"),
+    ("AVX2", ["avx2"], "x86_64", "avx2"),
+    ("DEFAULT", ["fp", "asimd"], "aarch64", "arm64"),
+    ("DEFAULT", [], "arm64", "arm64"),
+    ("DEFAULT", [], "AMD64", "x86-64"),
+    ("DEFAULT", [], "", "default"),
+    ("SVE256", ["sve", "bf16"], "aarch64", "sve256"),
+    ("ZVECTOR", [], "s390x", "zvector"),
+])
+def test_cpu_isa_class(capability, flags, machine, expected):
+    from glam3d.bench import cpu_isa_class
+    assert cpu_isa_class(capability, flags, machine) == expected
+
+
+def test_gpu_class():
+    from glam3d.bench import gpu_class
+    names = {"NVIDIA H100 80GB HBM3": "h100", "NVIDIA H200": "h200", "NVIDIA A100-SXM4-40GB": "a100",
+             "Tesla V100-SXM2-16GB": "v100", "NVIDIA GeForce RTX 4090": "rtx4090", "NVIDIA L40S": "l40s",
+             "AMD Instinct MI250X": "mi250x", "NVIDIA RTX A6000": "rtxa6000"}
+    assert {n: gpu_class(n) for n in names} == names
+    with pytest.raises(ValueError, match="no model"):
+        gpu_class("NVIDIA")
+
+
+def test_setup_name_and_precisions():
+    from glam3d.bench import setup_name, setup_precisions
+    assert setup_precisions(["forward", "sw", "scaling", "long_ct", "predict_ct", "train"]) == ["fp32"]
+    assert setup_precisions(["forward", "sw", "bf16"]) == ["fp32", "bf16"]
+    assert setup_precisions(["bf16"]) == ["bf16"] and setup_precisions(["gpu"]) == ["bf16"]
+    assert setup_precisions(["graph"], tf32=True) == ["tf32", "bf16"]
+    assert setup_name("cpu", "2.13.0+cpu", ["bf16", "fp32"], isa="avx512-amx", threads=2) == \
+        "cpu-avx512-amx-2c-torch2.13-fp32-bf16"
+    assert setup_name("cpu", "2.13.1", ["fp32"], isa="avx2", threads=16) == "cpu-avx2-16c-torch2.13-fp32"
+    assert setup_name("cuda:1", "2.11.0+cu130", ["fp32", "bf16"], gpu="NVIDIA H100 80GB HBM3", threads=16) == \
+        "gpu-h100-torch2.11-fp32-bf16"
+    assert setup_name("cuda", "2.11.0", ["tf32"], gpu="NVIDIA A100-SXM4-80GB") == "gpu-a100-torch2.11-tf32"
+    assert setup_name("mps", "2.13.0", ["fp32"]) == "mps-torch2.13-fp32"
+    for bad in (dict(device="cpu", torch_version="2.13.0", precisions=["fp32"], isa="avx2"),      # no threads
+                dict(device="cpu", torch_version="2.13.0", precisions=["fp16"], isa="avx2", threads=2),
+                dict(device="cpu", torch_version="2.13.0", precisions=[], isa="avx2", threads=2),
+                dict(device="cuda", torch_version="2.13.0", precisions=["fp32"]),                   # no GPU name
+                dict(device="cpu", torch_version="nightly", precisions=["fp32"], isa="avx2", threads=2)):
+        with pytest.raises(ValueError):
+            setup_name(**bad)
+
+
+def test_machine_setup_reads_this_machine(monkeypatch):
+    """The CPU part comes from ATen's kernel level and the CPU's flags."""
+    import glam3d.bench as bench
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(bench, "_cpu_flags", lambda: ["avx2", "avx512f", "avx512_bf16", "amx_bf16"])
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    s = bench.machine_setup("cpu", 2, ["forward", "sw", "bf16"])
+    assert s == {"name": "cpu-avx512-amx-2c-torch2.13-fp32-bf16", "device": "cpu", "cpu_isa": "avx512-amx",
+                 "threads": 2, "gpu": None, "torch": "2.13", "precisions": ["fp32", "bf16"]}
+    # a GPU: its model from the device's name, tf32 where TF32 matmuls are on; a name without a model: "unknown"
+    names = iter(["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3", "NVIDIA"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
+    g = bench.machine_setup("cuda", 16, ["forward", "sw", "graph"])
+    assert g["name"] == "gpu-h100-torch2.13-fp32-bf16" and g["device"] == "gpu" and g["gpu"] == "NVIDIA H100 80GB HBM3"
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # (a torch setting monkeypatch cannot restore)
+    try:
+        assert bench.machine_setup("cuda:0", 16, ["forward"])["name"] == "gpu-h100-torch2.13-tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert bench.machine_setup("cuda", 16, ["gpu"])["name"] == "gpu-unknown-torch2.13-bf16"
+
+
+def _stand_in_run_bench(seen):
+    """A ``run_bench`` that measures nothing: one report per section (``on_section``), recording which result
+    files exist at each call, then the finished report."""
+    import glam3d.bench as bench
+
+    def run(cfg, on_section=None):
+        cfg = cfg.resolved()
+        res = {"config": dataclasses.asdict(cfg), "sections_done": [], "matmul_peak_gflops": 100.0,
+               "machine": {"device": "cpu", "torch": torch.__version__, "threads": cfg.threads, "cpu_count": 2,
+                           "loadavg_start": None, "gpu": None},
+               "setup": bench.machine_setup(cfg.device, cfg.threads, cfg.sections)}
+        rows = {m: {"model": m, "crop": [32, 64, 64], "params_M": 1.0, "macs_G": 2.0, "forward_s": 0.5,
+                    "forward_all": [0.5]} for m in cfg.models}
+        for section in cfg.sections:
+            res["sections_done"].append(section)
+            on_section(bench._summarise(res, rows, cfg, time.perf_counter(), complete=False))
+            seen.append(sorted(p.name for p in seen[0].iterdir()))
+        return bench._summarise(res, rows, cfg, time.perf_counter(), complete=True)
+    return run
+
+
+def test_cli_save_writes_the_setup_named_files(tmp_path, monkeypatch, capsys):
+    """--save DIR: the result goes to DIR/<setup>.json + .md; while the run goes on to <setup>.partial.json /
+    .md (removed at the end), so a cut run never replaces a finished result; a narrower run, or a file that is
+    not a bench result, is not replaced (one line, exit 2, the file unchanged)."""
+    import glam3d.bench as bench
+    out = tmp_path / "results"
+    seen = [out]
+    monkeypatch.setattr(bench, "run_bench", _stand_in_run_bench(seen))
+    name = bench.machine_setup("cpu", 1, ["forward", "train"])["name"]
+    args = ["bench", "--quick", "--models", "nnformer_tiny", "glam_nnformer_tiny", "--threads", "1",
+            "--no-progress", "--save", str(out)]
+    assert main(args + ["--sections", "forward", "train"]) == 0
+    assert seen[1:] == [[f"{name}.partial.json", f"{name}.partial.md"]] * 2
+    assert sorted(p.name for p in out.iterdir()) == [f"{name}.json", f"{name}.md"]
+    res = json.loads((out / f"{name}.json").read_text())
+    assert res["setup"]["name"] == name and res["complete"] is True and res["sections_done"] == ["forward", "train"]
+    assert (out / f"{name}.md").read_text().startswith(f"_glam3d bench [{name}]:")
+    assert f"saved: {out / name}.json" in capsys.readouterr().out
+    before = (out / f"{name}.json").read_bytes()
+
+    # a narrower run (a section or a model fewer) would lose figures: refused before measuring
+    seen[1:] = []
+    assert main(args + ["--sections", "forward"]) == 2
+    assert main(args[:4] + args[5:] + ["--sections", "forward", "train"]) == 2  # nnformer_tiny only
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "train, which this run leaves out" in err[0] and "glam_nnformer_tiny" in err[1]
+    assert seen[1:] == [] and (out / f"{name}.json").read_bytes() == before
+    # the same or a wider run replaces it
+    assert main(args + ["--sections", "train", "forward"]) == 0 and seen[1:]
+    assert sorted(p.name for p in out.iterdir()) == [f"{name}.json", f"{name}.md"]
+
+    # a file there that glam3d bench did not write is never replaced
+    (out / f"{name}.json").write_text('{"mine": 1}\n')
+    assert main(args + ["--sections", "forward", "train"]) == 2
+    assert "is not a glam3d bench result" in capsys.readouterr().err
+    assert (out / f"{name}.json").read_text() == '{"mine": 1}\n'
+    # --save must be a folder
+    assert main(args[:-1] + [str(out / f"{name}.md"), "--sections", "forward"]) == 2
+
+
+def test_cli_save_cut_run_keeps_the_finished_result(tmp_path, monkeypatch):
+    """A run cut after its first section leaves its measurements in the .partial files, beside the finished
+    result of an earlier run, which stays as it was."""
+    import glam3d.bench as bench
+    out = tmp_path / "results"
+    name = bench.machine_setup("cpu", 1, ["forward", "train"])["name"]
+    args = ["bench", "--quick", "--models", "nnformer_tiny", "--threads", "1", "--no-progress", "--save", str(out),
+            "--sections", "forward", "train"]
+    monkeypatch.setattr(bench, "run_bench", _stand_in_run_bench([out]))
+    assert main(args) == 0
+    finished = (out / f"{name}.json").read_bytes()
+
+    def cut_after_first(cfg, on_section=None):
+        def once(res):
+            on_section(res)
+            raise KeyboardInterrupt
+        return _stand_in_run_bench([out])(cfg, once)
+
+    monkeypatch.setattr(bench, "run_bench", cut_after_first)
+    assert main(args) == 130
+    assert (out / f"{name}.json").read_bytes() == finished
+    partial = json.loads((out / f"{name}.partial.json").read_text())
+    assert partial["complete"] is False and partial["sections_done"] == ["forward"]
+    assert "PARTIAL" in (out / f"{name}.partial.md").read_text()
+
+
+def test_kept_results_are_named_by_their_setup():
+    """experiments/results holds one result per setup, each named by what it records: the name rebuilt from the
+    file's machine, config and setup fields is its file name; no device UUIDs or temporary paths."""
+    import pathlib
+    import re
+
+    from glam3d.bench import setup_name, setup_precisions
+    folder = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "results"
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        pytest.skip("no experiments/results in this checkout")
+    for f in files:
+        res = json.loads(f.read_text())
+        m, setup = res["machine"], res["setup"]
+        tf32 = bool((m.get("cuda_tf32") or {}).get("matmul"))
+        name = setup_name(m["device"], m["torch"], setup_precisions(res["config"]["sections"], tf32),
+                          isa=setup.get("cpu_isa"), threads=m["threads"], gpu=m.get("gpu"))
+        assert f.stem == name == setup["name"], f.name
+        assert format_report(res) and to_markdown(res)  # the current report reads every kept file
+    for f in folder.iterdir():
+        text = f.read_text()
+        assert not re.search(r"GPU-[0-9a-f]{8}-|/tmp/|tmp\.[A-Za-z0-9]{6,}", text), f.name

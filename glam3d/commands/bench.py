@@ -1,16 +1,23 @@
 """``glam3d bench``: glam3d's networks beside their peers (nnFormer, MONAI SwinUNETR): parameters, MACs, forward
 time, achieved GFLOP/s vs the machine's matmul peak, sliding-window throughput and peak memory, growth with the
 volume, training step time; ratios and PASS/FAIL per performance target. A thin layer over :mod:`glam3d.bench`.
+
+``--save DIR`` names the result by the hardware setup it was measured on and writes ``DIR/<setup>.json`` and
+``DIR/<setup>.md``: ``cpu-<ISA class>-<threads>c-torch<X.Y>-<precisions>`` on a CPU (e.g.
+``cpu-avx512-amx-2c-torch2.13-fp32-bf16``), ``gpu-<model>-torch<X.Y>-<precisions>`` on a GPU (e.g.
+``gpu-h100-torch2.11-fp32-bf16``), so that one folder holds one current result per setup.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 EPILOG = """\
 examples:
   glam3d bench --quick                          # tiny models, small volumes (seconds; tests and CI)
   glam3d bench --markdown bench.md --json bench.json
+  glam3d bench --save experiments/results       # -> experiments/results/<setup>.json + .md, named by the machine
   glam3d bench --models nnformer glam_nnformer --sections forward sw --repeats 5
   glam3d bench --models glam_nnformer_synapse nnformer_synapse --sections sw --sw-rounds 6
                                                 # sliding-window ratio with its 95% interval
@@ -18,8 +25,9 @@ examples:
                nnformer_synapse --sections forward --repeats 15
                                                 # a variant with options beside the default and its twin
   glam3d bench --device cuda --repeats 15       # + bf16 columns and the longest 512x512 scan that fits
-The full CPU run takes several minutes (Synapse-size networks); every model's sliding-window run is a child
-process so its peak memory is its own.
+The full CPU run takes about 45 minutes on two cores (Synapse-size networks; a third of it the long-CT lines,
+--sections picks parts); every model's sliding-window run is a child process so its peak memory is its own.
+--save DIR names the result by the machine: DIR/<setup>.json + .md (docs/performance.md).
 """
 
 #: what ``glam3d bench`` can measure; "bf16" (autocast forward + sliding window, and the bf16 matmul peak) runs on
@@ -81,6 +89,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="gpu section: longest D x 512 x 512 scan tried (default 4096)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument("--markdown", metavar="OUT", help="write the table as Markdown")
+    p.add_argument("--save", metavar="DIR",
+                   help="write DIR/<setup>.json and DIR/<setup>.md, named by the hardware setup (device, CPU ISA "
+                        "class and threads or GPU model, torch version, precisions: e.g. "
+                        "cpu-avx512-amx-2c-torch2.13-fp32-bf16); while the run goes on they are "
+                        "DIR/<setup>.partial.json / .md. A result there that holds sections or models this run leaves "
+                        "out is not replaced")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -103,7 +117,8 @@ def _expand(names):
 
 
 def run(args) -> int:
-    from ..bench import BenchConfig, format_report, run_bench, to_markdown
+    from ..bench import (BenchConfig, check_replaceable, format_report, machine_setup, result_paths, run_bench,
+                         save_result, to_markdown)
     from ..errors import UserError
     from ..utils.io import atomic_write_text
 
@@ -127,12 +142,20 @@ def run(args) -> int:
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: no CUDA device is available")
 
-    def write(res: dict) -> None:
-        """--json / --markdown, rewritten (atomically) after every section: a cut run keeps what it measured."""
+    if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise UserError("--save needs a folder; this is a file", args.save)
+
+    def write(res: dict, partial: bool = False):
+        """--json / --markdown / --save, rewritten (atomically) after every section: a cut run keeps what it
+        measured (--save: in the .partial files, beside a finished result it does not replace). Returns the
+        --save paths (JSON, Markdown), or None."""
         if args.json:
             atomic_write_text(args.json, json.dumps(res, indent=2, default=list) + "\n")
         if args.markdown:
             atomic_write_text(args.markdown, to_markdown(res))
+        if args.save:
+            return save_result(res, args.save, partial=partial)
+        return None
 
     try:
         models = _expand(args.models) if args.models else None
@@ -150,9 +173,17 @@ def run(args) -> int:
                           predict_ct_probabilities=args.predict_ct_probabilities,
                           threads=args.threads, sections=args.sections, largest_limit=args.largest_limit,
                           progress=not args.no_progress)
-        res = run_bench(cfg, on_section=write if args.json or args.markdown else None)
+        if args.save:  # before measuring anything: the file this run would replace
+            import torch
+            plan = cfg.resolved()
+            setup = machine_setup(plan.device, plan.threads or torch.get_num_threads(), plan.sections)
+            check_replaceable(result_paths(args.save, setup["name"])[0], plan.sections, plan.models)
+        res = run_bench(cfg, on_section=(lambda r: write(r, partial=True)) if args.json or args.markdown or args.save
+                        else None)
     except ValueError as err:
         raise UserError(str(err)) from None
     print(format_report(res))
-    write(res)
+    saved = write(res)
+    if saved:
+        print(f"saved: {saved[0]} (+ {os.path.basename(saved[1])})")
     return 0
