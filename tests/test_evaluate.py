@@ -110,22 +110,26 @@ def test_errors_name_the_case(folders, capsys):
     # geometry mismatch
     save(pred / "img0002.nii.gz", truth(), aff=np.diag([0.8, 0.8, 3.0, 1.0]))
     out = folders / "rep"
-    assert main(["evaluate", "--pred", str(pred), "--gt", str(folders / "RAW"), "--out", str(out)]) == 2
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(folders / "RAW"), "--labels", "synapse", "--out",
+                 str(out)]) == 2
     err = capsys.readouterr().err
     assert "case 0002" in err and "geometry" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # nothing written
     # shape mismatch
     save(pred / "img0002.nii.gz", truth((24, 24, 10)))
-    assert main(["evaluate", "--pred", str(pred), "--gt", str(folders / "RAW"), "--out", str(out)]) == 2
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(folders / "RAW"), "--labels", "synapse", "--out",
+                 str(out)]) == 2
     assert "case 0002" in capsys.readouterr().err
     # missing prediction
     (pred / "img0002.nii.gz").unlink()
-    assert main(["evaluate", "--pred", str(pred), "--gt", str(folders / "RAW"), "--out", str(out)]) == 2
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(folders / "RAW"), "--labels", "synapse", "--out",
+                 str(out)]) == 2
     err = capsys.readouterr().err
     assert "case 0002" in err and "no prediction" in err
     # not a label map
     save(pred / "img0002.nii.gz", truth().astype(np.float32) + 0.5)
-    assert main(["evaluate", "--pred", str(pred), "--gt", str(folders / "RAW"), "--out", str(out)]) == 2
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(folders / "RAW"), "--labels", "synapse", "--out",
+                 str(out)]) == 2
     assert "non-integer" in capsys.readouterr().err
     assert not out.exists()
 
