@@ -158,8 +158,10 @@ def run_3d(args) -> int:
                                 only_predicted=args.only_predicted, nsd_tolerance=args.nsd_tolerance,
                                 postprocessing=decide, warn=warn)
     cases = {k: v for k, v in per_case.items() if not k.startswith("__")}
-    checkpoints, case_prov = attribute({c: (v["fold"], v["prediction"], v["case_name"]) for c, v in cases.items()},
-                                       manifests)
+    checkpoints, case_prov = [], {}
+    if any(manifests.values()):  # every checkpoint behind the scored files, from each case's manifest entry
+        checkpoints, case_prov = attribute({c: (v["fold"], v["prediction"], v["case_name"]) for c, v in cases.items()},
+                                           manifests)
     evaluation = {"pred_dirs": [str(d.resolve()) for d in pred_dirs], "gt": str(Path(args.gt).resolve()),
                   "gt_files": per_case["__gt__"], "labels": label_set.source, "organs": [[n, v] for n, v in organs],
                   "convention": args.convention, "only_predicted": bool(args.only_predicted),

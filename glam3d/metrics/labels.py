@@ -133,7 +133,8 @@ def _from_mapping(mapping: dict, where, plan: Optional[dict] = None) -> tuple[li
         pairs = [(str(n), int(v)) for n, v in mapping.items()]
         ignore = next((v for n, v in pairs if n.strip().lower() == "ignore"), None)
         organs = [(n, v) for n, v in sorted(pairs, key=lambda p: p[1]) if v != 0 and v != ignore]
-        return _synapse_first(_check_unique(organs, where)), frozenset(v for _, v in pairs), ignore, "name->value"
+        return _synapse_first(_check_unique(organs, where)), frozenset({0, *(v for _, v in pairs)}), ignore, \
+            "name->value"
     if all(_int(k) is not None for k in mapping) and all(isinstance(v, str) for v in vals):  # MSD v1: value -> name
         lv = {int(k): int(v) for k, v in ((plan or {}).get("label_values") or {}).items()}
         pairs = [(str(n), lv.get(int(k), int(k))) for k, n in mapping.items()]
