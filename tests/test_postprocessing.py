@@ -249,3 +249,30 @@ def test_evaluate_decide_postprocessing_option(validation, capsys):
     d = json.loads(pp.read_text())
     assert d["classes_largest_component"] == [1] and not (t / "rep" / "postprocessing.json").exists()
     assert math.isclose(d["mean_dice"]["with"], (1.0 + d["dice_per_class"]["without"]["spleen"]) / 2)
+
+
+def test_apply_keeps_format_and_geometry_simpleitk(tmp_path, capsys):
+    """.nrrd stays .nrrd, .mhd (a header beside its data file) becomes a single .mha; spacing, origin, direction
+    and voxel type are the input's."""
+    import SimpleITK as sitk
+
+    src = tmp_path / "in"
+    src.mkdir()
+    a = np.zeros((8, 10, 12), np.uint16)
+    a[1:4, 1:4, 1:4] = 2
+    a[6, 8, 10] = 2
+    for name in ("c1.nrrd", "c2.mhd"):
+        img = sitk.GetImageFromArray(a)
+        img.SetSpacing((0.7, 0.8, 2.0))
+        img.SetOrigin((1.0, -2.0, 3.0))
+        img.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+        sitk.WriteImage(img, str(src / name))
+    assert main(["postprocess", "apply", "--input", str(src), "--out", str(tmp_path / "out"), "--pp", "all",
+                 "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c1.nrrd", "c2.mha"]
+    for name in ("c1.nrrd", "c2.mha"):
+        img = sitk.ReadImage(str(tmp_path / "out" / name))
+        assert img.GetSpacing() == pytest.approx((0.7, 0.8, 2.0)) and img.GetOrigin() == pytest.approx((1, -2, 3))
+        assert img.GetDirection() == pytest.approx((0, 1, 0, 1, 0, 0, 0, 0, 1))
+        arr = sitk.GetArrayFromImage(img)
+        assert arr.dtype == np.uint16 and (arr == 2).sum() == 27
