@@ -11,7 +11,8 @@ MONAI ``SaveImage``
     ``trans``, MONAI's tutorials use ``seg``) or ``<case>/<case>.nii.gz``.
 
 Truths: a flat folder, a folder holding ``labelsTr`` / ``labelsTs`` (MSD, nnU-Net) or ``label`` (BTCV:
-``label0001.nii.gz``), or a preprocessed glam3d ``dataset.json`` (each case's ``source_label``).
+``label0001.nii.gz``), a preprocessed glam3d ``dataset.json`` (each case's ``source_label``) or a raw MSD v1
+``dataset.json`` (its ``training`` list).
 
 Pairing, for each truth: a prediction with the same file stem, else one whose normalised key matches (``img0001``,
 ``label0001`` and ``0001`` are case ``0001``; a glam3d channel suffix ``_0000`` and a MONAI postfix are dropped from
@@ -144,17 +145,26 @@ def find_truth_folder(gt_dir) -> Path:
 
 
 def truths_from_dataset_json(path) -> dict[str, Path]:
-    """``{case id: truth file}`` of a preprocessed glam3d ``dataset.json``: every case with a ``source_label``
-    (relative paths are taken from the current folder, then from the dataset.json's folder)."""
+    """``{case id: truth file}`` of a preprocessed glam3d ``dataset.json`` (every case with a ``source_label``;
+    relative paths are taken from the current folder, then from the dataset.json's folder), or of a raw MSD v1
+    dataset.json (its ``training`` list's ``label`` files, relative to the dataset.json)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read the dataset ({err})", path) from None
     cases = data.get("cases") if isinstance(data, dict) else None
+    training = data.get("training") if isinstance(data, dict) else None
+    if not isinstance(cases, dict) and isinstance(training, list):  # a raw MSD v1 dataset.json: its training list
+        cases = {}
+        for e in training:
+            lab = e.get("label") if isinstance(e, dict) else None
+            if isinstance(lab, str) and lab:
+                p = (path.parent / lab).resolve() if not Path(lab).is_absolute() else Path(lab)
+                cases[file_stem(p)] = {"source_label": str(p)}
     if not isinstance(cases, dict):
-        raise UserError("--gt: not a preprocessed glam3d dataset.json (no 'cases' with 'source_label'); give the "
-                        "folder of truth label maps instead", path)
+        raise UserError("--gt: a dataset.json without cases (neither a preprocessed glam3d one with 'cases' nor an "
+                        "MSD one with a 'training' list); give the folder of truth label maps instead", path)
     out = {}
     for cid, meta in cases.items():
         src = meta.get("source_label") if isinstance(meta, dict) else None
