@@ -474,7 +474,8 @@ def test_truth_from_preprocessed_dataset_json(tmp_path, capsys):
     assert main(["evaluate", "--pred", str(folds[0]), "--gt", str(pre), "--out", str(tmp_path / "cv3")]) == 2
     assert f"--labels {pre}" in capsys.readouterr().err
     # a raw MSD v1 dataset.json: the training list's label files (relative to the dataset.json)
-    msd = _write(raw / "msd.json", {"labels": {"0": "background", "6": "liver", "8": "aorta"},
+    msd = _write(raw / "msd.json", {"labels": {"0": "background", "1": "spleen", "3": "left kidney", "6": "liver",
+                                               "8": "aorta"},
                                     "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"}
                                                  for c in ("case_000", "case_002")], "test": []})
     assert main(["evaluate", "--pred", *map(str, folds), "--gt", str(msd), "--labels", str(msd), "--out",
