@@ -21,6 +21,7 @@ COMMANDS = {
     "train": "train",
     "predict": "predict",
     "evaluate": "evaluate",
+    "postprocess": "postprocess",
     "show": "show",
     "bench": "bench",
 }

@@ -630,3 +630,123 @@ def test_debug_shows_traceback(tmp_path, capsys):
     assert pre_cli.main(["--debug", *row.argv]) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "NaN/inf" in err
+
+
+# ================================================================================================================
+# evaluate / postprocess: label sets, layouts, folds, postprocessing decisions
+# ================================================================================================================
+def _eval_row2(tmp, argv, names, problem, outputs=None):
+    out = tmp / "report"
+    return Row(["evaluate", *argv, "--out", str(out), "--quiet"], "glam3d", str(names), problem,
+               outputs or [out], "none")
+
+
+def evaluate_prediction_value_outside_label_set(tmp):
+    gt, pr = _eval_base(tmp)
+    bad = _truth()
+    bad[0, 0, 0] = 40
+    H.save_nii(bad, pr / "img0002.nii.gz")
+    return _eval_row2(tmp, ["--pred", str(pr), "--gt", str(gt), "--labels", "synapse"], pr / "img0002.nii.gz",
+                      r"label values not in the label set: 40")
+
+
+def evaluate_no_label_set(tmp):
+    gt, pr = _eval_base(tmp)
+    return _eval_row2(tmp, ["--pred", str(pr), "--gt", str(gt)], pr, r"no label set.*--labels")
+
+
+def evaluate_region_based_labels(tmp):
+    gt, pr = _eval_base(tmp)
+    ds = tmp / "dataset.json"
+    ds.write_text(json.dumps({"labels": {"background": 0, "whole tumor": [1, 2, 3]}, "regions_class_order": [1]}))
+    return _eval_row2(tmp, ["--pred", str(pr), "--gt", str(gt), "--labels", str(ds)], ds, r"region-based")
+
+
+def evaluate_labels_mapping_direction(tmp):
+    gt, pr = _eval_base(tmp)
+    m = tmp / "labels.json"
+    m.write_text(json.dumps({"liver": "six"}))
+    return _eval_row2(tmp, ["--pred", str(pr), "--gt", str(gt), "--labels", str(m)], m,
+                      r"direction of the labels mapping")
+
+
+def evaluate_case_in_two_folds(tmp):
+    gt, pr = _eval_base(tmp)
+    other = tmp / "fold_1"
+    H.save_nii(_truth(), other / "img0001.nii.gz")
+    return _eval_row2(tmp, ["--pred", str(pr), str(other), "--gt", str(gt), "--labels", "synapse"], other,
+                      r"case img0001 is predicted in two folders")
+
+
+def evaluate_truth_from_dataset_json_missing(tmp):
+    _, pr = _eval_base(tmp)
+    ds = tmp / "pre" / "dataset.json"
+    ds.parent.mkdir()
+    ds.write_text(json.dumps({"labels": {"0": "background", "1": "liver"}, "plan": {"label_values": {"1": 6}},
+                              "cases": {"0001": {"source_label": str(tmp / "gone" / "label0001.nii.gz")}}}))
+    return _eval_row2(tmp, ["--pred", str(pr), "--gt", str(ds), "--labels", "synapse"], ds,
+                      r"case 0001: its truth .* is not found")
+
+
+def evaluate_corrupt_mha_prediction(tmp):
+    gt, pr = _eval_base(tmp)
+    (pr / "img0002.nii.gz").unlink()
+    (pr / "img0002.mha").write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 16 14 8\nElementType = MET_UCHAR\n"
+                                     b"ElementDataFile = LOCAL\n" + b"\x00" * 10)
+    return _eval_row2(tmp, ["--pred", str(pr), "--gt", str(gt), "--labels", "synapse"], pr / "img0002.mha",
+                      r"cannot read prediction")
+
+
+def evaluate_nsd_tolerance_negative(tmp):
+    gt, pr = _eval_base(tmp)
+    return _eval_row2(tmp, ["--pred", str(pr), "--gt", str(gt), "--labels", "synapse", "--nsd-tolerance",
+                            "liver=-1"], "--nsd-tolerance", r"liver must be a finite number of mm >= 0")
+
+
+def postprocess_apply_output_inside_input(tmp):
+    _, pr = _eval_base(tmp)
+    return Row(["postprocess", "apply", "--input", str(pr), "--out", str(pr / "cleaned"), "--pp", "all", "--quiet"],
+               "glam3d", str(pr / "cleaned"), r"inside the input folder", [pr / "cleaned"], "none",
+               inputs_inside=[])
+
+
+def postprocess_apply_not_a_decision(tmp):
+    _, pr = _eval_base(tmp)
+    pp = tmp / "postprocessing.json"
+    pp.write_text(json.dumps({"format": "glam3d-postprocessing-v1", "foreground_largest_component": {"apply": 1},
+                              "classes_largest_component": []}))
+    return Row(["postprocess", "apply", "--input", str(pr), "--out", str(tmp / "cleaned"), "--pp", str(pp),
+                "--quiet"], "glam3d", str(pp), r"must be true or false", [tmp / "cleaned"], "none")
+
+
+def postprocess_decide_prediction_value_outside(tmp):
+    gt, pr = _eval_base(tmp)
+    bad = _truth()
+    bad[1, 1, 1] = 200
+    H.save_nii(bad, pr / "img0001.nii.gz")
+    return Row(["postprocess", "decide", "--pred", str(pr), "--gt", str(gt), "--labels", "synapse", "--out",
+                str(tmp / "pp"), "--quiet"], "glam3d", str(pr / "img0001.nii.gz"), r"not in the label set: 200",
+               [tmp / "pp"], "none")
+
+
+EVALUATE_ROWS = {f.__name__: f for f in [
+    evaluate_prediction_value_outside_label_set, evaluate_no_label_set, evaluate_region_based_labels,
+    evaluate_labels_mapping_direction, evaluate_case_in_two_folds, evaluate_truth_from_dataset_json_missing,
+    evaluate_corrupt_mha_prediction, evaluate_nsd_tolerance_negative, postprocess_apply_output_inside_input,
+    postprocess_apply_not_a_decision, postprocess_decide_prediction_value_outside,
+]}
+
+
+@pytest.mark.parametrize("case", list(EVALUATE_ROWS))
+def test_bad_input_evaluate(case, tmp_path, capsys):
+    """The catalogue's contract for the evaluate / postprocess rows: exit 2, one line naming the file and the
+    problem, nothing written."""
+    row = EVALUATE_ROWS[case](tmp_path)
+    capsys.readouterr()
+    code = _main(row)(row.argv)
+    err = capsys.readouterr().err
+    assert code == 2, (code, err)
+    check_error_line(err, row)
+    check_outputs(row)
+    for folder in row.outputs:
+        assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())

@@ -1,4 +1,4 @@
-"""``glam3d evaluate``: Dice and HD95 per case and organ, summary tables and plots, with provenance."""
+"""``glam3d evaluate``: Dice, HD95 and NSD per case and organ, summary tables and plots, with provenance."""
 from __future__ import annotations
 
 import argparse
@@ -8,11 +8,27 @@ from ..errors import UserError
 from ..metrics.segmentation import CONVENTIONS
 
 EPILOG = """\
-Pairs every truth file with the prediction of the same case (img0001/label0001/0001 all name case 0001), checks
-shape and geometry, and writes report.json, report.csv, report.md (paper table) and report.png into --out.
-Conventions: glam3d (HD95 in mm; organs absent from both excluded and counted), nnformer and transunet (HD95 in
-voxels with those papers' edge cases, for numbers comparable to theirs).
-example: glam3d evaluate --pred preds/ --gt RawData/Training/label --labels synapse --out report/
+Pairs every truth file with the prediction of the same case (img0001/label0001/0001 all name case 0001; nnU-Net's
+case.nii.gz with case.nii.gz), checks shape, geometry and label values, and writes report.json, report.csv,
+report.md (paper table), report.png and summary.json (nnU-Net v2's schema) into --out.
+
+Predictions: flat / nnU-Net folders (case.nii.gz, .mha, .nrrd, ...; nnU-Net's summary.json, plans.json, *.npz are
+passed over) or MONAI SaveImage folders (case/case_seg.nii.gz, case/case_trans.nii.gz). Several --pred folders
+(the folds' validation outputs) give one report over all cases with per-fold means; a case in two is an error.
+Truth: a folder (flat, MSD/nnU-Net labelsTr, BTCV label/) or a preprocessed glam3d dataset.json.
+Labels: --labels synapse | a dataset.json (raw nnU-Net v2 / MSD, or preprocessed) | a JSON mapping
+({"liver": 1} or {"1": "liver"}); without --labels, the labels in the predictions' predictions.json; never a guess.
+A prediction value outside the label set is an error; a truth value outside the dataset's declared set a warning.
+Metrics: Dice, HD95, NSD (normalised surface Dice at a per-organ tolerance in mm, FLARE22's organ tolerances by
+default, 2 mm for other structures). Conventions: glam3d (HD95 in mm; organs absent from both excluded and
+counted), nnformer and transunet (HD95 in voxels with those papers' edge cases, for numbers comparable to theirs).
+examples:
+  glam3d evaluate --pred preds/ --gt RawData/Training/label --labels synapse --out report/
+  glam3d evaluate --pred run/fold_0/validation run/fold_1/validation run/fold_2/validation
+      run/fold_3/validation run/fold_4/validation --gt nnUNet_raw/Dataset017_BTCV/labelsTr
+      --labels nnUNet_raw/Dataset017_BTCV/dataset.json --out cv_report/ --decide-postprocessing
+  glam3d evaluate --pred run/fold_0/validation --gt nnUNet_raw/Dataset017_BTCV/labelsTr --only-predicted
+      --labels nnUNet_raw/Dataset017_BTCV/dataset.json --nsd-tolerance 2 liver=5 --out fold0_report/
 
 2D (--task 2d): mIoU / mAcc / aAcc and per-class IoU (mmseg conventions: one confusion matrix over the set,
 255 ignored) written as miou.json, miou.csv, miou.md into --out. Either score PNG label maps paired by file
@@ -27,22 +43,18 @@ examples:
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("evaluate", help="Dice/HD95 report of predictions against ground truth",
+    p = subparsers.add_parser("evaluate", help="Dice/HD95/NSD report of predictions against ground truth",
                               description=__doc__.splitlines()[0], epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pred", metavar="DIR", help="folder of predicted label maps (NIfTI; 2D: PNG)")
-    p.add_argument("--gt", metavar="DIR",
-                   help="folder of ground-truth label maps (or a raw BTCV folder with label/; 2D: PNG)")
-    p.add_argument("--labels", default=None, metavar="synapse|PATH",
-                   help="organs to score: 'synapse' (8 organs, raw BTCV ids) or a dataset.json "
-                        "(default: the labels recorded in the predictions' manifest, else synapse)")
+    add_3d_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR", help="report folder")
-    p.add_argument("--convention", choices=CONVENTIONS, default="glam3d",
-                   help="edge cases and HD95 units (default glam3d: mm)")
+    p.add_argument("--decide-postprocessing", nargs="?", const="", default=None, metavar="FILE",
+                   help="also decide the largest-component postprocessing on these cases as nnU-Net does and write "
+                        "the decision (default: OUT/postprocessing.json); the report says per organ if it helped")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("2D segmentation (mIoU)")
     g.add_argument("--task", choices=("3d", "2d"), default=None,
-                   help="3d: NIfTI volumes, Dice/HD95 (default); 2d: PNG label maps or --checkpoint, mIoU")
+                   help="3d: label volumes, Dice/HD95/NSD (default); 2d: PNG label maps or --checkpoint, mIoU")
     g.add_argument("--num-classes", type=int, metavar="K", help="2D: number of classes (PNG mode)")
     g.add_argument("--reduce-zero-label", action="store_true",
                    help="2D: ground-truth value 0 is ignored and v becomes v-1 (raw ADE20K annotations)")
@@ -61,6 +73,49 @@ def add_parser(subparsers):
     return p
 
 
+def add_3d_arguments(p) -> None:
+    """The 3D options ``glam3d evaluate`` and ``glam3d postprocess decide`` share."""
+    p.add_argument("--pred", nargs="+", metavar="DIR",
+                   help="folder(s) of predicted label maps: one, or the folds' validation folders (2D: one PNG folder)")
+    p.add_argument("--gt", metavar="DIR|dataset.json",
+                   help="ground truth: a folder (flat, labelsTr, BTCV label/), or a preprocessed glam3d dataset.json "
+                        "(each case's source_label); 2D: a PNG folder")
+    p.add_argument("--labels", default=None, metavar="synapse|JSON",
+                   help="organs to score: 'synapse' (8 organs, raw BTCV ids), a dataset.json (raw nnU-Net v2 / MSD "
+                        "or preprocessed), or a JSON mapping {name: value} / {value: name} (default: the labels "
+                        "recorded in the predictions' predictions.json; else an error)")
+    p.add_argument("--only-predicted", action="store_true",
+                   help="score only the truths that have a prediction (the report counts the others); without it a "
+                        "truth without prediction is an error")
+    p.add_argument("--nsd-tolerance", nargs="+", metavar="MM|ORGAN=MM",
+                   help="NSD tolerance in mm: one number for every organ and/or organ=mm (default: FLARE22's "
+                        "per-organ tolerances, 2 mm for other structures)")
+    p.add_argument("--convention", choices=CONVENTIONS, default="glam3d",
+                   help="edge cases and HD95 units (default glam3d: mm)")
+
+
+def _label_spec(args, pred_dirs, manifests):
+    """``(labels spec, where it came from)``: --labels, else the labels of the predictions' manifests (all the
+    same), else a UserError asking for --labels."""
+    if args.labels is not None:
+        return args.labels, args.labels
+    found = [(d, m) for d, m in manifests.items() if m.get("labels")]
+    if found:
+        specs = {repr((m["labels"], m.get("label_values"))) for _, m in found}
+        if len(specs) > 1:
+            raise UserError("the prediction folders' manifests record different label sets; give --labels")
+        d, m = found[0]
+        return {"labels": m["labels"], "plan": {"label_values": m.get("label_values") or {}}}, \
+            f"{Path(d) / 'predictions.json'}"
+    hint = ""
+    if args.gt and str(args.gt).lower().endswith(".json"):
+        hint = f" (e.g. --labels {args.gt})"
+    where = pred_dirs[0] if len(pred_dirs) == 1 else None
+    raise UserError("no label set: the predictions carry no predictions.json with labels, and glam3d does not guess "
+                    f"which value is which organ; give --labels synapse, a dataset.json or a JSON mapping{hint}",
+                    where)
+
+
 def run(args) -> int:
     task = args.task or ("2d" if getattr(args, "checkpoint", None) else "3d")
     if task == "2d":
@@ -69,35 +124,100 @@ def run(args) -> int:
         raise UserError("--checkpoint evaluates 2D checkpoints (--task 2d); for 3D run glam3d predict first")
     if not args.pred or not args.gt:
         raise UserError("--pred and --gt are required (folders of predicted and ground-truth label maps)")
-    from ..metrics.report import evaluate_folders, load_provenance, markdown_table, resolve_labels, write_report
+    return run_3d(args)
 
-    pred_dir = Path(args.pred)
-    if not pred_dir.is_dir():
-        raise UserError("--pred: prediction folder not found", pred_dir)
-    provenance = load_provenance(pred_dir)
-    if args.labels is not None:
-        spec, source = args.labels, args.labels
-    elif provenance.get("labels"):
-        spec = {"labels": provenance["labels"], "plan": {"label_values": provenance.get("label_values") or {}}}
-        source = "predictions.json"
+
+def run_3d(args) -> int:
+    import sys
+
+    from ..metrics.labels import load_label_set
+    from ..metrics.provenance import attribute, load_provenance
+    from ..metrics.report import evaluate_folders, markdown_table, write_report
+
+    pred_dirs = [Path(p) for p in args.pred]
+    for d in pred_dirs:
+        if not d.is_dir():
+            raise UserError("--pred: prediction folder not found", d)
+    manifests = {str(d): load_provenance(d) for d in pred_dirs}
+    spec, source = _label_spec(args, pred_dirs, manifests)
+    label_set = load_label_set(spec)
+    label_set.source = source if isinstance(source, str) else label_set.source
+    organs = label_set.organs
+    decide = getattr(args, "decide_postprocessing", None) is not None
+    pp_path = None
+    if decide:
+        pp_path = Path(args.decide_postprocessing) if args.decide_postprocessing else Path(args.out) / \
+            "postprocessing.json"
+        if pp_path.exists() and pp_path.is_dir():
+            raise UserError("--decide-postprocessing: a folder, not a file", pp_path)
+
+    def warn(msg):
+        print(f"warning: {msg}", file=sys.stderr)
+
+    per_case = evaluate_folders(pred_dirs, args.gt, label_set, args.convention, progress=not args.quiet,
+                                only_predicted=args.only_predicted, nsd_tolerance=args.nsd_tolerance,
+                                postprocessing=decide, warn=warn)
+    cases = {k: v for k, v in per_case.items() if not k.startswith("__")}
+    checkpoints, case_prov = [], {}
+    if any(manifests.values()):  # every checkpoint behind the scored files, from each case's manifest entry
+        checkpoints, case_prov = attribute({c: (v["fold"], v["prediction"], v["case_name"]) for c, v in cases.items()},
+                                           manifests)
+    evaluation = {"pred_dirs": [str(d.resolve()) for d in pred_dirs], "gt": str(Path(args.gt).resolve()),
+                  "gt_files": per_case["__gt__"], "labels": label_set.source, "organs": [[n, v] for n, v in organs],
+                  "convention": args.convention, "only_predicted": bool(args.only_predicted),
+                  "nsd_tolerance_mm": per_case["__nsd_tolerance_mm__"]}
+    if len(pred_dirs) == 1:
+        prov = {**manifests[str(pred_dirs[0])], "evaluation": evaluation} if manifests[str(pred_dirs[0])] else {}
     else:
-        spec, source = "synapse", "synapse (default)"
-    organs = resolve_labels(spec)
-    per_case = evaluate_folders(pred_dir, args.gt, organs, args.convention, progress=not args.quiet)
-    prov = dict(provenance)
-    prov_eval = {"pred_dir": str(pred_dir.resolve()), "gt_dir": str(Path(args.gt).resolve()),
-                 "labels": source, "organs": [[n, v] for n, v in organs], "convention": args.convention}
-    summary = write_report(per_case, args.out, [n for n, _ in organs], args.convention,
-                           provenance={**prov, "evaluation": prov_eval})
+        prov = {"manifests": {d: m for d, m in manifests.items() if m}, "evaluation": evaluation}
+        if not prov["manifests"]:
+            prov = {}
+    decision = None
+    if decide:
+        from ..postprocessing import decide_postprocessing
+
+        decision = decide_postprocessing({c: v["postprocessing_dice"] for c, v in cases.items()}, organs)
+        decision["evaluated"] = {"pred_dirs": evaluation["pred_dirs"], "gt": evaluation["gt"],
+                                 "labels": label_set.source, "cases": list(cases)}
+    summary = write_report(per_case, args.out, [n for n, _ in organs], args.convention, provenance=prov,
+                           checkpoints=checkpoints, case_provenance=case_prov, postprocessing=decision,
+                           evaluation=evaluation)
+    if decision is not None:
+        from ..metrics.report import _json_safe
+        from ..utils.io import atomic_write_json
+
+        atomic_write_json(pp_path, _json_safe({**decision, "created": summary["evaluated_at"]}))
     _print(markdown_table(summary))
     excl = sum(e["dice"]["excluded"] for e in summary["per_organ"].values())
-    print(f"{summary['n_cases']} cases, convention {args.convention} (HD95 in {summary['hd95_unit']})"
+    folds = f" from {len(pred_dirs)} folders" if len(pred_dirs) > 1 else ""
+    print(f"{summary['n_cases']} cases{folds}, convention {args.convention} (HD95 in {summary['hd95_unit']}; NSD at "
+          + ", ".join(f"{n} {t:g}" for n, t in (summary["nsd_tolerance_mm"] or {}).items()) + " mm)"
           + (f", {excl} organ-case Dice values excluded (absent from both)" if excl else ""))
+    for f in summary["folds"]:
+        print(f"  {f['pred_dir']}: {f['n_cases']} cases, mean Dice {100 * f['overall']['dice']:.2f}")
+    left = summary["truths_left_out"]["count"]
+    if args.only_predicted:
+        print(f"--only-predicted: {left} truth{'s' if left != 1 else ''} without a prediction left out")
     if summary["unmatched_predictions"]:
         print(f"note: {len(summary['unmatched_predictions'])} predictions match no truth file and were ignored")
-    if not provenance:
+    if summary["warnings"]:
+        print(f"note: {len(summary['warnings'])} warning(s), listed in the report")
+    known = [c for c in checkpoints if c["sha256"]]
+    if len(known) > 1:
+        print(f"note: the scored predictions come from {len(known)} different checkpoints (report.md lists which "
+              f"made which case)")
+    if any(c["sha256"] is None for c in checkpoints) and any(manifests.values()):
+        n = sum(len(c["cases"]) for c in checkpoints if c["sha256"] is None)
+        print(f"note: {n} case(s) have no checkpoint recorded in their predictions.json")
+    if not any(manifests.values()):
         print("note: the predictions carry no predictions.json manifest; the report has no checkpoint provenance")
-    print(f"report: {Path(args.out) / 'report.md'} (+ .json .csv .png)")
+    if decision is not None:
+        fg = decision["foreground_largest_component"]
+        kept = [e["name"] for e in decision["per_class"] if e["apply"]]
+        print(f"postprocessing: foreground-as-one {'kept' if fg['apply'] else 'not kept'}; largest component kept "
+              f"for {', '.join(kept) if kept else 'no organ'} (mean Dice {100 * decision['mean_dice']['without']:.2f}"
+              f" -> {100 * decision['mean_dice']['with']:.2f}); decision: {pp_path}")
+    print(f"report: {Path(args.out) / 'report.md'} (+ .json .csv .png, summary.json)")
     return 0
 
 
@@ -191,6 +311,9 @@ def run_2d(args) -> int:
         return _run_2d_checkpoint(args)
     if not args.pred or not args.gt:
         raise UserError("--task 2d: give --pred and --gt (PNG folders) with --num-classes, or --checkpoint")
+    if len(args.pred) > 1:
+        raise UserError("--task 2d: one --pred folder")
+    args.pred = args.pred[0]
     if not args.num_classes or args.num_classes < 1:
         raise UserError("--task 2d with --pred/--gt needs --num-classes K (e.g. 150 for ADE20K, 19 for Cityscapes)")
     names = _class_names_2d(args.class_names, args.num_classes)

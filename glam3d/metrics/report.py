@@ -1,12 +1,15 @@
-"""Evaluation reports: per-case, per-organ Dice/HD95 of a folder of predictions against a folder of truths.
+"""Evaluation reports: per-case, per-organ Dice / HD95 / NSD of prediction folders against their truths.
 
-``evaluate_folders(pred_dir, gt_dir, labels, convention) -> per_case`` reads and checks the NIfTI pairs;
-``write_report(per_case, out_dir, label_names, convention, provenance) -> summary`` writes ``report.json``,
-``report.csv``, ``report.md`` (paper table: organs as columns, mean ± std) and ``report.png`` (box plots).
+``evaluate_folders(pred_dirs, gt, labels, convention) -> per_case`` (:mod:`glam3d.metrics.evaluation`) reads and
+checks the pairs; ``write_report(per_case, out_dir, label_names, convention, provenance) -> summary`` writes
+``report.json``, ``report.csv``, ``report.md`` (paper table: organs as columns, mean ± std), ``report.png`` (box
+plots) and ``summary.json`` (nnU-Net v2's schema). Several prediction folders (cross-validation folds) give one
+report over all their cases with per-fold means.
 
 Example::
 
-    per_case = evaluate_folders("preds/", "RawData/Training/label", "synapse", "glam3d")
+    per_case = evaluate_folders(["run/fold_0/validation", "run/fold_1/validation"], "nnUNet_raw/Dataset017/labelsTr",
+                                "nnUNet_raw/Dataset017/dataset.json")
     summary = write_report(per_case, "report/", [n for n, _ in resolve_labels("synapse")], "glam3d",
                            provenance=load_provenance("preds/"))
 """
@@ -15,9 +18,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import io
-import json
 import math
-import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,200 +26,14 @@ import numpy as np
 
 from ..errors import UserError
 from ..utils.io import atomic_path, atomic_write_json
-from .segmentation import CONVENTION_NOTES, HD_UNITS, case_metrics, check_convention, nan_mean_std
+from .evaluation import evaluate_folders, voxel_spacing  # noqa: F401  (the report's entry points live here too)
+from .labels import SYNAPSE_ORGANS, _name_key, labels_from_dataset, load_label_set, resolve_labels  # noqa: F401
+from .layouts import case_key  # noqa: F401
+from .provenance import load_provenance  # noqa: F401
+from .segmentation import CONVENTION_NOTES, HD_UNITS, check_convention, nan_mean_std
 
-# Synapse evaluation: the 8 organs in the order papers print them, with their raw BTCV label ids
-SYNAPSE_ORGANS = [("aorta", 8), ("gallbladder", 4), ("left kidney", 3), ("right kidney", 2), ("liver", 6),
-                  ("pancreas", 11), ("spleen", 1), ("stomach", 7)]
-
-REPORT_FILES = ("report.json", "report.csv", "report.md", "report.png")
-
-
-# ------------------------------------------------------------------------------------------------ labels
-def _name_key(name: str) -> str:
-    """'kidney_left', 'Left Kidney', 'left-kidney' → 'kidney left' (word order and separators ignored)."""
-    words = re.split(r"[\s_\-()]+", str(name).lower())
-    words = [{"l": "left", "r": "right"}.get(w, w) for w in words if w]
-    return " ".join(sorted(words))
-
-
-def labels_from_dataset(labels: dict, plan: Optional[dict] = None) -> list[tuple[str, int]]:
-    """``(name, label value in the files)`` for every foreground class of a dataset's ``labels`` mapping
-    (``{"0": "background", "1": "spleen", …}``), with ``plan["label_values"]`` mapping training indices back to
-    the original label values. Classes that are Synapse organs come first in the Synapse column order."""
-    values = {}
-    if plan and plan.get("label_values"):
-        values = {int(k): int(v) for k, v in plan["label_values"].items()}
-    out = []
-    for k, name in sorted(((int(k), v) for k, v in labels.items()), key=lambda kv: kv[0]):
-        if k == 0:
-            continue
-        out.append((str(name), values.get(k, k)))
-    order = {_name_key(n): i for i, (n, _) in enumerate(SYNAPSE_ORGANS)}
-    syn = sorted([o for o in out if _name_key(o[0]) in order], key=lambda o: order[_name_key(o[0])])
-    return syn + [o for o in out if _name_key(o[0]) not in order]
-
-
-def resolve_labels(spec) -> list[tuple[str, int]]:
-    """``"synapse"`` (the 8 Synapse organs, raw BTCV ids), a path to a ``dataset.json`` (its ``labels`` and
-    ``plan.label_values``), a dict ``{"labels": …, "plan": …}`` or a list of ``(name, value)``."""
-    if isinstance(spec, (list, tuple)):
-        return [(str(n), int(v)) for n, v in spec]
-    if isinstance(spec, dict):
-        return labels_from_dataset(spec.get("labels", spec), spec.get("plan"))
-    if str(spec).lower() == "synapse":
-        return list(SYNAPSE_ORGANS)
-    path = Path(spec)
-    if path.is_dir():
-        path = path / "dataset.json"
-    if not path.is_file():
-        raise UserError("--labels must be 'synapse' or a dataset.json; file not found", path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read labels ({err})", path) from None
-    if not isinstance(data, dict) or not isinstance(data.get("labels"), dict):
-        raise UserError("no 'labels' mapping in this dataset.json", path)
-    out = labels_from_dataset(data["labels"], data.get("plan"))
-    if not out:
-        raise UserError("dataset.json lists no foreground labels", path)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ files
-def list_nifti(folder) -> list[Path]:
-    folder = Path(folder)
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.name.endswith((".nii", ".nii.gz")))
-
-
-def nifti_stem(path) -> str:
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return Path(path).stem
-
-
-_PREFIX = re.compile(r"^(label|labels|img|image|images|seg|pred|prediction|mask|gt)[_\-]?", re.IGNORECASE)
-
-
-def case_key(path) -> str:
-    """Case id used to pair files: the stem without a leading img/label/seg/pred… word and an nnU-Net channel
-    suffix (``img0001`` and ``label0001`` → ``0001``; ``case_7_0000`` → ``case_7``)."""
-    stem = nifti_stem(path)
-    m = re.fullmatch(r"(.+)_0000", stem)  # nnU-Net channel suffix of an image file
-    if m:
-        stem = m.group(1)
-    key = _PREFIX.sub("", stem)
-    return key or stem
-
-
-def _find_label_folder(gt_dir: Path) -> Path:
-    """Accept a raw BTCV layout folder (``RAW/label``) for the truth."""
-    if list_nifti(gt_dir):
-        return gt_dir
-    for sub in ("label", "labels", "labelsTr", "labelsTs"):
-        if (gt_dir / sub).is_dir() and list_nifti(gt_dir / sub):
-            return gt_dir / sub
-    raise UserError("no NIfTI label files (.nii/.nii.gz) in this folder", gt_dir)
-
-
-def pair_cases(pred_dir, gt_dir) -> tuple[list[tuple[str, Path, Path]], list[Path]]:
-    """``[(case, prediction, truth)]`` for every truth file, and the predictions that match no truth.
-    A truth without a prediction is a :class:`UserError` naming the case."""
-    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    if not pred_dir.is_dir():
-        raise UserError("prediction folder not found", pred_dir)
-    if not gt_dir.is_dir():
-        raise UserError("truth folder not found", gt_dir)
-    gt_dir = _find_label_folder(gt_dir)
-    preds = list_nifti(pred_dir)
-    by_name = {p.name: p for p in preds}
-    by_key: dict[str, list[Path]] = {}
-    for p in preds:
-        by_key.setdefault(case_key(p), []).append(p)
-    pairs, used = [], set()
-    for g in list_nifti(gt_dir):
-        key = case_key(g)
-        if g.name in by_name:
-            p = by_name[g.name]
-        elif len(by_key.get(key, [])) == 1:
-            p = by_key[key][0]
-        elif len(by_key.get(key, [])) > 1:
-            raise UserError(f"case {key}: several predictions match ({', '.join(x.name for x in by_key[key])})",
-                            pred_dir)
-        else:
-            raise UserError(f"case {key}: no prediction for truth {g.name}", pred_dir)
-        if p in used:
-            raise UserError(f"case {key}: prediction {p.name} matches several truth files", pred_dir)
-        used.add(p)
-        pairs.append((key, p, g))
-    return pairs, [p for p in preds if p not in used]
-
-
-def _load_labels(path: Path, case: str, what: str):
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as err:  # nibabel raises many types for bad files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"case {case}: cannot read {what} ({first[:200]})", path) from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise UserError(f"case {case}: {what} is not a 3D label map (shape {data.shape})", path)
-    if not np.issubdtype(data.dtype, np.integer):
-        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-            raise UserError(f"case {case}: {what} holds non-integer values, not a label map", path)
-    if data.min() < 0 or data.max() > 65535:
-        raise UserError(f"case {case}: {what} label values out of range ({data.min()}..{data.max()})", path)
-    # integer maps keep their stored dtype (uint8: a quarter of int32 on a long CT); float-stored ones become int32
-    return img, (data if np.issubdtype(data.dtype, np.integer) else data.astype(np.int32))
-
-
-def voxel_spacing(affine: np.ndarray) -> tuple:
-    """Spacing of the array axes in mm (column norms of the affine's 3×3 part; right for oblique scans too)."""
-    return tuple(float(x) for x in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
-
-
-def evaluate_folders(pred_dir, gt_dir, labels="synapse", convention: str = "glam3d", progress: bool = False,
-                     atol_mm: float = 1e-3) -> dict:
-    """Per case: ``{"prediction", "truth", "shape", "spacing", "organs": {name: {"dice","hd95","status"}}}``.
-
-    Every truth file needs a prediction of the same shape and geometry (affine within ``atol_mm``); anything
-    else is a :class:`UserError` naming the case. Predictions that match no truth are listed (not scored) under
-    the key ``"__unmatched__"``, present only when there are some; :func:`write_report` reports them.
-    Label maps are compared in their stored array order (no resampling); spacing comes from the truth's affine."""
-    convention = check_convention(convention)
-    organs = resolve_labels(labels)
-    pairs, unmatched = pair_cases(pred_dir, gt_dir)
-    iterator = pairs
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(pairs, desc="evaluate", unit="case", leave=False, disable=None)  # off when not a TTY
-    per_case = {}
-    for case, pred_path, gt_path in iterator:
-        gimg, gt = _load_labels(gt_path, case, "truth")
-        pimg, pred = _load_labels(pred_path, case, "prediction")
-        if pred.shape != gt.shape:
-            raise UserError(f"case {case}: prediction {pred_path.name} has shape {pred.shape}, truth "
-                            f"{gt_path.name} has {gt.shape}", pred_path)
-        if not np.allclose(pimg.affine, gimg.affine, atol=atol_mm, rtol=0):
-            worst = float(np.abs(pimg.affine - gimg.affine).max())
-            raise UserError(f"case {case}: prediction {pred_path.name} and truth {gt_path.name} differ in "
-                            f"geometry (affines differ by up to {worst:.4g})", pred_path)
-        spacing = voxel_spacing(gimg.affine)
-        per_case[case] = {
-            "prediction": str(pred_path), "truth": str(gt_path), "shape": list(gt.shape),
-            "spacing": list(spacing),
-            "organs": case_metrics(pred, gt, organs, spacing if convention == "glam3d" else None, convention),
-        }
-    if unmatched:
-        per_case["__unmatched__"] = [str(p) for p in unmatched]
-    return per_case
+REPORT_FILES = ("report.json", "report.csv", "report.md", "report.png", "summary.json")
+METRICS = ("dice", "hd95", "nsd")
 
 
 # ------------------------------------------------------------------------------------------------ provenance
@@ -243,39 +58,29 @@ def code_version() -> dict:
     return info
 
 
-def load_provenance(pred_dir) -> dict:
-    """The ``predictions.json`` manifest written by ``glam3d predict`` (merging per-rank manifests of a
-    multi-GPU run when the merged one is missing); ``{}`` when the predictions carry none."""
-    pred_dir = Path(pred_dir)
-    main = pred_dir / "predictions.json"
-    try:
-        if main.is_file():
-            return json.loads(main.read_text())
-        parts = sorted(pred_dir.glob("predictions.rank*.json"))
-        if parts:
-            merged = json.loads(parts[0].read_text())
-            merged["cases"] = {}
-            for p in parts:
-                merged["cases"].update(json.loads(p.read_text()).get("cases", {}))
-            return merged
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the predictions manifest ({err})", main) from None
-    return {}
-
-
 # ------------------------------------------------------------------------------------------------ report
 def _fmt(x, scale=1.0, digits=2) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * scale:.{digits}f}"
+
+
+def _metrics_of(cases: dict) -> list[str]:
+    """The metrics every case carries (NSD only where it was computed)."""
+    present = list(METRICS)
+    for c in cases.values():
+        for o in c["organs"].values():
+            present = [m for m in present if m in o]
+    return present
 
 
 def summarize(per_case: dict, label_names: Sequence[str], convention: str) -> dict:
     """Per-organ and overall means (non-NaN values only, with counts). The overall mean of a metric is the mean
     of the organ means (the papers' "Average" column); its std is the std over cases of the per-case mean."""
     cases = {k: v for k, v in per_case.items() if not k.startswith("__")}
+    metrics = _metrics_of(cases)
     per_organ = {}
     for name in label_names:
         entry = {}
-        for metric in ("dice", "hd95"):
+        for metric in metrics:
             vals = [c["organs"][name][metric] for c in cases.values() if name in c["organs"]]
             m, s, n = nan_mean_std(vals)
             entry[metric] = {"mean": m, "std": s, "n": n, "excluded": len(vals) - n}
@@ -283,7 +88,7 @@ def summarize(per_case: dict, label_names: Sequence[str], convention: str) -> di
         entry["status_counts"] = {st: statuses.count(st) for st in ("ok", "absent", "false_positive", "missed")}
         per_organ[name] = entry
     overall = {}
-    for metric in ("dice", "hd95"):
+    for metric in metrics:
         organ_means = [per_organ[n][metric]["mean"] for n in label_names]
         m, _, n_org = nan_mean_std(organ_means)
         case_means = []
@@ -293,35 +98,84 @@ def summarize(per_case: dict, label_names: Sequence[str], convention: str) -> di
             case_means.append(cm if cn else float("nan"))
         _, s, n_cases = nan_mean_std(case_means)
         overall[metric] = {"mean": m, "std": s, "organs_counted": n_org, "cases_counted": n_cases}
-    return {"per_organ": per_organ, "overall": overall}
+    return {"metrics": metrics, "per_organ": per_organ, "overall": overall}
+
+
+def fold_means(cases: dict, label_names: Sequence[str], metrics: Sequence[str]) -> list[dict]:
+    """Per prediction folder (fold): its cases, the per-organ mean of each metric and the mean of those."""
+    folds: dict = {}
+    for cid, c in cases.items():
+        folds.setdefault(c.get("fold", ""), {})[cid] = c
+    out = []
+    for folder, fc in folds.items():
+        s = summarize(fc, label_names, "glam3d")
+        out.append({"pred_dir": folder, "n_cases": len(fc), "cases": list(fc),
+                    "per_organ": {m: {n: s["per_organ"][n][m]["mean"] for n in label_names} for m in metrics},
+                    "overall": {m: s["overall"][m]["mean"] for m in metrics}})
+    return out
+
+
+def _metric_rows(summary):
+    unit = summary["hd95_unit"]
+    rows = [("dice", "Dice (%)", 100.0), ("hd95", f"HD95 ({unit})", 1.0)]
+    if "nsd" in summary.get("metrics", ()):
+        rows.append(("nsd", "NSD (%)", 100.0))
+    return rows
+
+
+def _title(n: str) -> str:
+    return n.title() if n.islower() else n
 
 
 def markdown_table(summary: dict) -> str:
-    """Paper-ready table: organs as columns plus "Average"; rows Dice (%) and HD95, mean ± std (n if < cases)."""
+    """Paper-ready table: organs as columns plus "Average"; rows Dice (%), HD95 and NSD (%), mean ± std (n if fewer
+    cases were counted)."""
     names = summary["organs"]
-    unit = summary["hd95_unit"]
     ncase = summary["n_cases"]
-    header = "| Metric | " + " | ".join(n.title() if n.islower() else n for n in names) + " | Average |"
+    header = "| Metric | " + " | ".join(_title(n) for n in names) + " | Average |"
     sep = "|---|" + "---:|" * (len(names) + 1)
     rows = []
-    for metric, label, scale, digits in (("dice", "Dice (%)", 100.0, 2), ("hd95", f"HD95 ({unit})", 1.0, 2)):
+    for metric, label, scale in _metric_rows(summary):
         cells = []
         for n in names:
             e = summary["per_organ"][n][metric]
-            cell = f"{_fmt(e['mean'], scale, digits)} ± {_fmt(e['std'], scale, digits)}" if e["n"] else "—"
+            cell = f"{_fmt(e['mean'], scale)} ± {_fmt(e['std'], scale)}" if e["n"] else "—"
             if e["n"] < ncase:
                 cell += f" (n={e['n']})"
             cells.append(cell)
         o = summary["overall"][metric]
-        avg = f"{_fmt(o['mean'], scale, digits)} ± {_fmt(o['std'], scale, digits)}" if o["organs_counted"] else "—"
+        avg = f"{_fmt(o['mean'], scale)} ± {_fmt(o['std'], scale)}" if o["organs_counted"] else "—"
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
     return "\n".join([header, sep] + rows)
 
 
+def _nnunet_cases(cases: dict, label_names, values) -> dict:
+    out = {}
+    for cid, c in cases.items():
+        counts = {}
+        for n, v in zip(label_names, values):
+            o = c["organs"][n]
+            if "n_pred" not in o:
+                return {}
+            counts[v] = (o["n_pred"], o["n_ref"], o["tp"])
+        out[cid] = {"prediction": c.get("prediction"), "truth": c.get("truth"), "counts": counts,
+                    "n_voxels": c.get("n_voxels", int(np.prod(c.get("shape") or [0])))}
+    return out
+
+
 def write_report(per_case: dict, out_dir, label_names: Sequence[str], convention: str,
-                 provenance: Optional[dict] = None) -> dict:
-    """Write ``report.{json,csv,md,png}`` into ``out_dir`` (each atomically; nothing is written until every
-    number is computed) and return the summary dict (also the body of ``report.json``)."""
+                 provenance: Optional[dict] = None, *, checkpoints: Optional[list] = None,
+                 case_provenance: Optional[dict] = None, postprocessing: Optional[dict] = None,
+                 evaluation: Optional[dict] = None) -> dict:
+    """Write ``report.{json,csv,md,png}`` and ``summary.json`` into ``out_dir`` (each atomically; nothing is written
+    until every number is computed) and return the summary dict (the body of ``report.json``).
+
+    ``provenance``: the predictions' manifest (one folder) or ``{"manifests": {folder: manifest}}``;
+    ``checkpoints`` / ``case_provenance``: :func:`glam3d.metrics.provenance.attribute`'s two results;
+    ``postprocessing``: a decision of :func:`glam3d.postprocessing.decide_postprocessing` (the report says per
+    organ whether it helped); ``evaluation``: what was evaluated and how (folders, options)."""
+    from .nnunet_summary import nnunet_summary
+
     convention = check_convention(convention)
     label_names = list(label_names)
     cases = {k: v for k, v in per_case.items() if not k.startswith("__")}
@@ -331,7 +185,12 @@ def write_report(per_case: dict, out_dir, label_names: Sequence[str], convention
         missing = [n for n in label_names if n not in c.get("organs", {})]
         if missing:
             raise UserError(f"case {case}: no metrics for {', '.join(missing)}", out_dir)
+    for cid, info in (case_provenance or {}).items():
+        if cid in cases:
+            cases[cid]["provenance"] = info
     stats = summarize(cases, label_names, convention)
+    pred_dirs = per_case.get("__pred_dirs__") or sorted({c.get("fold", "") for c in cases.values()})
+    left_out = per_case.get("__left_out__", [])
     summary = {
         "convention": convention,
         "convention_note": CONVENTION_NOTES[convention],
@@ -341,18 +200,34 @@ def write_report(per_case: dict, out_dir, label_names: Sequence[str], convention
         "organs": label_names,
         "n_cases": len(cases),
         **stats,
+        "nsd_tolerance_mm": per_case.get("__nsd_tolerance_mm__"),
+        "pred_dirs": pred_dirs,
+        "gt": per_case.get("__gt__"),
+        "labels": per_case.get("__label_set__"),
+        "folds": fold_means(cases, label_names, stats["metrics"]) if len(pred_dirs) > 1 else [],
+        "truths_left_out": {"count": len(left_out), "cases": left_out},
+        "warnings": list(per_case.get("__warnings__", [])),
         "cases": cases,
         "unmatched_predictions": per_case.get("__unmatched__", []),
+        "checkpoints": checkpoints or [],
+        "postprocessing": postprocessing,
+        "evaluation": evaluation or {},
         "provenance": provenance or {},
         "evaluated_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "evaluated_with": code_version(),
     }
+    lab = per_case.get("__label_set__") or {}
+    values = [v for n, v in (lab.get("organs") or [])] if lab.get("organs") else []
+    nn_cases = _nnunet_cases(cases, label_names, values) if len(values) == len(label_names) else {}
+    nn_summary = nnunet_summary(nn_cases, values) if nn_cases else None
     csv_text = _csv(summary)
     md_text = _markdown(summary)
     png = _boxplot(summary)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "report.json", _json_safe(summary))
+    if nn_summary is not None:
+        atomic_write_json(out_dir / "summary.json", _json_safe(nn_summary))
     _write_utf8(out_dir / "report.csv", csv_text)
     _write_utf8(out_dir / "report.md", md_text)
     with atomic_path(out_dir / "report.png") as tmp:
@@ -384,34 +259,86 @@ def _csv(summary) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     unit = summary["hd95_unit"]
-    w.writerow(["case"] + [f"dice_{n}" for n in names] + ["dice_mean"] +
-               [f"hd95_{unit}_{n}" for n in names] + [f"hd95_{unit}_mean"])
+    prefix = {"dice": "dice", "hd95": f"hd95_{unit}", "nsd": "nsd"}
+    metrics = summary["metrics"]
+    folds = bool(summary["folds"])
+    head = ["case"]
+    for m in metrics:
+        head += [f"{prefix[m]}_{n}" for n in names] + [f"{prefix[m]}_mean"]
+    w.writerow(head + (["fold"] if folds else []))
 
     def num(x):
         return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}"
 
     for case, c in summary["cases"].items():
         row = [case]
-        for metric in ("dice", "hd95"):
+        for metric in metrics:
             vals = [c["organs"][n][metric] for n in names]
             row += [num(v) for v in vals] + [num(nan_mean_std(vals)[0])]
-        w.writerow(row)
+        w.writerow(row + ([c.get("fold", "")] if folds else []))
     for stat in ("mean", "std", "n"):
         row = [stat]
-        for metric in ("dice", "hd95"):
+        for metric in metrics:
             row += [num(float(summary["per_organ"][n][metric][stat])) for n in names]
             o = summary["overall"][metric]
             row.append(num(float(o[stat])) if stat != "n" else num(float(o["cases_counted"])))
-        w.writerow(row)
+        w.writerow(row + ([""] if folds else []))
     return buf.getvalue()
 
 
-def _markdown(summary) -> str:
+def _short(sha) -> str:
+    return "unknown" if not sha else str(sha)[:12]
+
+
+def _case_list(cases: list, limit: int = 40) -> str:
+    return ", ".join(cases[:limit]) + (f", … ({len(cases)} cases)" if len(cases) > limit else "")
+
+
+def _provenance_lines(summary) -> list[str]:
+    lines = []
+    cks = summary.get("checkpoints") or []
     prov = summary["provenance"] or {}
-    ck = prov.get("checkpoint", {}) if isinstance(prov.get("checkpoint"), dict) else {}
+    if cks:
+        n = sum(1 for c in cks if c["sha256"])
+        lines.append(f"- {n} checkpoint{'s' if n != 1 else ''} made the scored predictions:")
+        for c in cks:
+            if c["sha256"] is None:
+                lines.append(f"  - **unknown checkpoint** (no manifest entry names one): {len(c['cases'])} case(s): "
+                             f"{_case_list(c['cases'])}")
+                continue
+            paths = ", ".join(c["paths"]) or "path not recorded"
+            note = (f" (from the manifest's top level for {len(c['from_top_level'])} case(s) whose entry names no "
+                    f"checkpoint)") if c["from_top_level"] else ""
+            lines.append(f"  - {paths} (sha256 {c['sha256']}): {len(c['cases'])} case(s){note}: "
+                         f"{_case_list(c['cases'])}")
+    elif isinstance(prov.get("checkpoint"), dict):  # a manifest passed without per-case attribution
+        ck = prov["checkpoint"]
+        lines.append(f"- checkpoint (the manifest's top level): {ck.get('path', '?')} (sha256 {ck.get('sha256', '?')})")
+    elif not prov:
+        lines.append("- the predictions carry no predictions.json manifest (not written by glam3d predict)")
+    manifests = prov.get("manifests") if "manifests" in prov else ({"": prov} if prov else {})
+    for folder, man in manifests.items():
+        if not man:
+            continue
+        code = man.get("code", {}) or {}
+        where = f" ({folder})" if folder else ""
+        lines.append(f"- predicted{where} with glam3d {code.get('glam3d', '?')}, commit {code.get('git_commit') or '?'}")
+        if man.get("inference"):
+            lines.append("  - inference: " + ", ".join(f"{k}={v}" for k, v in man["inference"].items()))
+        if man.get("seed") is not None:
+            lines.append(f"  - seed: {man['seed']}")
+    return lines
+
+
+def _markdown(summary) -> str:
+    names = summary["organs"]
     lines = [f"# Segmentation report ({summary['n_cases']} cases)", "", markdown_table(summary), "",
              f"Convention: **{summary['convention']}**. {summary['convention_note']}", "",
              "Mean ± sample std over cases; (n=…) marks organs where fewer cases were counted.", ""]
+    tol = summary.get("nsd_tolerance_mm")
+    if tol:
+        lines += ["NSD: normalised surface Dice (MONAI compute_surface_dice, distances in mm) at the tolerances "
+                  + ", ".join(f"{n} {tol[n]:g} mm" for n in names) + ".", ""]
     excluded = {n: e["status_counts"] for n, e in summary["per_organ"].items()
                 if e["status_counts"]["absent"] or e["status_counts"]["false_positive"] or e["status_counts"]["missed"]}
     if excluded:
@@ -419,32 +346,62 @@ def _markdown(summary) -> str:
             f"{n}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in c.items() if k != "ok" and v)
             for n, c in excluded.items()))
         lines.append("")
+    lo = summary["truths_left_out"]
+    if lo["count"]:
+        lines.append(f"Truths left out (no prediction, --only-predicted): {lo['count']}: "
+                     + _case_list([e["case"] for e in lo["cases"]]))
+        lines.append("")
     if summary["unmatched_predictions"]:
         lines.append(f"Predictions without a truth (ignored): {len(summary['unmatched_predictions'])}")
         lines.append("")
+    if summary["warnings"]:
+        lines.append("## Warnings")
+        lines += [f"- {w}" for w in summary["warnings"]]
+        lines.append("")
+    if summary["folds"]:
+        lines.append("## Folds (mean Dice % per organ)")
+        lines.append("| Fold | Cases | " + " | ".join(_title(n) for n in names) + " | Mean |")
+        lines.append("|---|---:|" + "---:|" * (len(names) + 1))
+        for f in summary["folds"]:
+            d = f["per_organ"]["dice"]
+            lines.append(f"| {f['pred_dir']} | {f['n_cases']} | " + " | ".join(_fmt(d[n], 100) for n in names)
+                         + f" | {_fmt(f['overall']['dice'], 100)} |")
+        lines.append("")
+    pp = summary.get("postprocessing")
+    if pp:
+        lines += _postprocessing_lines(pp)
     lines.append("## Provenance")
-    if prov:
-        lines.append(f"- checkpoint: {ck.get('path', '?')} (sha256 {ck.get('sha256', '?')})")
-        code = prov.get("code", {})
-        lines.append(f"- predicted with glam3d {code.get('glam3d', '?')}, commit {code.get('git_commit') or '?'}")
-        if prov.get("inference"):
-            lines.append("- inference: " + ", ".join(f"{k}={v}" for k, v in prov["inference"].items()))
-        if prov.get("seed") is not None:
-            lines.append(f"- seed: {prov['seed']}")
-    else:
-        lines.append("- the predictions carry no predictions.json manifest (not written by glam3d predict)")
+    lines += _provenance_lines(summary)
     ev = summary["evaluated_with"]
     lines.append(f"- evaluated with glam3d {ev['glam3d']}, commit {ev.get('git_commit') or '?'}, "
                  f"at {summary['evaluated_at']}")
     lines.append("")
-    lines.append("## Per case")
-    names = summary["organs"]
+    lines.append("## Per case (Dice %)")
     lines.append("| Case | " + " | ".join(names) + " | Mean |")
     lines.append("|---|" + "---:|" * (len(names) + 1))
     for case, c in summary["cases"].items():
         d = [c["organs"][n]["dice"] for n in names]
         lines.append(f"| {case} | " + " | ".join(_fmt(x, 100) for x in d) + f" | {_fmt(nan_mean_std(d)[0], 100)} |")
     return "\n".join(lines) + "\n"
+
+
+def _postprocessing_lines(pp: dict) -> list[str]:
+    fg = pp["foreground_largest_component"]
+    lines = ["## Postprocessing (keep the largest connected component)", "",
+             f"Decided on these {pp['cases']} cases as nnU-Net does: {pp['rule']}", "",
+             f"- all foreground as one: {'kept' if fg['apply'] else 'not kept'} (mean Dice "
+             f"{_fmt(fg['mean_dice_without'], 100)} → {_fmt(fg['mean_dice_with'], 100)}"
+             + (f"; worse for {', '.join(fg['classes_worse'])}" if fg["classes_worse"] else "") + ")", "",
+             "| Organ | Dice without | Dice with | Helped | Kept |", "|---|---:|---:|---|---|"]
+    for e in pp["per_class"]:
+        a, b = e["dice_without"], e["dice_with"]
+        helped = "—" if any(isinstance(x, float) and math.isnan(x) for x in (a, b)) or a is None or b is None \
+            else ("yes" if b > a else "no" if b < a else "no change")
+        lines.append(f"| {e['name']} | {_fmt(a, 100)} | {_fmt(b, 100)} | {helped} | {'yes' if e['apply'] else 'no'} |")
+    md = pp["mean_dice"]
+    lines += ["", f"Mean Dice without postprocessing {_fmt(md['without'], 100)}, with the kept steps "
+                  f"{_fmt(md['with'], 100)}.", ""]
+    return lines
 
 
 def _boxplot(summary) -> bytes:
@@ -454,9 +411,9 @@ def _boxplot(summary) -> bytes:
     import matplotlib.pyplot as plt
 
     names = summary["organs"]
-    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.9 * len(names) + 1.5), 7.8), dpi=110)
-    for ax, metric, title, scale in ((axes[0], "dice", "Dice (%)", 100.0),
-                                     (axes[1], "hd95", f"HD95 ({summary['hd95_unit']})", 1.0)):
+    rows = _metric_rows(summary)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(7.0, 0.9 * len(names) + 1.5), 3.9 * len(rows)), dpi=110)
+    for ax, (metric, title, scale) in zip(np.atleast_1d(axes), rows):
         data = []
         for n in names:
             v = np.asarray([c["organs"][n][metric] for c in summary["cases"].values()], dtype=float) * scale
@@ -475,13 +432,17 @@ def _boxplot(summary) -> bytes:
             if allv.size and allv.max() > 20 * max(med, 1e-6) and allv.max() > 0:
                 ax.set_yscale("symlog", linthresh=max(med, 1.0))  # a missed organ's penalty would flatten the rest
                 ax.set_title(title + " (symlog scale)")
+        if metric == "nsd" and summary.get("nsd_tolerance_mm"):
+            tol = summary["nsd_tolerance_mm"]
+            vals = sorted({tol[n] for n in names})
+            ax.set_title(title + (f" at {vals[0]:g} mm" if len(vals) == 1 else " at per-organ tolerances"))
         ax.set_xticks(range(1, len(names) + 1))
         ax.set_xticklabels(names, rotation=30, ha="right")
         ax.set_xlim(0.4, len(names) + 0.6)
         if not ax.get_title():
             ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-        if metric == "dice":
+        if metric in ("dice", "nsd"):
             ax.set_ylim(-2, 102)
     fig.suptitle(f"{summary['n_cases']} cases, convention {summary['convention']}", fontsize=10)
     fig.tight_layout()

@@ -14,6 +14,11 @@
     Both non-empty → (medpy ``dc``, medpy ``hd95`` in voxels); predicted but absent from truth → (1, 0); otherwise
     (a miss, or absent from both) → (0, 0).
 
+NSD (normalised surface Dice at a tolerance τ in mm, Nikolov et al.): the fraction of both surfaces (voxels of the
+mask XOR its erosion) lying within τ of the other surface, computed with MONAI's ``compute_surface_dice`` and the
+voxel spacing. It is not part of the nnFormer / TransUNet protocols, so it follows glam3d's rules in every
+convention: always in mm; absent from both → NaN (excluded); a miss or a false positive → 0.
+
 medpy's ``hd95`` is the 95th percentile of the *union* of both directed surface-distance sets; it is reproduced
 here with scipy (surface = mask XOR its erosion by the 6-connected cross, Euclidean distance transform), so medpy
 is not needed. All masks are numpy arrays of any dimension; ``spacing`` is given per array axis.
@@ -128,17 +133,70 @@ def hd95_directed_max(pred, gt, spacing=None) -> float:
     return float(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)))
 
 
+def nsd_monai(pred, gt, tolerance_mm: float, spacing=None) -> float:
+    """Normalised surface Dice of two non-empty 3D masks at ``tolerance_mm`` (MONAI ``compute_surface_dice``,
+    surface voxels counted, distances in mm from ``spacing``; 1 voxel = 1 mm without it). The masks are cropped
+    to their union's bounding box plus a one-voxel margin first (surfaces and distances unchanged)."""
+    import torch
+    from monai.metrics import compute_surface_dice
+
+    pred = np.asarray(pred, dtype=bool)
+    gt = np.asarray(gt, dtype=bool)
+    if not pred.any() or not gt.any():
+        raise ValueError("NSD here needs two non-empty masks (the edge cases are the caller's)")
+    if not math.isfinite(tolerance_mm) or tolerance_mm < 0:
+        raise ValueError(f"the NSD tolerance must be a finite number of mm >= 0, got {tolerance_mm}")
+    pred, gt = _crop_pair(pred, gt)
+    sp = None if spacing is None else [float(s) for s in spacing]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        v = compute_surface_dice(torch.from_numpy(pred)[None, None], torch.from_numpy(gt)[None, None],
+                                 [float(tolerance_mm)], include_background=True, spacing=sp)
+    return float(v.reshape(-1)[0])
+
+
+def overlap_counts(pred_labels: np.ndarray, gt_labels: np.ndarray, values: Sequence[int]) -> dict:
+    """``{value: (n_pred, n_ref, tp)}``: voxels of each value in the prediction, in the truth, and in both, from
+    three ``bincount`` passes over the non-negative integer maps."""
+    if pred_labels.shape != gt_labels.shape:
+        raise ValueError(f"prediction {pred_labels.shape} and truth {gt_labels.shape} differ in shape")
+    top = max([int(v) for v in values] + [0]) + 1
+    p = pred_labels.ravel()
+    g = gt_labels.ravel()
+    n_pred = np.bincount(p, minlength=top)
+    n_ref = np.bincount(g, minlength=top)
+    tp = np.bincount(p[p == g], minlength=top)
+    return {int(v): (int(n_pred[v]), int(n_ref[v]), int(tp[v])) for v in values}
+
+
+def dice_from_counts(n_pred: int, n_ref: int, tp: int) -> float:
+    """2·TP / (|P| + |G|); NaN when both are empty."""
+    return float("nan") if n_pred + n_ref == 0 else 2.0 * tp / (n_pred + n_ref)
+
+
 def scan_diagonal(shape, spacing=None) -> float:
     sp = np.ones(len(shape)) if spacing is None else np.asarray(spacing, dtype=float)
     return float(np.sqrt(np.sum((np.asarray(shape, dtype=float) * sp) ** 2)))
 
 
-def organ_metrics(pred: np.ndarray, gt: np.ndarray, spacing=None, convention: str = "glam3d") -> dict:
-    """Dice and HD95 of one organ (boolean masks) under ``convention``.
+def organ_metrics(pred: np.ndarray, gt: np.ndarray, spacing=None, convention: str = "glam3d",
+                  nsd_tolerance: Optional[float] = None) -> dict:
+    """Dice and HD95 of one organ (boolean masks) under ``convention``, and NSD at ``nsd_tolerance`` mm if given.
 
-    Returns ``{"dice", "hd95", "status"}`` with status one of ``ok`` (both non-empty), ``absent`` (empty in both),
-    ``false_positive`` (predicted, absent from truth), ``missed`` (in truth, not predicted). NaN = excluded.
+    Returns ``{"dice", "hd95", "status"}`` (+ ``"nsd"``) with status one of ``ok`` (both non-empty), ``absent``
+    (empty in both), ``false_positive`` (predicted, absent from truth), ``missed`` (in truth, not predicted).
+    NaN = excluded. ``spacing`` (mm per array axis) is used by the glam3d HD95 and by NSD; the nnformer and
+    transunet HD95 are in voxels whatever it is.
     """
+    out = _organ_dice_hd95(pred, gt, spacing, convention)
+    if nsd_tolerance is not None:
+        st = out["status"]
+        out["nsd"] = (nsd_monai(pred, gt, nsd_tolerance, spacing) if st == "ok"
+                      else float("nan") if st == "absent" else 0.0)
+    return out
+
+
+def _organ_dice_hd95(pred: np.ndarray, gt: np.ndarray, spacing, convention: str) -> dict:
     check_convention(convention)
     pred = np.asarray(pred, dtype=bool)
     gt = np.asarray(gt, dtype=bool)
@@ -168,14 +226,16 @@ def organ_metrics(pred: np.ndarray, gt: np.ndarray, spacing=None, convention: st
 
 
 def case_metrics(pred_labels: np.ndarray, gt_labels: np.ndarray, organs: Sequence[tuple], spacing=None,
-                 convention: str = "glam3d") -> dict:
+                 convention: str = "glam3d", nsd_tolerance=None) -> dict:
     """Metrics of every organ of one case: ``organs`` = ``[(name, label_value), …]``; returns
-    ``{name: organ_metrics(...)}`` in the given order."""
+    ``{name: organ_metrics(...)}`` in the given order. ``nsd_tolerance``: ``None`` (no NSD), one number of mm,
+    or ``{name: mm}``."""
     if pred_labels.shape != gt_labels.shape:
         raise ValueError(f"prediction {pred_labels.shape} and truth {gt_labels.shape} differ in shape")
     out = {}
     for name, value in organs:
-        out[name] = organ_metrics(pred_labels == value, gt_labels == value, spacing, convention)
+        tol = nsd_tolerance.get(name) if isinstance(nsd_tolerance, dict) else nsd_tolerance
+        out[name] = organ_metrics(pred_labels == value, gt_labels == value, spacing, convention, tol)
     return out
 
 
