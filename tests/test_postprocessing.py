@@ -65,7 +65,7 @@ def test_keep_largest_foreground_component():
 def test_matches_monai_keep_largest_connected_component():
     """Random label maps: the same result as MONAI's KeepLargestConnectedComponent (independent per class,
     full connectivity), an implementation written independently of ours."""
-    pytest.importorskip("skimage")  # MONAI's CPU path needs scikit-image
+    import skimage  # noqa: F401  (MONAI's CPU path needs scikit-image: in the test extra)
     import torch
     from monai.transforms import KeepLargestConnectedComponent
 
