@@ -177,7 +177,7 @@ def test_save_refuses_non_finite_state_and_keeps_the_previous_file(tmp_path, ent
     with pytest.raises(NonFiniteCheckpoint) as e:
         save_checkpoint(ck, state, keep_previous=keep_previous)
     msg = str(e.value)
-    assert msg.startswith(f"{ck}: refused to write a checkpoint with NaN/inf values (1 tensors, e.g. {expected})")
+    assert msg.startswith(f"{ck}: refused to write a checkpoint with NaN/inf values (1 tensor, e.g. {expected})")
     assert "\n" not in msg and isinstance(e.value, UserError)
     assert _digest(ck) == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
@@ -197,7 +197,7 @@ def _nan_checkpoint(tmp_path) -> Path:
 def test_model_from_checkpoint_refuses_non_finite_weights(tmp_path, mmap):
     bad = _nan_checkpoint(tmp_path)
     state = load_checkpoint(bad, mmap=mmap)  # loading the file itself is fine (resume may fall back from it)
-    with pytest.raises(NonFiniteCheckpoint, match=rf"^{bad}: the checkpoint's weights hold NaN/inf \(1 tensors, "
+    with pytest.raises(NonFiniteCheckpoint, match=rf"^{bad}: the checkpoint's weights hold NaN/inf \(1 tensor, "
                                                   r"e\.g\. .*\): it comes from a diverged training run; refused$"):
         model_from_checkpoint(state, bad, assign=mmap)
     from glam3d.models import build_model

@@ -68,6 +68,8 @@ def test_too_many_blocks_refused_before_building(monkeypatch):
     t0 = time.perf_counter()
     with pytest.raises(P.TooManyBlocks, match=r"100,006 transformer blocks"):
         P.meta_network("nnformer_tiny", {"depths": [2, 2, 100000, 2]})
+    with pytest.raises(P.TooManyBlocks, match=r"257 transformer blocks; no network here has more than 256"):
+        P.meta_network("nnformer_tiny", {"depths": [1, 1, 254, 1]})
     assert time.perf_counter() - t0 < 5 and built == []
 
 
@@ -111,11 +113,26 @@ def test_check_fits_boundary(monkeypatch):
         P.check_fits(1001, "cpu", "f", "net")
 
 
-def test_machine_memory_is_at_least_the_ram():
+def test_machine_memory_is_ram_within_the_container_limit_plus_swap():
+    def meminfo(key):
+        with open("/proc/meminfo") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(key + ":"))
+
+    def cgroup(name):
+        try:
+            text = open(f"/sys/fs/cgroup/{name}").read().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    ram = meminfo("MemTotal")
+    if cgroup("memory.max") is not None:
+        ram = min(ram, cgroup("memory.max"))
+    swap = meminfo("SwapTotal")
+    if cgroup("memory.swap.max") is not None:
+        swap = min(swap, cgroup("memory.swap.max"))
     have, what = P.machine_memory("cpu")
-    with open("/proc/meminfo") as fh:
-        total = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemTotal:"))
-    assert 0 < have and (have >= total or "limit" in what or have >= 2 ** 28)
+    assert abs(have - (ram + swap)) <= 1 << 20 and what.startswith("this machine has")  # (page rounding)
     assert P.machine_memory("meta") is None
 
 
@@ -163,3 +180,31 @@ def test_checkpoint_network_on_the_gpu_it_will_run_on(monkeypatch):
 def test_checkpoint_spec_that_does_not_build(spec, problem):
     with pytest.raises(UserError, match=problem):
         P.check_checkpoint_network(spec, "ck.pt")
+
+
+@pytest.mark.parametrize("kwargs, problem", [({"embed_dim": -6}, r"negative dimension"),
+                                             ({"embed_dim": 2 ** 62}, r"overflow"),
+                                             ({"window_size": [[10 ** 6] * 3] * 4}, r"overflow")])
+def test_sizes_pytorch_refuses_are_refused_on_the_meta_device(kwargs, problem, monkeypatch):
+    built = _real_build_spy(monkeypatch)
+    with pytest.raises(UserError, match=rf"^ck\.pt: cannot rebuild the network recorded in the checkpoint \(.*"
+                                        rf"(?i:{problem})"):
+        P.check_checkpoint_network({"name": "nnformer_tiny", "kwargs": kwargs}, "ck.pt")
+    assert built == []  # the build failed on the meta device; nothing was built for real
+
+
+def test_training_on_a_gpu_needs_the_weights_on_the_cpu_too(tmp_path, monkeypatch):
+    from glam3d.config import config_from_dict
+
+    cfg = config_from_dict({"model": {"name": "nnformer_tiny"}, "data": {"root": "x", "roi_size": [16, 32, 32]},
+                            "train": {"device": "cuda:0"}}, source="c.yaml")
+    meta = P.meta_network("nnformer_tiny")
+    sizes = {"cpu": P.weight_bytes(meta) - 1, "cuda:0": 10 ** 15}
+    monkeypatch.setattr(P, "machine_memory", lambda device="cpu": (sizes[str(device)], f"{device} has"))
+    with pytest.raises(UserError, match=r"^c\.yaml: .* needs [\d.]+ MiB for its weights alone, but cpu has"):
+        P.check_training_network(meta, cfg, "c.yaml")
+    sizes["cpu"] += 1
+    P.check_training_network(meta, cfg, "c.yaml")
+    sizes["cuda:0"] = P.training_bytes(meta, cfg.optim) - 1
+    with pytest.raises(UserError, match=r"for its weights, gradients and sgd state alone, but cuda:0 has"):
+        P.check_training_network(meta, cfg, "c.yaml")

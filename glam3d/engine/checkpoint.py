@@ -43,7 +43,7 @@ def save_checkpoint(path, state: dict, keep_previous: bool = False) -> None:
     state.setdefault("format", FORMAT)
     bad = [f"{entry}.{name}" for entry in ("model", "optimizer") for name in find_non_finite(state.get(entry))]
     if bad:
-        raise NonFiniteCheckpoint(f"refused to write a checkpoint with NaN/inf values ({len(bad)} tensors, e.g. "
+        raise NonFiniteCheckpoint(f"refused to write a checkpoint with NaN/inf values ({_tensors(len(bad))}, e.g. "
                                   f"{bad[0]}): the training diverged; the file on disk was left as it was", path)
     if keep_previous and path.is_file():
         _keep_copy(path, path.with_name(path.name + ".prev"))
@@ -96,8 +96,12 @@ def check_finite_weights(weights: dict, path=None) -> None:
     network loaded with them predicts garbage (all background) without any error."""
     bad = find_non_finite(weights)
     if bad:
-        raise NonFiniteCheckpoint(f"the checkpoint's weights hold NaN/inf ({len(bad)} tensors, e.g. {bad[0]}): "
+        raise NonFiniteCheckpoint(f"the checkpoint's weights hold NaN/inf ({_tensors(len(bad))}, e.g. {bad[0]}): "
                                   f"it comes from a diverged training run; refused", path)
+
+
+def _tensors(n: int) -> str:
+    return f"{n} tensor" if n == 1 else f"{n} tensors"
 
 
 def _keep_copy(path: Path, prev: Path) -> None:

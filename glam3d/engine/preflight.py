@@ -26,9 +26,10 @@ from ..errors import UserError
 #: input before the network's activations multiply it by tens of channels
 MAX_WINDOW_AXIS = 4096
 MAX_WINDOW_VOXELS = 2 ** 28
-#: transformer blocks a network may have (Swin-L: 24; nnFormer: 14): past this a spec is a typo or hostile, and
-#: even building it on the meta device takes minutes
-MAX_BLOCKS = 1024
+#: transformer blocks a network may have (nnFormer: 8 in its encoder; Swin-L: 24; Swin-G, the deepest Swin: 50):
+#: past this a spec is a typo or hostile, and even on the meta device a block takes milliseconds to build
+#: (100,000 blocks: minutes)
+MAX_BLOCKS = 256
 #: factory calls of at least this many elements go to the meta device when a builder needs real small tensors
 _SMALL = 1 << 16
 
@@ -45,8 +46,8 @@ def meta_network(name: str, kwargs: Optional[dict] = None):
     or — for builders that compute with small tensors (MONAI's SwinUNETR reads ``linspace(...).item()``) — with
     every tensor of ``_SMALL`` elements or more on the meta device and only the small ones real. ``None`` when
     it cannot be built that way (the caller then builds it for real). A spec that does not build (unknown name,
-    bad option) raises ``ValueError``/``TypeError`` as :func:`~glam3d.models.registry.build_model` does; one
-    with more than :data:`MAX_BLOCKS` blocks raises :class:`TooManyBlocks` before anything is built."""
+    bad option, a size PyTorch refuses: negative, overflowing) raises ``ValueError``/``TypeError``; one with more
+    than :data:`MAX_BLOCKS` blocks raises :class:`TooManyBlocks` before anything is built."""
     import torch
 
     from ..models.registry import build_model
@@ -60,13 +61,19 @@ def meta_network(name: str, kwargs: Optional[dict] = None):
         try:
             with mode():
                 return build_model(name, **kwargs)
-        except (NotImplementedError, RuntimeError):
+        except NotImplementedError:
             continue
+        except RuntimeError as err:  # the meta device cannot run what the builder computes, or the spec is bad
+            if "meta" in str(err).lower():
+                continue
+            raise ValueError(_one_line(err)) from None
     return None
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error (PyTorch appends C++ backtraces), at most ``limit`` characters."""
+    text = " ".join((str(err).strip().splitlines() or [""])[0].split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _short(seq) -> str:
@@ -308,7 +315,8 @@ def resolve_train_device(name: str):
 def check_training_network(model, cfg, source=None) -> None:
     """For training ``cfg`` with ``model`` (meta or real): the training crop and validation window fit the
     network's divisor and the window bounds, and weights + gradients + optimiser state fit the training device
-    (and, on the CPU, once per local rank). One-line :class:`UserError` naming ``source`` otherwise."""
+    (on the CPU once per local rank; on a GPU, the weights also fit the CPU, where the network is built first).
+    One-line :class:`UserError` naming ``source`` otherwise."""
     div = network_divisor(model)
     if cfg.task == "2d":
         windows = [("data.crop_size", cfg.data.crop_size), ("val.roi_size", cfg.val.roi_size)]
@@ -325,6 +333,8 @@ def check_training_network(model, cfg, source=None) -> None:
         need *= _local_ranks()
         purpose += f" in {_local_ranks()} processes"
     what = f"config key 'model': {cfg.model.name} ({format_count(num_parameters(model))} parameters)"
+    if device.type != "cpu":  # the network is built on the CPU first
+        check_fits(weight_bytes(model), "cpu", source, what, "its weights")
     check_fits(need, device, source, what, purpose)
 
 
