@@ -157,6 +157,10 @@ def test_find_non_finite_names_the_tensors():
     assert find_non_finite({"w": torch.randn(4, 4)}) == [] and find_non_finite(None) == []
     shared = torch.tensor([float("inf")])
     assert find_non_finite({"x": [shared, shared]}) == ["x.0", "x.1"]
+    # finite values whose sum overflows (float32 near 3.4e38, float16 near 65504) are finite
+    huge = {"f32": torch.full((10,), 3e38), "f16": torch.full((10,), 6e4, dtype=torch.float16),
+            "mix": torch.tensor([3e38, 3e38, float("nan")])}
+    assert find_non_finite(huge) == ["mix"]
 
 
 @pytest.mark.parametrize("entry", ["model", "optimizer"])
