@@ -43,6 +43,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 import yaml
 
 from .errors import UserError
+from .utils.bounded_yaml import NodeBudget, load_bounded
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,7 +281,8 @@ def config_path(name_or_path) -> Path:
 
 def load_config(path, overrides: Optional[List[str]] = None) -> Config:
     """Read a YAML config (a path, or the name of a shipped config: :func:`config_path`), following ``base:``;
-    apply ``key=value`` overrides; check keys and types."""
+    apply ``key=value`` overrides; check keys and types. The :class:`Config` remembers the file it came from
+    (:func:`config_source`), so :func:`validate_config` names it."""
     path = config_path(path)
     raw = load_yaml_with_base(path)
     raw.setdefault("name", path.stem)
@@ -289,20 +291,42 @@ def load_config(path, overrides: Optional[List[str]] = None) -> Config:
     return config_from_dict(raw, source=str(path))
 
 
-def load_yaml_with_base(path: Path, _seen: tuple = ()) -> dict:
+#: a config file is a few KB (the largest shipped one: 2.3 KB); one past this is not a config
+MAX_CONFIG_BYTES = 1 << 20
+#: files one ``base:`` tree may read (the shipped configs use at most 2)
+MAX_BASE_FILES = 32
+
+
+def load_yaml_with_base(path: Path, _seen: tuple = (), _budget: Optional[NodeBudget] = None) -> dict:
+    """The YAML mapping in ``path`` merged over its ``base:`` files. Every file is bounded before it is built
+    (:func:`~glam3d.utils.bounded_yaml.load_bounded`: size, alias expansion and depth, one budget for the whole
+    ``base:`` tree); an empty file, a file that is not a mapping, a loop or an oversized file are refused with
+    one line naming the file."""
     path = Path(path)
+    budget = _budget if _budget is not None else NodeBudget()
     if not path.is_file():
         raise UserError("config file not found", path)
     if path.resolve() in _seen:
         raise UserError("'base' chain loops back to this file", path)
+    if budget.documents >= MAX_BASE_FILES:
+        raise UserError(f"the 'base' files of this config reach more than {MAX_BASE_FILES} files", path)
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise UserError(f"config file is {size / 2 ** 20:.1f} MiB; a config is a few KB (at most "
+                        f"{MAX_CONFIG_BYTES // 2 ** 20} MiB)", path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError("config file is not UTF-8 text", path) from None
+    try:
+        data = load_bounded(text, path, budget)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"not valid YAML{where} ({getattr(err, 'problem', None) or err})", path) from None
     if data is None:
-        data = {}
+        raise UserError("config file is empty (no settings; a config is a YAML mapping such as "
+                        "'base: synapse_glam_nnformer.yaml' plus the keys it changes)", path)
     if not isinstance(data, dict):
         raise UserError(f"a config must be a YAML mapping, got {type(data).__name__}", path)
     base = data.pop("base", None)
@@ -312,8 +336,8 @@ def load_yaml_with_base(path: Path, _seen: tuple = ()) -> dict:
     merged: dict = {}
     for b in bases:
         if not isinstance(b, str):
-            raise UserError(f"'base' must be a file name (or a list of them), got {b!r}", path)
-        merged = deep_merge(merged, load_yaml_with_base(path.parent / b, _seen + (path.resolve(),)))
+            raise UserError(f"'base' must be a file name (or a list of them), got {_show(b)}", path)
+        merged = deep_merge(merged, load_yaml_with_base(path.parent / b, _seen + (path.resolve(),), budget))
     return deep_merge(merged, data)
 
 
@@ -334,7 +358,7 @@ def apply_override(raw: dict, item: str) -> None:
     key, text = item.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_bounded(text, f"--override {key}") if text.strip() else ""
     except yaml.YAMLError:
         value = text
     parts = key.split(".")
@@ -369,7 +393,14 @@ def apply_override(raw: dict, item: str) -> None:
 
 def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     """Build a :class:`Config` from a plain mapping, strictly (one-line UserError naming key and source)."""
-    return _build(Config, _with_task_defaults(raw, source), "", source)
+    cfg = _build(Config, _with_task_defaults(raw, source), "", source)
+    cfg._source = source  # not a field: never saved, compared or printed
+    return cfg
+
+
+def config_source(cfg) -> str:
+    """The file (or ``"<config>"``) a :class:`Config` was read from: what its error lines name."""
+    return getattr(cfg, "_source", "<config>")
 
 
 def config_to_dict(cfg) -> dict:
@@ -503,8 +534,29 @@ def _convert(tp, value, key: str, source: str):
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # programming error
 
 
-def validate_config(cfg: Config, source: str = "<config>") -> None:
-    """Value checks beyond types (ranges, lengths); one-line UserError naming the key."""
+#: iterations a run may have (epochs x iters_per_epoch), and the largest val_every / save_every_iters: 400 times
+#: nnFormer's 250,000-step schedule; at 10 ms a step it would run for 11 days
+MAX_ITERATIONS = 10 ** 8
+#: volumes (images) drawn per step, patches per volume, sliding windows per forward pass
+MAX_BATCH = 4096
+#: voxels of one step's input batch (batch_size x num_samples x window): 2^31 float32 voxels are 8 GiB before the
+#: network multiplies them by tens of channels, far beyond any GPU
+MAX_STEP_VOXELS = 2 ** 31
+#: DataLoader worker processes
+MAX_WORKERS = 256
+
+
+def validate_config(cfg: Config, source: Optional[str] = None, network: bool = True) -> None:
+    """Value checks beyond types (ranges, lengths, bounds past which a value can only be a typo); one-line
+    UserError naming the key and ``source`` (default: the file :func:`load_config` read,
+    :func:`config_source`).
+
+    ``network`` (default): also check a registered network before anything heavy happens, on a copy built on the
+    meta device (:func:`glam3d.engine.preflight.check_config_network`, nothing allocated): ``data.roi_size`` /
+    ``val.roi_size`` (2D: ``data.crop_size``) are multiples of its divisor, and its weights, gradients and
+    optimiser state fit the training device at all."""
+    source = source if source is not None else config_source(cfg)
+
     def need(cond, key, msg):
         if not cond:
             raise UserError(f"config key '{key}' {msg}", source)
@@ -521,7 +573,8 @@ def validate_config(cfg: Config, source: str = "<config>") -> None:
         need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
         need(len(cfg.data.augment.gamma_range) == 2, "data.augment.gamma_range", "must be two numbers")
         need(len(cfg.data.augment.rotate_deg) == 3, "data.augment.rotate_deg", "must be 3 angles (D, H, W axes)")
-        need(cfg.val.roi_size is None or len(cfg.val.roi_size) == 3, "val.roi_size", "must be 3 sizes (D, H, W)")
+        need(cfg.val.roi_size is None or (len(cfg.val.roi_size) == 3 and all(s > 0 for s in cfg.val.roi_size)),
+             "val.roi_size", "must be 3 positive sizes (D, H, W)")
     need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
     need(cfg.data.workers >= 0, "data.workers", "must be >= 0")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
@@ -532,6 +585,60 @@ def validate_config(cfg: Config, source: str = "<config>") -> None:
     need(cfg.train.val_every >= 0, "train.val_every", "must be >= 0")
     need(all(w >= 0 for w in cfg.train.deep_supervision), "train.deep_supervision", "weights must be >= 0")
     need(0.0 <= cfg.val.overlap < 1.0, "val.overlap", "must be in [0, 1)")
+    _validate_bounds(cfg, need)
+    if network:
+        from .engine.preflight import check_config_network
+
+        check_config_network(cfg, source)
+
+
+def _validate_bounds(cfg: Config, need) -> None:
+    """Finite numbers everywhere; window sizes, iteration counts and batch sizes within what any run can mean."""
+    from .engine.preflight import window_problem
+
+    _need_finite(cfg, "", need)
+    tc = cfg.train
+    total = tc.epochs * tc.iters_per_epoch
+    need(total <= MAX_ITERATIONS, "train.epochs",
+         f"x train.iters_per_epoch is {total:,} iterations, beyond any schedule (at most {MAX_ITERATIONS:,}; "
+         f"nnFormer trains 250,000)")
+    need(tc.val_every <= MAX_ITERATIONS, "train.val_every", f"must be at most {MAX_ITERATIONS:,} epochs (0: never)")
+    need(0 <= tc.save_every_iters <= MAX_ITERATIONS, "train.save_every_iters",
+         f"must be in 0..{MAX_ITERATIONS:,} (0: checkpoints at epoch ends only), got {tc.save_every_iters}")
+    need(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    need(cfg.data.batch_size <= MAX_BATCH, "data.batch_size", f"must be at most {MAX_BATCH}")
+    need(cfg.data.workers <= MAX_WORKERS, "data.workers", f"must be at most {MAX_WORKERS} processes")
+    need(1 <= cfg.val.sw_batch_size <= MAX_BATCH, "val.sw_batch_size", f"must be in 1..{MAX_BATCH}")
+    need(cfg.val.max_cases >= 0, "val.max_cases", "must be >= 0 (0: all validation cases)")
+    if cfg.task == "2d":
+        windows, samples = [("data.crop_size", cfg.data.crop_size), ("val.roi_size", cfg.val.roi_size)], 1
+    else:
+        windows, samples = [("data.roi_size", cfg.data.roi_size), ("val.roi_size", cfg.val.roi_size)], \
+            cfg.data.num_samples
+        need(samples <= MAX_BATCH, "data.num_samples", f"must be at most {MAX_BATCH}")
+    for key, roi in windows:
+        if roi is not None:
+            problem = window_problem(list(roi), (1,) * len(roi))
+            need(problem is None, key, f"{list(roi)} {problem}")
+    voxels = cfg.data.batch_size * samples * math.prod(windows[0][1])
+    need(voxels <= MAX_STEP_VOXELS, "data.batch_size",
+         f"x the {'crop' if cfg.task == '2d' else 'patches x window'} makes {voxels:,} voxels a step, far beyond "
+         f"any GPU (at most 2^31)")
+
+
+def _need_finite(obj, prefix: str, need) -> None:
+    """Every float in the config is finite (YAML's .inf / .nan are numbers to the type check)."""
+    for f in dataclasses.fields(obj):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _need_finite(value, key, need)
+        elif isinstance(value, float):
+            need(math.isfinite(value), key, f"must be a finite number, got {value}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if isinstance(v, float):
+                    need(math.isfinite(v), f"{key}[{i}]", f"must be a finite number, got {v}")
 
 
 def _validate_data_2d(cfg: Config, need) -> None:

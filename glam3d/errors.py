@@ -58,3 +58,8 @@ def run_command(fn, args, interrupted: str = "interrupted") -> int:
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
+
+
+class DiskFull(UserError):
+    """A file could not be written because its filesystem is full (or the user's quota is used up); the target
+    was left as it was and no temporary file remains."""

@@ -524,6 +524,109 @@ CATALOGUE = {f.__name__: f for f in [
 ]}
 
 
+# ------------------------------------------------------------------------------------------------ checked before
+# heavy work: configs (bounded YAML, window sizes, iteration counts, networks beyond the machine) and checkpoints
+# (NaN/inf weights, networks beyond the machine, pickle-memo bombs); each refused in well under a second, before
+# any network is built (test_refused_before_heavy_work)
+def _train_overrides(tmp, overrides, problem):
+    extra = [a for o in overrides for a in ("--override", o)]
+    return _train_row(tmp, extra, tmp / "tiny.yaml", problem)
+
+
+def train_config_empty(tmp):
+    bad = tmp / "empty.yaml"
+    bad.write_text("# nothing here yet\n")
+    return _train_row(tmp, [], bad, r"config file is empty", cfg_path=bad)
+
+
+def train_config_alias_bomb(tmp):
+    bad = tmp / "bomb.yaml"
+    lines = ["base: tiny.yaml", "l0: &l0 [" + ", ".join(["lol"] * 10) + "]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 10)]  # 10^10 lols
+    bad.write_text("\n".join(lines) + "\nmodel:\n  overrides: {x: *l9}\n")
+    return _train_row(tmp, [], bad, r"YAML aliases expand to more than 100,000 values", cfg_path=bad)
+
+
+def train_roi_zero(tmp):
+    return _train_overrides(tmp, ["data.roi_size=[0,16,16]"], r"'data.roi_size' must be 3 positive sizes")
+
+
+def train_roi_absurd(tmp):
+    return _train_overrides(tmp, ["data.roi_size=[16,16,100000]"], r"'data.roi_size' .* far larger than any scan")
+
+
+def train_roi_not_divisible(tmp):
+    return _train_overrides(tmp, ["model.name=nnformer_tiny", "data.roi_size=[24,32,32]"],
+                            r"'data.roi_size' \[24, 32, 32\] must be divisible by the network's \(16, 32, 32\)")
+
+
+def train_absurd_iterations(tmp):
+    return _train_row(tmp, ["--epochs", "1000000000"], tmp / "tiny.yaml",
+                      r"'train.epochs' x train.iters_per_epoch is 2,000,000,000 iterations")
+
+
+def train_negative_save_every(tmp):
+    return _train_overrides(tmp, ["train.save_every_iters=-5"], r"'train.save_every_iters' must be in 0..")
+
+
+def train_non_finite_lr(tmp):
+    return _train_overrides(tmp, ["optim.lr=.inf"], r"'optim.lr' must be a finite number")
+
+
+def train_network_beyond_memory(tmp):
+    return _train_overrides(tmp, ["model.name=nnformer_tiny", "model.overrides.embed_dim=65536",
+                                  "data.roi_size=[16,32,32]"],
+                            r"needs [\d.]+ TiB for its weights, gradients and adamw state alone, but this machine "
+                            r"has [\d.]+ \w+ of memory")
+
+
+def predict_ckpt_non_finite_weights(tmp):
+    _scans(tmp)
+    from glam3d.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(H.predict_checkpoint(tmp / "ck.pt"))
+    name = next(k for k, v in state["model"].items() if v.is_floating_point() and v.numel() > 4)
+    state["model"][name] = torch.full_like(state["model"][name], float("nan"))  # a diverged run's weights
+    bad = tmp / "diverged.pt"
+    torch.save(state, bad)  # written around save_checkpoint (which refuses them)
+    return _predict_row(tmp, [tmp / "scans"], bad, r"weights hold NaN/inf .* diverged training run", "none",
+                        ckpt=bad)
+
+
+def predict_ckpt_network_beyond_memory(tmp):
+    _scans(tmp)
+    from glam3d.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(H.predict_checkpoint(tmp / "ck.pt"))
+    state["model_spec"] = {"name": H.TINY_NET["name"], "kwargs": dict(H.TINY_NET["kwargs"], embed_dim=65536)}
+    save_checkpoint(tmp / "huge.pt", state)
+    return _predict_row(tmp, [tmp / "scans"], tmp / "huge.pt",
+                        r"network recorded in the checkpoint .* needs [\d.]+ TiB for its weights alone, but this "
+                        r"machine has", "none", ckpt=tmp / "huge.pt")
+
+
+def predict_ckpt_pickle_bomb(tmp):
+    _scans(tmp)
+    from glam3d.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(H.predict_checkpoint(tmp / "ck.pt"))
+    bomb = ["lol"] * 10
+    for _ in range(8):
+        bomb = [bomb] * 10  # 10^9 strings through the pickle's shared references
+    state["labels"] = bomb
+    bad = tmp / "bomb.pt"
+    torch.save(state, bad)
+    return _predict_row(tmp, [tmp / "scans"], bad, r"expands to more than 1,000,000 values", "none", ckpt=bad)
+
+
+BEFORE_HEAVY_WORK = [
+    train_config_empty, train_config_alias_bomb, train_roi_zero, train_roi_absurd, train_roi_not_divisible,
+    train_absurd_iterations, train_negative_save_every, train_non_finite_lr, train_network_beyond_memory,
+    predict_ckpt_non_finite_weights, predict_ckpt_network_beyond_memory, predict_ckpt_pickle_bomb,
+]
+CATALOGUE.update({f.__name__: f for f in BEFORE_HEAVY_WORK})
+
+
 # ------------------------------------------------------------------------------------------------ checks
 def _complete(path: Path) -> bool:
     """The file loads completely in the format its name says."""
@@ -589,6 +692,36 @@ def test_bad_input(case, tmp_path, capsys, monkeypatch):
 def test_catalogue_size():
     tools = {name.split("_")[0] for name in CATALOGUE}
     assert len(CATALOGUE) >= 25 and tools == {"pre", "train", "predict", "evaluate"}
+
+
+@pytest.mark.parametrize("case", [f.__name__ for f in BEFORE_HEAVY_WORK])
+def test_refused_before_heavy_work(case, tmp_path, capsys, monkeypatch):
+    """The rows of the before-heavy-work section answer within seconds (test bound loose: one second is the aim)
+    and never build a network for real: every network built is a meta-device copy."""
+    import time
+
+    from glam3d.engine import train as train_engine
+    from glam3d.models import registry
+
+    row = CATALOGUE[case](tmp_path)
+    if row.setup:
+        row.setup(monkeypatch)
+    built = []
+    real_build = registry.build_model
+
+    def spy(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        built.append({p.device.type for p in model.parameters() if p.numel() >= 1 << 16} or {"meta"})
+        return model
+
+    monkeypatch.setattr(registry, "build_model", spy)
+    monkeypatch.setattr(train_engine, "build_network", lambda *a, **k: built.append({"real"}))
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    code = _main(row)(row.argv)
+    seconds = time.perf_counter() - t0
+    assert code == 2 and seconds < 5, (code, seconds, capsys.readouterr().err)
+    assert all(devices == {"meta"} for devices in built), built
 
 
 # ------------------------------------------------------------------------------------------------ real processes

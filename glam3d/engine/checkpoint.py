@@ -6,6 +6,13 @@ Layout (``format = "glam3d-checkpoint-v1"``)::
      "epoch", "iteration", "rng", "config", "plan", "labels", "metrics"}
 
 Only ``format``, ``model_spec`` and ``model`` are required; the engine fills the rest.
+
+A checkpoint never holds NaN/inf weights: :func:`save_checkpoint` refuses a state whose ``model`` or
+``optimizer`` tensors are not all finite (nothing written, the previous file untouched), and
+:func:`load_model_weights` — which :func:`model_from_checkpoint` (predict, evaluate, show) and the trainer's
+resume / ``init_checkpoint`` go through — refuses such weights from a file written elsewhere.
+:func:`model_from_checkpoint` also sizes the recorded network on the meta device before building it
+(:func:`glam3d.engine.preflight.check_checkpoint_network`).
 """
 from __future__ import annotations
 
@@ -26,13 +33,81 @@ FORMAT = "glam3d-checkpoint-v1"
 
 def save_checkpoint(path, state: dict, keep_previous: bool = False) -> None:
     """Write ``state`` to ``path`` atomically. ``keep_previous`` first renames an existing file to ``<path>.prev``
-    (so a later corruption of ``path`` can fall back to it)."""
+    (so a later corruption of ``path`` can fall back to it).
+
+    Refused with :class:`NonFiniteCheckpoint` (naming ``path``; nothing written, ``path`` and ``<path>.prev`` as
+    they were) when a tensor of ``state['model']`` or ``state['optimizer']`` holds NaN/inf. A full disk raises a
+    one-line :class:`UserError` naming ``path`` (:func:`glam3d.utils.io.atomic_torch_save`)."""
     path = Path(path)
     state = dict(state)
     state.setdefault("format", FORMAT)
+    bad = [f"{entry}.{name}" for entry in ("model", "optimizer") for name in find_non_finite(state.get(entry))]
+    if bad:
+        raise NonFiniteCheckpoint(f"refused to write a checkpoint with NaN/inf values ({_tensors(len(bad))}, e.g. "
+                                  f"{bad[0]}): the training diverged; the file on disk was left as it was", path)
     if keep_previous and path.is_file():
         _keep_copy(path, path.with_name(path.name + ".prev"))
     atomic_torch_save(state, path)
+
+
+class NonFiniteCheckpoint(UserError):
+    """Weights (or optimiser state) with NaN/inf: never written, never loaded into a network."""
+
+
+def find_non_finite(tree, prefix: str = "") -> list:
+    """Dotted names (``"stages.0.norm.weight"``, ``"state.3.exp_avg"``) of the floating-point and complex tensors
+    in ``tree`` (nested dicts / lists / tuples, e.g. a ``state_dict`` or an optimiser's state) that hold a NaN
+    or an infinity; ``[]`` when all are finite. One device synchronisation per device, whatever the number of
+    tensors; meta tensors (no values) are skipped."""
+    import torch
+
+    by_device: dict = {}
+    for name, t in _float_tensors(tree, prefix):
+        if t.device.type != "meta" and t.layout == torch.strided and t.numel():
+            by_device.setdefault(t.device, []).append((name, t))
+    bad = []
+    for items in by_device.values():
+        # one pass per tensor: a sum is NaN/inf when an element is (NaN and inf propagate); a sum of finite values
+        # that overflows is caught by the exact test below, so only the tensors whose sum is not finite pay for it
+        sums = torch.stack([torch.isfinite(t.sum(dtype=_SUM_DTYPE.get(t.dtype))) for _, t in items])
+        if bool(sums.all()):
+            continue
+        bad += [name for (name, t), ok in zip(items, sums.tolist()) if not ok and not bool(torch.isfinite(t).all())]
+    return bad
+
+
+_SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}  # (no overflow at 65504 / 3e38)
+
+
+def _float_tensors(tree, prefix: str = ""):
+    """``(dotted name, tensor)`` for every floating-point / complex tensor in ``tree``; each container visited once
+    (a loaded pickle may share or nest them)."""
+    seen = set()
+    stack = [(prefix, tree)]
+    while stack:
+        name, node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() or node.is_complex():
+                yield name, node
+        elif isinstance(node, (dict, list, tuple)):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            stack.extend((f"{name}.{k}" if name else str(k), v) for k, v in reversed(list(items)))
+
+
+def check_finite_weights(weights: dict, path=None) -> None:
+    """Refuse (:class:`NonFiniteCheckpoint`, one line naming ``path``) network weights that hold NaN/inf: a
+    network loaded with them predicts garbage (all background) without any error."""
+    bad = find_non_finite(weights)
+    if bad:
+        raise NonFiniteCheckpoint(f"the checkpoint's weights hold NaN/inf ({_tensors(len(bad))}, e.g. {bad[0]}): "
+                                  f"it comes from a diverged training run; refused", path)
+
+
+def _tensors(n: int) -> str:
+    return f"{n} tensor" if n == 1 else f"{n} tensors"
 
 
 def _keep_copy(path: Path, prev: Path) -> None:
@@ -79,7 +154,43 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
         raise cls(describe_load_error(err), path) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise UserError(f"not a glam3d checkpoint (expected format {FORMAT!r})", path)
+    _check_expanded_size(state, path)
     return state
+
+
+#: values (containers, scalars and tensors, each counted once per reference) a checkpoint may hold; a Synapse-size
+#: training checkpoint (weights, AdamW state, RNG states, config) holds a few thousand
+MAX_CHECKPOINT_VALUES = 1_000_000
+
+
+def _check_expanded_size(state, path) -> None:
+    """Refuse a checkpoint whose lists / dicts, once shared references are followed, stand for more than
+    :data:`MAX_CHECKPOINT_VALUES` values, or contain themselves: a pickle's memo lets a few hundred bytes describe
+    10⁹ entries, which JSON manifests and reports would then write out forever. Linear in the file's objects."""
+    size: dict = {}
+    open_: set = set()
+    stack = [(state, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        kids = (list(node.keys()) + list(node.values()) if isinstance(node, dict) else
+                node if isinstance(node, (list, tuple)) else None)
+        if kids is None:
+            continue
+        if done:
+            size[key] = 1 + sum(size.get(id(k), 1) for k in kids)
+            open_.discard(key)
+            if size[key] > MAX_CHECKPOINT_VALUES:
+                raise UserError(f"refused: the checkpoint's data expands to more than {MAX_CHECKPOINT_VALUES:,} "
+                                f"values through shared references (a pickle bomb?)", path)
+            continue
+        if key in size:
+            continue
+        if key in open_:
+            raise UserError("refused: the checkpoint's data contains itself (a structure that never ends)", path)
+        open_.add(key)
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if isinstance(k, (dict, list, tuple)) and id(k) not in size)
 
 
 def checkpoint_metadata(state: dict) -> dict:
@@ -114,29 +225,39 @@ def describe_load_error(err: BaseException) -> str:
     return f"not a checkpoint, or truncated/corrupt ({type(err).__name__}{': ' + detail[:160] if detail else ''})"
 
 
-def model_from_checkpoint(state: dict, path=None, strict: bool = True, assign: bool = False):
+def model_from_checkpoint(state: dict, path=None, strict: bool = True, assign: bool = False, device=None):
     """Rebuild the network recorded in ``state['model_spec']`` and load its weights (architecture mismatches
     raise :class:`UserError` naming the checkpoint).
+
+    Before anything is built: weights with NaN/inf are refused (:func:`check_finite_weights`), and the recorded
+    network is sized on the meta device — a spec whose weights alone exceed the CPU's memory (where it is built)
+    or ``device``'s (where it will run, when given) is refused with one line giving both numbers.
 
     ``assign`` (inference from a mapped checkpoint, :func:`load_checkpoint` ``mmap=True``): the network's
     parameters *become* the checkpoint's tensors (``load_state_dict(assign=True)``) instead of being copied
     into, so the weights exist once — as pages of the mapped file — instead of twice while the network is
     built (0.6 GB for a Synapse-size nnFormer). The mapping is private: nothing is ever written to the file."""
     from ..models.registry import build_model
+    from .preflight import check_checkpoint_network
 
     spec = state.get("model_spec") or {}
+    check_checkpoint_network(spec, path, device)  # sized on the meta device before it is built for real
+    check_finite_weights(state["model"], path)
     try:
         model = build_model(spec["name"], **dict(spec.get("kwargs", {})))
     except (KeyError, ValueError, TypeError) as err:
         raise UserError(f"cannot rebuild the network recorded in the checkpoint ({err})", path) from None
-    load_model_weights(model, state["model"], path=path, strict=strict, assign=assign)
+    load_model_weights(model, state["model"], path=path, strict=strict, assign=assign, checked=True)
     return model
 
 
 def load_model_weights(model: torch.nn.Module, weights: dict, path=None, strict: bool = True,
-                       assign: bool = False) -> None:
+                       assign: bool = False, checked: bool = False) -> None:
     """``load_state_dict`` with a one-line :class:`UserError` on architecture mismatch (``assign``: see
-    :func:`model_from_checkpoint`; a tensor whose dtype differs from the network's is copied as usual)."""
+    :func:`model_from_checkpoint`; a tensor whose dtype differs from the network's is copied as usual), and
+    :class:`NonFiniteCheckpoint` for weights holding NaN/inf (``checked``: the caller already checked them)."""
+    if not checked:
+        check_finite_weights(weights, path)
     weights = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in weights]
