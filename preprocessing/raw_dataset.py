@@ -280,7 +280,25 @@ def _check_id(cid: str, where: str, problems: _Problems) -> bool:
     return True
 
 
+def _unlisted(ds: RawDataset, sub: str, cases: List[Case], key: str, warnings: list) -> None:
+    """A warning for image files in ``sub`` that the dataset.json list ``key`` does not name (they are not read)."""
+    listed = {p.resolve() for c in cases for p in c.images if _exists(p)}
+    extra = [p for p in list_images(ds.root / sub, IMAGE_ENDINGS) if p.resolve() not in listed]
+    if extra:
+        warnings.append(f"{ds.root / sub}: {len(extra)} image file(s) not in dataset.json's {key!r} list (e.g. "
+                        f"{extra[0].name}); ignored")
+
+
 def _training_cases(ds: RawDataset, problems: _Problems, warnings: list) -> List[Case]:
+    cases = _listed_training(ds, problems)
+    if cases is None:
+        return _scan_training(ds, warnings)
+    _unlisted(ds, "imagesTr", cases, "dataset" if "dataset" in ds.meta else "training", warnings)
+    return cases
+
+
+def _listed_training(ds: RawDataset, problems: _Problems) -> Optional[List[Case]]:
+    """The training cases dataset.json lists (``dataset``, else ``training``); None without a list."""
     n, fld = ds.num_channels, ds.channel_field
     cases: List[Case] = []
     if "dataset" in ds.meta:
@@ -309,7 +327,7 @@ def _training_cases(ds: RawDataset, problems: _Problems, warnings: list) -> List
             err = _channel_error(images, n, fld) if len(images) > 1 else None
             cases.append(Case(cid, images, label, "training", err))
         return cases
-    return _scan_training(ds, warnings)
+    return None
 
 
 def _scan_training(ds: RawDataset, warnings: list) -> List[Case]:
@@ -350,7 +368,7 @@ def _scan_training(ds: RawDataset, warnings: list) -> List[Case]:
     return sorted(cases + lone, key=lambda c: c.id)
 
 
-def _test_cases(ds: RawDataset, problems: _Problems) -> List[Case]:
+def _test_cases(ds: RawDataset, problems: _Problems, warnings: list) -> List[Case]:
     n, fld = ds.num_channels, ds.channel_field
     cases = []
     if "test" in ds.meta:
@@ -363,6 +381,7 @@ def _test_cases(ds: RawDataset, problems: _Problems) -> List[Case]:
             images = _listed_images(ds, f"test[{i}]", rel, problems)
             err = _channel_error(images, n, fld) if len(images) > 1 else None
             cases.append(Case(cid, images, None, "test", err))
+        _unlisted(ds, "imagesTs", cases, "test", warnings)
         return cases
     endings = (ds.file_ending,) if ds.layout == "nnunet-v2" else NIFTI_ENDINGS
     groups: Dict[str, list] = {}
@@ -392,7 +411,7 @@ def discover(ds_folder):
     problems = _Problems(ds.path)
     warnings: list = []
     training = _training_cases(ds, problems, warnings)
-    test = _test_cases(ds, problems)
+    test = _test_cases(ds, problems, warnings)
     for split, cs in (("training", training), ("test", test)):
         seen: Dict[str, Case] = {}
         for c in cs:
