@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", type=int, default=512,
                    help="in-plane size (default 512 = 0.7 mm; the field of view is fixed, 128 gives ~2.8 mm)")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--overwrite", action="store_true", help="rewrite cases that already exist (in a folder glam3d made)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rewrite cases that already exist (in a folder glam3d made)")
     p.add_argument("--preview", type=Path, metavar="PNG", help="also write a PNG of slices with labels overlaid")
     p.add_argument("--quiet", action="store_true")
 

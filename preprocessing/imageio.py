@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import errno
-import math
 import os
 from pathlib import Path
 
@@ -246,4 +245,4 @@ def voxel_spacing(affine) -> np.ndarray:
 
 __all__ = ["IMAGE_ENDINGS", "NIFTI_ENDINGS", "check_affine", "check_geometry", "check_input_file",
            "check_voxel_type", "is_nifti", "load_channels", "load_image", "read_header", "sitk_affine",
-           "strip_ending", "voxel_spacing", "math"]
+           "strip_ending", "voxel_spacing"]

@@ -330,10 +330,16 @@ def _listed_training(ds: RawDataset, problems: _Problems) -> Optional[List[Case]
     return None
 
 
+def _endings(ds: RawDataset) -> tuple:
+    """The file endings of images when folders are listed: ``file_ending`` (v2, or an MSD dataset.json that has
+    one), else NIfTI."""
+    return (ds.file_ending,) if ds.layout == "nnunet-v2" or "file_ending" in ds.meta else NIFTI_ENDINGS
+
+
 def _scan_training(ds: RawDataset, warnings: list) -> List[Case]:
     """No list: v2 groups imagesTr by the channel suffix; MSD takes the case ids from labelsTr."""
     n, fld = ds.num_channels, ds.channel_field
-    endings = (ds.file_ending,) if ds.layout == "nnunet-v2" else NIFTI_ENDINGS
+    endings = _endings(ds)
     labels = {strip_ending(p.name, endings): p for p in list_images(ds.root / "labelsTr", endings)}
     groups: Dict[str, list] = {}
     lone: List[Case] = []
@@ -383,7 +389,7 @@ def _test_cases(ds: RawDataset, problems: _Problems, warnings: list) -> List[Cas
             cases.append(Case(cid, images, None, "test", err))
         _unlisted(ds, "imagesTs", cases, "test", warnings)
         return cases
-    endings = (ds.file_ending,) if ds.layout == "nnunet-v2" else NIFTI_ENDINGS
+    endings = _endings(ds)
     groups: Dict[str, list] = {}
     for p in list_images(ds.root / "imagesTs", endings):
         stem = strip_ending(p.name, endings)
@@ -423,8 +429,11 @@ def discover(ds_folder):
     if clash:
         problems.add(f"case id {clash[0]!r} is both a training and a test case")
     if "numTraining" in ds.meta and ds.meta["numTraining"] != len(training):
-        source = "its training cases" if ("training" in ds.meta or "dataset" in ds.meta) else "imagesTr/"
-        problems.add(f"field 'numTraining' is {ds.meta['numTraining']} but {source} hold(s) {len(training)} case(s)")
+        listed = "training" in ds.meta or "dataset" in ds.meta
+        source = "its training cases" if listed else "imagesTr/"
+X
+        problems.add(f"field 'numTraining' is {ds.meta['numTraining']} but {source} hold(s) {len(training)} "
+                     f"case(s){hint}")
     problems.raise_any()
     for c in training + test:
         c.extra.update(channels=ds.num_channels, channel_field=ds.channel_field)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -328,7 +329,7 @@ def test_dataset_json_fields_one_line(tmp_path, capsys, name):
     for argv in (["msd", "--dataset", str(ds), "--out", str(out)], ["inspect", str(ds)]):
         line = _one_error(capsys, argv)
         assert str(ds / "dataset.json") in line, line
-        assert __import__("re").search(problem, line), line
+        assert re.search(problem, line), line
     assert not out.exists()
 
 
