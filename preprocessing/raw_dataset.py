@@ -431,7 +431,8 @@ def discover(ds_folder):
     if "numTraining" in ds.meta and ds.meta["numTraining"] != len(training):
         listed = "training" in ds.meta or "dataset" in ds.meta
         source = "its training cases" if listed else "imagesTr/"
-X
+        v2_none = ds.layout == "nnunet-v2" and not listed and not training
+        hint = f" named <case>_XXXX{ds.file_ending} (check 'file_ending')" if v2_none else ""
         problems.add(f"field 'numTraining' is {ds.meta['numTraining']} but {source} hold(s) {len(training)} "
                      f"case(s){hint}")
     problems.raise_any()
