@@ -1,7 +1,7 @@
 """Output folders glam3d can prove it owns: a marker written first, listing what glam3d wrote there.
 
-Every folder a glam3d command creates as an output (a preprocessed dataset, a training run) holds
-``.glam3d-folder.json``::
+A folder a glam3d command claims as its output (``glam3d-preprocess``: a preprocessed dataset, a phantom set; the
+module is generic, any command's output folder can use it) holds ``.glam3d-folder.json``::
 
     {"glam3d_folder": 1, "id": "<uuid4 hex>", "kind": "preprocessed-dataset", "tool": "glam3d-preprocess",
      "entries": ["cases/", ".cache/", "dataset.json"]}
