@@ -1,8 +1,9 @@
-"""``glam3d-preprocess``: NIfTI CT/MR preprocessing for glam3d (Synapse/BTCV, any MSD layout, synthetic phantoms).
+"""``glam3d-preprocess``: CT/MR preprocessing for glam3d (Synapse/BTCV, nnU-Net v2 and MSD datasets, phantoms).
 
 Sub-commands: ``phantom`` (synthetic BTCV-layout CT set), ``synapse`` (the Synapse protocol), ``msd`` (any
-MSD / nnU-Net raw dataset), ``inspect`` (a table of cases and warnings). User errors print one line
-(``error: ...``) and exit 2; ``--debug`` shows tracebacks.
+nnU-Net v2 / MSD raw dataset, any image format SimpleITK reads), ``inspect`` (a table of cases and warnings).
+User errors print one line (``error: ...``) and exit 2; ``--debug`` shows tracebacks. An output folder (``--out``)
+must be new, empty or one glam3d made (``.glam3d-folder.json``); ``--overwrite`` deletes only what glam3d wrote.
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def _common(p):
                         "style; never mixes label values, keeps small organs better; default) or nearest")
     p.add_argument("--no-crop", dest="crop_to_body", action="store_false", help="do not crop to the body")
     p.add_argument("--workers", type=int, default=1, help="parallel processes over cases (default 1)")
-    p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh: delete what glam3d wrote in --out (listed in its .glam3d-folder.json; nothing "
+                        "else) and redo every case")
     p.add_argument("--strict", action="store_true", help="stop at the first bad case")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary (errors still printed)")
 
@@ -44,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", type=int, default=512,
                    help="in-plane size (default 512 = 0.7 mm; the field of view is fixed, 128 gives ~2.8 mm)")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--overwrite", action="store_true", help="rewrite cases that already exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rewrite cases that already exist (in a folder glam3d made)")
     p.add_argument("--preview", type=Path, metavar="PNG", help="also write a PNG of slices with labels overlaid")
     p.add_argument("--quiet", action="store_true")
 
@@ -59,14 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlisted", default="error", choices=["error", "skip", "train", "test"],
                    help="cases in neither Synapse list: error (default), skip, or add to train/test")
 
-    p = sub.add_parser("msd", help="any MSD / nnU-Net raw dataset (imagesTr, labelsTr, imagesTs, dataset.json)")
-    p.add_argument("--dataset", required=True, type=Path)
+    p = sub.add_parser("msd", help="any nnU-Net v2 / MSD raw dataset (dataset.json, imagesTr, labelsTr, imagesTs)")
+    p.add_argument("--dataset", required=True, type=Path,
+                   help="the raw dataset folder (e.g. nnUNet_raw/Dataset003_Liver or Task03_Liver)")
     _common(p)
     p.add_argument("--intensity", default=None, choices=["transunet", "nnunet", "zscore"],
-                   help="default: nnunet for CT, zscore (per case, non-zero voxels) otherwise")
+                   help="one scheme for every channel; default: per channel by its dataset.json name, as nnU-Net: "
+                        "CT -> clip to the training foreground's 0.5/99.5 percentiles and z-score with its mean/std; "
+                        "noNorm, rescale_to_0_1, rgb_to_0_1 as named; any other name -> per-case z-score (non-zero "
+                        "voxels)")
 
     p = sub.add_parser("inspect", help="table of every case (shape, spacing, orientation, range, labels) + warnings")
-    p.add_argument("folder", type=Path)
+    p.add_argument("folder", type=Path, help="a BTCV, nnU-Net v2 or MSD dataset folder, or a folder of images")
 
     for name, sp in sub.choices.items():
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -80,10 +88,14 @@ def _phantom(args) -> int:
 
     if not 16 <= args.matrix <= 1024:
         raise UserError(f"--matrix must be between 16 and 1024, got {args.matrix}")
+    from .output import PHANTOM, claim_output
+
     ids = ph.case_ids(args.cases)
     out = args.out
     if out.exists() and not out.is_dir():
         raise UserError("--out exists and is not a folder", out)
+    owned = claim_output(out, PHANTOM, log=lambda m: None if args.quiet else print(f"note: {m}", file=sys.stderr))
+    owned.record("img/", "label/", "phantom.json")
     t0 = time.time()
     todo = [c for c in ids if args.overwrite or not ((out / "img" / f"img{c}.nii.gz").exists()
                                                      and (out / "label" / f"label{c}.nii.gz").exists())]

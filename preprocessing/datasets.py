@@ -1,4 +1,5 @@
-"""Raw dataset layouts (BTCV/Synapse, MSD / nnU-Net), case validation and the resumable multi-case run."""
+"""Raw dataset layouts (BTCV/Synapse here; nnU-Net v2 / MSD in :mod:`preprocessing.raw_dataset`), reading and checking
+cases, and the resumable multi-case run."""
 from __future__ import annotations
 
 import hashlib
@@ -7,14 +8,15 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from glam3d.errors import UserError
 
+from .imageio import NIFTI_ENDINGS, check_geometry, load_channels, load_image, read_header, strip_ending
 from .phantom import BTCV_LABELS
+from .raw_dataset import Case, discover, label_map, list_images, load_json
 
 # ----------------------------------------------------------------------------------------------- Synapse protocol
 SYNAPSE_TEST = ["0001", "0002", "0003", "0004", "0008", "0022", "0025", "0029", "0032", "0035", "0036", "0038"]
@@ -39,25 +41,12 @@ def synapse_labels(keep_all: bool):
     return labels, values
 
 
-@dataclass
-class Case:
-    id: str
-    images: list                  # one path, or one per channel (nnU-Net _0000, _0001, ...)
-    label: Path | None
-    split: str                    # "training" | "test"
-    error: str | None = None      # a problem found while listing (missing label, not in split, ...)
-    extra: dict = field(default_factory=dict)
-
-
 def _nii_files(folder: Path):
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and re.search(r"\.nii(\.gz)?$", p.name))
+    return list_images(folder, NIFTI_ENDINGS)
 
 
 def _strip(name: str) -> str:
-    return re.sub(r"\.nii(\.gz)?$", "", name)
+    return strip_ending(name, NIFTI_ENDINGS)
 
 
 def find_btcv_root(raw: Path) -> Path:
@@ -113,120 +102,46 @@ def discover_synapse(raw: Path, unlisted: str = "error"):
 
 # ----------------------------------------------------------------------------------------------- MSD / nnU-Net
 def read_msd_json(ds: Path) -> dict:
-    path = ds / "dataset.json"
-    if not path.is_file():
-        raise UserError("no dataset.json (an MSD / nnU-Net dataset folder has dataset.json, imagesTr/, labelsTr/)",
-                        ds)
-    try:
-        meta = json.loads(path.read_text())
-    except Exception as exc:
-        raise UserError(f"not valid JSON ({exc})", path) from None
-    if not isinstance(meta, dict) or "labels" not in meta:
+    """``DS/dataset.json`` as a dict (a JSON object with ``labels``); see :func:`raw_dataset.read_dataset_json` for
+    the full check."""
+    path = Path(ds) / "dataset.json"
+    meta = load_json(path)
+    if "labels" not in meta:
         raise UserError("has no 'labels' entry", path)
     return meta
 
 
 def msd_label_map(meta: dict, path) -> dict:
     """``{value: name}`` from MSD (``{"0": "background"}``) or nnU-Net v2 (``{"background": 0}``) labels."""
-    labels = meta["labels"]
-    out = {}
-    try:
-        for k, v in labels.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):      # nnU-Net v2: name -> value
-                out[int(v)] = str(k)
-            elif isinstance(v, list):
-                raise UserError(f"label {k!r} is a region (list of values); regions are not supported", path)
-            else:
-                out[int(k)] = str(v)
-    except (TypeError, ValueError):
-        raise UserError("'labels' must map values to names (MSD) or names to values (nnU-Net v2)", path) from None
-    out.setdefault(0, "background")
-    return dict(sorted(out.items()))
-
-
-def msd_modalities(meta: dict) -> dict:
-    mod = meta.get("modality") or meta.get("channel_names") or {"0": "CT"}
-    return {str(k): str(v) for k, v in sorted(mod.items(), key=lambda kv: int(kv[0]))}
+    return label_map(meta, path)
 
 
 def discover_msd(ds: Path):
-    """Cases of an MSD (``imagesTr/<case>.nii.gz``, maybe 4D) or nnU-Net v2 (``imagesTr/<case>_0000.nii.gz``)
-    folder; returns ``(meta, cases, warnings)``. imagesTr -> training, imagesTs -> test (no labels)."""
-    ds = Path(ds)
-    if not ds.is_dir():
-        raise UserError("is not a folder", ds)
-    meta = read_msd_json(ds)
-    nmod = len(msd_modalities(meta))
-    cases, warnings = [], []
-    labels = {_strip(p.name): p for p in _nii_files(ds / "labelsTr")}
-    for sub, split in (("imagesTr", "training"), ("imagesTs", "test")):
-        groups: dict[str, list] = {}
-        for p in _nii_files(ds / sub):
-            stem = _strip(p.name)
-            m = re.match(r"^(.*)_(\d{4})$", stem)
-            cid, ch = (m.group(1), int(m.group(2))) if m else (stem, 0)
-            groups.setdefault(cid, []).append((ch, p))
-        for cid, files in sorted(groups.items()):
-            files.sort()
-            paths = [p for _, p in files]
-            err = None
-            chans = [c for c, _ in files]
-            if len(paths) > 1 and chans != list(range(len(paths))):
-                err = f"{paths[0]}: channel files {chans} are not numbered 0000..{len(paths) - 1:04d}"
-            elif len(paths) > 1 and len(paths) != nmod:
-                err = f"{paths[0]}: {len(paths)} channel files but dataset.json declares {nmod} modalities"
-            lab = labels.pop(cid, None) if split == "training" else None
-            if split == "training" and lab is None and err is None:
-                err = f"{paths[0]}: no label file (expected {ds / 'labelsTr' / (cid + '.nii.gz')})"
-            cases.append(Case(cid, paths, lab, split, error=err))
-    for cid, p in labels.items():
-        warnings.append(f"{p}: label without an image; ignored")
-    if not cases:
-        raise UserError("no NIfTI images found in imagesTr/ or imagesTs/", ds)
-    return meta, cases, warnings
+    """``(dataset.json dict, cases, warnings)`` of an nnU-Net v2 / MSD folder (:func:`raw_dataset.discover`)."""
+    raw, cases, warnings = discover(ds)
+    return raw.meta, cases, warnings
 
 
 # ----------------------------------------------------------------------------------------------- reading and checks
 def load_nifti(path: Path):
-    import nibabel as nib
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError("file not found", path)
-    try:
-        img = nib.load(str(path))
-        _ = img.affine
-    except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"not a readable NIfTI file ({msg})", path) from None
-    from .pipeline import check_stored_pixdims
-
-    check_stored_pixdims(path)
-    return img
+    """The image at ``path`` (NIfTI or any format SimpleITK reads), checked: :func:`imageio.load_image`."""
+    return load_image(path)
 
 
 def read_image(case: Case, allow_channels: bool):
-    """``(first nibabel image, voxels (X, Y, Z, C) float32)``; channel files must share their geometry."""
+    """``(image, voxels (X, Y, Z, C) float32)`` of a case: its channel files stacked (they must share their
+    geometry), or one file (4D when ``allow_channels``). A case listing its declared channel count
+    (``case.extra["channels"]``, from dataset.json) must have that many."""
     from .pipeline import read_voxels
 
-    first = load_nifti(case.images[0])
-    vols = [read_voxels(first, case.images[0], allow_channels=allow_channels)]
-    for p in case.images[1:]:
-        img = load_nifti(p)
-        check_geometry(first, img, case.images[0], p)
-        vols.append(read_voxels(img, p, allow_channels=False))
-    data = vols[0] if len(vols) == 1 else np.concatenate(vols, axis=3)
-    return first, data
-
-
-def check_geometry(img, other, img_path, other_path):
-    if tuple(img.shape[:3]) != tuple(other.shape[:3]):
-        raise UserError(f"shape {tuple(other.shape[:3])} does not match the image's {tuple(img.shape[:3])} "
-                        f"({Path(img_path).name})", other_path)
-    if not np.allclose(img.affine, other.affine, rtol=1e-4, atol=1e-3):
-        d = float(np.abs(np.asarray(img.affine) - np.asarray(other.affine)).max())
-        raise UserError(f"affine differs from the image's ({Path(img_path).name}) by up to {d:.4g} mm",
-                        other_path)
+    img = load_channels(case.images)
+    data = read_voxels(img, case.images[0], allow_channels=allow_channels or len(case.images) > 1)
+    want = case.extra.get("channels")
+    if want is not None and data.shape[3] != want:
+        fld = case.extra.get("channel_field", "modality")
+        raise UserError(f"has {data.shape[3]} channel(s) but dataset.json field {fld!r} declares {want}",
+                        case.images[0])
+    return img, data
 
 
 def read_label(path: Path, image, image_path, declared) -> np.ndarray:
@@ -235,7 +150,7 @@ def read_label(path: Path, image, image_path, declared) -> np.ndarray:
     Integer maps keep their stored dtype (uint8 for most); float-stored maps must hold whole numbers and become
     the smallest of int16 / int32 that holds them. Checks and conversions run slab by slab along Z (no
     whole-volume temporaries: a 512×512×1,000 uint8 map is 0.26 GB, int32 + a sorted copy were 2 GB)."""
-    lab_img = load_nifti(path)
+    lab_img = load_image(path)
     if len(lab_img.shape) > 3 and not all(s == 1 for s in lab_img.shape[3:]):
         raise UserError(f"expected a 3D label map, got shape {lab_img.shape}", path)
     check_geometry(image, lab_img, image_path, path)
@@ -287,15 +202,17 @@ def median_spacing(cases, orientation: str):
     """Median (sz, sy, sx) over the training cases' headers (all cases if none is readable), after reorientation."""
     import nibabel as nib
 
+    from .imageio import check_affine
     from .pipeline import check_spacing, voxel_sizes
 
     def spacings(selected):
         out = []
         for c in selected:
             try:
-                img = nib.load(str(c.images[0]))
-                tr, _ = _orient(img.affine, orientation)
-                aff = np.asarray(img.affine) @ nib.orientations.inv_ornt_aff(tr, img.shape[:3])
+                shape, affine = read_header(c.images[0])
+                check_affine(affine)
+                tr, _ = _orient(affine, orientation)
+                aff = np.asarray(affine) @ nib.orientations.inv_ornt_aff(tr, shape[:3])
                 sp = voxel_sizes(aff)[::-1]
                 check_spacing(sp)  # a case with an absurd header must not skew the others' target spacing
                 out.append(sp)

@@ -1,4 +1,10 @@
-"""``glam3d-preprocess inspect DIR``: one table row per case and a list of warnings; reads, never writes."""
+"""``glam3d-preprocess inspect DIR``: one table row per case and a list of warnings; reads, never writes.
+
+The layouts and the image reader are preprocessing's own (:mod:`preprocessing.raw_dataset`,
+:mod:`preprocessing.imageio`): what inspect shows is what ``glam3d-preprocess`` will read. A dataset.json that is
+malformed or inconsistent with its files stops inspect with one error line (exit 2); problems of single cases
+(unreadable files, NaN voxels, a degenerate affine, a label map off the image's grid) are warnings naming the file.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,13 +14,15 @@ import numpy as np
 from glam3d.errors import UserError
 
 from . import datasets as D
+from .imageio import IMAGE_ENDINGS, read_header, strip_ending
+from .raw_dataset import discover, list_images
 
 
 def _cases(folder: Path):
-    """``(layout, cases, declared label values or None, warnings)`` for a BTCV, MSD or flat NIfTI folder."""
+    """``(layout, cases, declared label values or None, warnings)`` for a BTCV, nnU-Net v2 / MSD or flat folder."""
     if (folder / "dataset.json").is_file() and ((folder / "imagesTr").is_dir() or (folder / "imagesTs").is_dir()):
-        meta, cases, warnings = D.discover_msd(folder)
-        return "msd", cases, sorted(D.msd_label_map(meta, folder / "dataset.json")), warnings
+        raw, cases, warnings = discover(folder)
+        return raw.layout, cases, sorted(raw.labels), warnings
     try:
         _, cases, warnings = D.discover_synapse(folder, unlisted="train")
         for c in cases:
@@ -23,10 +31,11 @@ def _cases(folder: Path):
         return "btcv", cases, list(range(14)), warnings
     except UserError:
         pass
-    files = D._nii_files(folder)
+    files = list_images(folder, IMAGE_ENDINGS)
     if not files:
-        raise UserError("no NIfTI files found (expected img/ + label/, an MSD folder, or *.nii.gz files)", folder)
-    return "flat", [D.Case(D._strip(p.name), [p], None, "-") for p in files], None, []
+        raise UserError("no images found (expected img/ + label/, an nnU-Net / MSD folder with dataset.json, or "
+                        f"image files: {', '.join(IMAGE_ENDINGS)})", folder)
+    return "flat", [D.Case(strip_ending(p.name), [p], None, "-") for p in files], None, []
 
 
 def _fmt_labels(vals):
@@ -62,15 +71,17 @@ def inspect_folder(folder, out=print) -> dict:
             warnings.append(c.error)
         elif c.error:
             warnings.append(c.error)
+        if not c.images:
+            continue
         try:
             img, data = D.read_image(c, allow_channels=layout != "btcv")
         except UserError as exc:
             # still try to show the header
             warnings.append(str(exc))
             try:
-                h = nib.load(str(c.images[0]))
-                row["shape"] = "x".join(map(str, h.shape))
-                row["orient"] = "".join(nib.aff2axcodes(h.affine))
+                shape, affine = read_header(c.images[0])
+                row["shape"] = "x".join(map(str, shape))
+                row["orient"] = "".join(nib.aff2axcodes(affine))
             except Exception:
                 pass
             continue
@@ -89,7 +100,7 @@ def inspect_folder(folder, out=print) -> dict:
             except UserError as exc:
                 warnings.append(str(exc))
                 try:
-                    lab = np.asarray(nib.load(str(c.label)).dataobj)
+                    lab = np.asarray(D.load_image(c.label).dataobj)
                     row["labels"] = _fmt_labels(np.unique(lab[np.isfinite(lab)]).astype(int).tolist()) + "!"
                 except Exception:
                     row["labels"] = "?"

@@ -8,9 +8,12 @@ Steps of :func:`preprocess_scan` (the same for training cases and for a new scan
    exact), then transpose to ``(C, D, H, W) = (C, z, y, x)``;
 3. crop to the body (voxels above ``plan["body_threshold"]`` HU, or non-zero voxels when it is ``None``) with a
    margin of ``plan["crop_margin_mm"]``;
-4. normalise intensities (``plan["intensity"]``: ``transunet`` clip [-125, 275] -> [0, 1]; ``nnunet`` clip to the
-   dataset's foreground 0.5/99.5 percentiles, z-score with the dataset's foreground mean/std; ``zscore`` per-case
-   z-score over non-zero voxels, for MRI);
+4. normalise intensities, channel by channel (``plan["intensity"]``, :func:`channel_normalisations`: ``transunet``
+   clip [-125, 275] -> [0, 1]; ``nnunet`` clip to the dataset's foreground 0.5/99.5 percentiles, z-score with the
+   dataset's foreground mean/std; ``zscore`` per-case z-score over non-zero voxels, for MRI; ``per_channel`` one of
+   nnU-Net's schemes per channel, picked by the channel's name: ``ct``, ``zscore``, ``nonorm``,
+   ``rescale_to_0_1``, ``rgb_to_0_1``). Per-case statistics (z-score, min/max) are measured on the cropped scan
+   first, slab by slab; then every scheme is an elementwise function of the voxels;
 5. resample to ``plan["target_spacing"]`` (SimpleITK; images linear or B-spline; labels nearest neighbour or
    nnU-Net style per-label linear + argmax, ``plan["interpolation"]["label"]``). The output
    shape is ``round(cropped_shape * spacing / target_spacing)`` and the grids share their outer extent, so the
@@ -52,9 +55,22 @@ from nibabel.orientations import aff2axcodes, apply_orientation, axcodes2ornt, i
 
 from glam3d.errors import UserError
 
+from .imageio import check_affine, check_voxel_type
+
 PLAN_VERSION = 1
-INTENSITY_SCHEMES = ("transunet", "nnunet", "zscore")
+INTENSITY_SCHEMES = ("transunet", "nnunet", "zscore", "per_channel")
 TRANSUNET_WINDOW = (-125.0, 275.0)
+#: nnU-Net v2's normalisation schemes, named by a channel's name (case-insensitive); any other name -> ``zscore``
+CHANNEL_SCHEMES = ("ct", "zscore", "nonorm", "rescale_to_0_1", "rgb_to_0_1")
+CT_STATISTICS = ("lower", "upper", "mean", "std")
+
+
+def channel_scheme(name: str) -> str:
+    """nnU-Net's normalisation for a channel named ``name`` (dataset.json ``channel_names`` / ``modality``):
+    ``CT`` -> ``ct`` (dataset-wide foreground statistics), ``noNorm``, ``zscore``, ``rescale_to_0_1``,
+    ``rgb_to_0_1`` as named, anything else (``T1``, ``FLAIR``, ``MRI``, ``PET``, ...) -> ``zscore`` (per case)."""
+    n = str(name).strip().casefold()
+    return n if n in CHANNEL_SCHEMES else "zscore"
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -66,6 +82,8 @@ def make_plan(target_spacing, intensity: dict, label_values: dict, *, orientatio
     if intensity.get("scheme") not in INTENSITY_SCHEMES:
         raise UserError(f"--intensity: unknown scheme {intensity.get('scheme')!r}; choose one of "
                         f"{', '.join(INTENSITY_SCHEMES)}")
+    if intensity["scheme"] in ("nnunet", "per_channel"):
+        channel_normalisations(intensity, int(num_channels))   # checked now, not at the first scan
     if image_interpolation not in ("linear", "bspline"):
         raise UserError(f"--interpolation must be linear or bspline, got {image_interpolation!r}")
     if label_interpolation not in ("linear", "nearest"):
@@ -102,6 +120,7 @@ def read_voxels(image: nib.Nifti1Image, name=None, allow_channels: bool = True,
     such voxels are decoded into a file there and come back mapped from it (:func:`spill_stored`): the scan is
     then not held in memory, only the pages read since the last :func:`release_pages`."""
     name = name or image.get_filename() or "image"
+    check_voxel_type(image.get_data_dtype(), name)
     try:
         if keep_integers and stored_unscaled_integers(image):
             data = spill_stored(image, spill_dir) if spill_dir is not None else None
@@ -501,47 +520,142 @@ def body_bbox(arr: np.ndarray, spacing, plan, release=None) -> list:
     return box
 
 
-def intensity_transforms(intensity: dict, num_channels: int):
-    """Per-channel elementwise normalisation functions ``f(x float32 array) -> float32 array`` (``x`` may be
-    changed in place) for the schemes with fixed statistics (``transunet``, ``nnunet``: MONAI intensity
-    transforms); None for ``zscore``, whose statistics are the whole channel's."""
-    from monai.transforms import NormalizeIntensity, ScaleIntensityRange
-
-    scheme = intensity["scheme"]
-    if scheme == "zscore":
-        return None
+def channel_normalisations(intensity: dict, num_channels: int) -> list:
+    """The plan's intensity normalisation as one spec per channel: ``{"scheme": "window", "window": [lo, hi]}``
+    (``transunet``), ``{"scheme": "ct", "lower", "upper", "mean", "std"}`` (``nnunet``, or a CT channel of
+    ``per_channel``), ``{"scheme": "zscore" | "nonorm" | "rescale_to_0_1" | "rgb_to_0_1"}``. One-line
+    :class:`UserError` for a plan that does not fit ``num_channels`` or names an unknown scheme."""
+    scheme = intensity.get("scheme")
     if scheme == "transunet":
         lo, hi = intensity.get("window", TRANSUNET_WINDOW)
-        t = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
-        return [lambda x: np.asarray(t(x), dtype=np.float32)] * num_channels
-    if scheme == "nnunet":
-        chans = intensity["channels"]
-        if len(chans) != num_channels:
-            raise UserError(f"plan intensity statistics are for {len(chans)} channels, the scan has {num_channels}")
-
-        def make(st):
-            t = NormalizeIntensity(subtrahend=st["mean"], divisor=max(st["std"], 1e-8))
-
-            def f(x):
-                np.clip(x, st["lower"], st["upper"], out=x)
-                return np.asarray(t(x), dtype=np.float32)
-            return f
-        return [make(st) for st in chans]
+        return [{"scheme": "window", "window": [float(lo), float(hi)]}] * num_channels
+    if scheme == "zscore":
+        return [{"scheme": "zscore"}] * num_channels
+    if scheme in ("nnunet", "per_channel"):
+        chans = intensity.get("channels")
+        if not isinstance(chans, list) or len(chans) != num_channels:
+            got = len(chans) if isinstance(chans, list) else "no"
+            raise UserError(f"plan intensity statistics are for {got} channel(s), the scan has {num_channels}")
+        out = []
+        for i, st in enumerate(chans):
+            st = dict(st) if isinstance(st, dict) else {}
+            st.setdefault("scheme", "ct" if scheme == "nnunet" else None)
+            if st["scheme"] not in CHANNEL_SCHEMES:
+                raise UserError(f"plan intensity: channel {i} has the unknown scheme {st['scheme']!r} "
+                                f"(one of {', '.join(CHANNEL_SCHEMES)})")
+            if st["scheme"] == "ct" and not all(isinstance(st.get(k), (int, float)) and math.isfinite(st[k])
+                                                for k in CT_STATISTICS):
+                raise UserError(f"plan intensity: CT channel {i} needs finite {', '.join(CT_STATISTICS)}")
+            out.append(st)
+        return out
     raise UserError(f"plan: unknown intensity scheme {scheme!r}")
 
 
-def normalise(arr: np.ndarray, intensity: dict) -> np.ndarray:
-    """Intensity normalisation of a ``(C, D, H, W)`` array (MONAI intensity transforms) -> a new contiguous float32
-    array. ``arr`` may be a view (a crop) of any real dtype. The elementwise schemes run slab by slab into the
-    output (temporaries: one slab); ``zscore`` needs the whole channel's statistics."""
-    out = np.empty(arr.shape, dtype=np.float32)
-    fs = intensity_transforms(intensity, arr.shape[0])
-    if fs is None:
-        from monai.transforms import NormalizeIntensity
+#: schemes whose statistics are the case's own (measured on the cropped scan before normalising)
+PER_CASE_SCHEMES = ("zscore", "rescale_to_0_1", "rgb_to_0_1")
 
-        t = NormalizeIntensity(nonzero=True, channel_wise=True)
-        out[...] = np.asarray(t(np.ascontiguousarray(arr, dtype=np.float32)), dtype=np.float32)
-        return out
+
+def case_statistics(channel: np.ndarray, scheme: str, release=None) -> dict:
+    """Per-case statistics of one channel ``(D, H, W)`` (any real dtype; a view is fine), slab by slab along D in
+    float64: ``zscore``: mean and (population) std of the non-zero voxels (Chan et al.'s pairwise combination
+    of the slabs' moments); ``rescale_to_0_1`` / ``rgb_to_0_1``: min and max. ``release()`` after each slab."""
+    n, mean, m2 = 0, 0.0, 0.0
+    lo, hi = math.inf, -math.inf
+    for d0, d1 in _slabs(channel.shape, 8):
+        x = np.asarray(channel[d0:d1], dtype=np.float64)
+        if scheme == "zscore":
+            v = x[x != 0]
+            if v.size:
+                nb, mb = v.size, float(v.mean())
+                m2b = float(((v - mb) ** 2).sum())
+                delta = mb - mean
+                tot = n + nb
+                mean += delta * nb / tot
+                m2 += m2b + delta * delta * n * nb / tot
+                n = tot
+        elif x.size:
+            lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+        if release is not None:
+            release()
+    if scheme == "zscore":
+        return {"count": n, "mean": mean, "std": math.sqrt(m2 / n) if n else 0.0}
+    return {"min": lo, "max": hi}
+
+
+def _channel_transform(spec: dict, stats: dict | None, name=None):
+    """The elementwise normalisation ``f(x float32 array) -> float32 array`` of one channel (``x`` may be changed
+    in place): MONAI's intensity transforms where they are the definition (window, CT), numpy otherwise."""
+    from monai.transforms import NormalizeIntensity, ScaleIntensityRange
+
+    scheme = spec["scheme"]
+    if scheme == "window":
+        lo, hi = spec["window"]
+        t = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+        return lambda x: np.asarray(t(x), dtype=np.float32)
+    if scheme == "ct":   # nnU-Net's CTNormalization: clip to the foreground percentiles, then z-score
+        t = NormalizeIntensity(subtrahend=spec["mean"], divisor=max(spec["std"], 1e-8))
+
+        def ct(x):
+            np.clip(x, spec["lower"], spec["upper"], out=x)
+            return np.asarray(t(x), dtype=np.float32)
+        return ct
+    if scheme == "nonorm":
+        return lambda x: np.asarray(x, dtype=np.float32)
+    if scheme == "zscore":  # MONAI NormalizeIntensity(nonzero=True): the non-zero voxels, a zero std taken as 1
+        mean, std = float(stats["mean"]), float(stats["std"]) or 1.0
+
+        def zscore(x):
+            if stats["count"]:
+                m = x != 0
+                np.subtract(x, mean, out=x, where=m)
+                np.divide(x, std, out=x, where=m)
+            return x
+        return zscore
+    if scheme == "rescale_to_0_1":   # nnU-Net's RescaleTo01Normalization: (x - min) / (max - min)
+        lo, span = float(stats["min"]), max(float(stats["max"]) - float(stats["min"]), 1e-8)
+
+        def rescale(x):
+            np.subtract(x, lo, out=x)
+            np.divide(x, span, out=x)
+            return x
+        return rescale
+    if scheme == "rgb_to_0_1":   # nnU-Net's RGBTo01Normalization: 8-bit values / 255
+        if stats["min"] < 0 or stats["max"] > 255:
+            raise UserError(f"channel normalisation rgb_to_0_1 expects values in [0, 255], the scan has "
+                            f"[{stats['min']:g}, {stats['max']:g}]", name)
+
+        def rgb(x):
+            np.divide(x, 255.0, out=x)
+            return x
+        return rgb
+    raise UserError(f"plan: unknown channel normalisation {scheme!r}")
+
+
+def intensity_transforms(intensity: dict, num_channels: int, scan=None, release=None, name=None):
+    """Per-channel elementwise normalisation functions ``f(x float32 array) -> float32 array`` (``x`` may be
+    changed in place), one per channel of :func:`channel_normalisations`. Schemes with per-case statistics
+    (z-score, rescaling) measure them on ``scan`` ``(C, D, H, W)`` (the cropped scan as read,
+    :func:`case_statistics`); without ``scan`` such a plan gives None."""
+    specs = channel_normalisations(intensity, num_channels)
+    if scan is not None and scan.shape[0] != num_channels:
+        raise UserError(f"the plan expects {num_channels} channel(s), the scan has {scan.shape[0]}")
+    out = []
+    for c, spec in enumerate(specs):
+        stats = None
+        if spec["scheme"] in PER_CASE_SCHEMES:
+            if scan is None:
+                return None
+            stats = case_statistics(scan[c], "zscore" if spec["scheme"] == "zscore" else "range", release)
+        out.append(_channel_transform(spec, stats, name))
+    return out
+
+
+def normalise(arr: np.ndarray, intensity: dict) -> np.ndarray:
+    """Intensity normalisation of a ``(C, D, H, W)`` array (:func:`intensity_transforms`) -> a new contiguous
+    float32 array. ``arr`` may be a view (a crop) of any real dtype; the work runs slab by slab (temporaries: one
+    slab)."""
+    out = np.empty(arr.shape, dtype=np.float32)
+    fs = intensity_transforms(intensity, arr.shape[0], arr)
     for c, f in enumerate(fs):
         for d0, d1 in _slabs(arr.shape[1:]):
             out[c, d0:d1] = f(np.array(arr[c, d0:d1], dtype=np.float32))
@@ -619,8 +733,7 @@ def preprocess_scan(image: nib.Nifti1Image, plan: dict, *, lazy: bool = False, s
     if data.shape[3] != nch:
         raise UserError(f"the plan expects {nch} channel(s), the image has {data.shape[3]}", name)
     affine = np.asarray(image.affine, float)
-    if not np.all(np.isfinite(affine)):
-        raise UserError("the NIfTI header has a non-finite affine", name)
+    check_affine(affine, name)
     check_spacing(voxel_sizes(affine), name)
     arr, spacing = _oriented_channels_first(data, affine, plan)
     tshape = _target_shape(arr.shape[1:], spacing, plan["target_spacing"])
@@ -632,10 +745,7 @@ def preprocess_scan(image: nib.Nifti1Image, plan: dict, *, lazy: bool = False, s
     crop = arr[(slice(None),) + tuple(slice(a, b) for a, b in bbox)]   # a view of the scan as read
     tshape = _target_shape(crop_shape, spacing, plan["target_spacing"])
     mode = plan.get("interpolation", {}).get("image", "linear")
-    norm = intensity_transforms(plan["intensity"], nch)
-    if norm is None:  # per-scan statistics: the normalised crop is made first
-        crop = normalise(crop, plan["intensity"])
-        norm = [None] * nch
+    norm = intensity_transforms(plan["intensity"], nch, crop, release, name)   # per-case statistics measured here
     if lazy:
         out = LazyScan(crop, tshape, mode, norm, release)
     else:  # normalised and resampled slab by slab: the scan as read + the output are the only volumes held

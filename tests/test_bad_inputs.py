@@ -627,6 +627,216 @@ BEFORE_HEAVY_WORK = [
 CATALOGUE.update({f.__name__: f for f in BEFORE_HEAVY_WORK})
 
 
+# ================================================================================================================
+# data side: nnU-Net v2 / MSD dataset.json fields, image geometry and voxel types, links, output folders glam3d
+# does not own, preprocessed cases that are not finite or point outside their folder
+# ================================================================================================================
+def _bad_affine_case(tmp, affine=None, header=None):
+    """The ``_pre_base`` dataset with case 0006's image and label rewritten on a broken geometry."""
+    raw, img, lab = _pre_base(tmp)
+    for p, dtype in ((img, np.int16), (lab, np.uint8)):
+        data = np.asanyarray(nib.load(str(p)).dataobj).astype(dtype)
+        if header is not None:
+            hdr = header(dtype)
+            nib.Nifti1Image(data, None, header=hdr).to_filename(str(p))
+        else:
+            nib.Nifti1Image(data, affine).to_filename(str(p))
+    return raw, img
+
+
+def pre_degenerate_affine(tmp):
+    aff = H.AFFINE.copy()
+    aff[:3, 1] = aff[:3, 0]                        # two voxel axes along the same direction: rank 2
+    raw, img = _bad_affine_case(tmp, aff)
+    return _pre_row(tmp, raw, img, r"affine is degenerate")
+
+
+def pre_nan_affine(tmp):
+    def header(dtype):
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape(H.SHAPE)
+        hdr.set_data_dtype(dtype)
+        hdr["sform_code"], hdr["qform_code"] = 1, 0
+        hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = [np.nan, 0, 0, 0], [0, 2, 0, 0], [0, 0, 3, 0]
+        hdr["pixdim"][1:4] = [2, 2, 3]
+        return hdr
+    raw, img = _bad_affine_case(tmp, header=header)
+    return _pre_row(tmp, raw, img, r"non-finite \(NaN/inf\) affine")
+
+
+def pre_complex_voxels(tmp):
+    raw, img, _ = _pre_base(tmp)
+    H.save_nii(np.full(H.SHAPE, 40 + 3j, np.complex64), img)
+    return _pre_row(tmp, raw, img, r"complex voxel type")
+
+
+def pre_symlink_loop_image(tmp):
+    raw, img, _ = _pre_base(tmp)
+    img.unlink()
+    img.symlink_to(img)
+    return _pre_row(tmp, raw, img, r"symbolic-link loop")
+
+
+def pre_output_inside_input_via_link(tmp):
+    raw, _, _ = _pre_base(tmp)
+    link = tmp / "elsewhere"
+    link.symlink_to(raw)                          # --out looks outside the input, but the link leads into it
+    out = link / "preprocessed"
+    return Row(["synapse", "--raw", str(raw), "--out", str(out), "--quiet"], "pre", str(raw.resolve()),
+               r"inside the input folder", [raw], "none")
+
+
+def _foreign_out(tmp, overwrite):
+    raw, _, _ = _pre_base(tmp)
+    out = tmp / "out"
+    out.mkdir()
+    (out / "dataset.json").write_text('{"name": "my own dataset", "labels": {"background": 0, "liver": 1}}\n')
+    return Row(["synapse", "--raw", str(raw), "--out", str(out), "--quiet", *(["--overwrite"] if overwrite else [])],
+               "pre", str(out), r"is not empty \(dataset.json\) and was not written by glam3d", [out], "none")
+
+
+def pre_out_holds_unrelated_dataset_json(tmp):
+    return _foreign_out(tmp, False)
+
+
+def pre_out_unrelated_dataset_json_overwrite(tmp):
+    return _foreign_out(tmp, True)
+
+
+def _msd(tmp, change=None, n=2, modality=("CT",)):
+    """A tiny MSD dataset (``c1``.. in imagesTr with lists), dataset.json changed by ``change(meta)``."""
+    ds = tmp / "Task01_Tiny"
+    meta = {"name": "Tiny", "modality": {str(i): m for i, m in enumerate(modality)},
+            "labels": {"0": "background", "1": "organ"}, "numTraining": n,
+            "training": [{"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"}
+                         for i in range(1, n + 1)], "test": []}
+    for i in range(1, n + 1):
+        img = np.full(H.SHAPE + ((len(modality),) if len(modality) > 1 else ()), -1000, np.int16)
+        img[2:-2, 2:-2] = 40
+        lab = np.zeros(H.SHAPE, np.uint8)
+        lab[4:7, 4:7, 1:4] = 1
+        H.save_nii(img, ds / "imagesTr" / f"c{i}.nii.gz")
+        H.save_nii(lab, ds / "labelsTr" / f"c{i}.nii.gz")
+    if change:
+        change(meta)
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    return ds
+
+
+def _msd_row(tmp, ds, problem, names=None, others="none", good=()):
+    out = tmp / "out"
+    return Row(["msd", "--dataset", str(ds), "--out", str(out), "--quiet"], "pre",
+               str(names or ds / "dataset.json"), problem, [out], others, [out / "cases" / g for g in good])
+
+
+def pre_msd_labels_list(tmp):
+    ds = _msd(tmp, lambda m: m.update(labels=["background", "organ"]))
+    return _msd_row(tmp, ds, r"field 'labels' must be an object")
+
+
+def pre_msd_modality_keys_not_numbers(tmp):
+    ds = _msd(tmp, lambda m: m.update(modality={"CT": "0"}))
+    return _msd_row(tmp, ds, r"field 'modality': keys must be channel numbers")
+
+
+def pre_msd_region_labels(tmp):
+    ds = _msd(tmp, lambda m: m.update(labels={"background": 0, "organ": 1, "whole": [1, 2]},
+                                      regions_class_order=[1, 2]))
+    return _msd_row(tmp, ds, r"'whole' is a region")
+
+
+def pre_msd_num_training_mismatch(tmp):
+    ds = _msd(tmp, lambda m: m.update(numTraining=5))
+    return _msd_row(tmp, ds, r"'numTraining' is 5 but its training cases hold\(s\) 2")
+
+
+def pre_msd_listed_image_missing(tmp):
+    ds = _msd(tmp)
+    (ds / "imagesTr" / "c2.nii.gz").unlink()
+    return _msd_row(tmp, ds, r"'training\[1\].image' names ./imagesTr/c2.nii.gz, which does not exist")
+
+
+def pre_msd_channel_count_differs(tmp):
+    ds = _msd(tmp, n=3, modality=("T2", "ADC"))
+    bad = H.save_nii(np.ones(H.SHAPE + (3,), np.float32), ds / "imagesTr" / "c2.nii.gz")
+    return _msd_row(tmp, ds, r"has 3 channel\(s\) but dataset.json field 'modality' declares 2", names=bad,
+                    others="done", good=["c1.npz", "c3.npz"])
+
+
+def pre_inspect_inconsistent_dataset_json(tmp):
+    ds = _msd(tmp, lambda m: m.update(numTraining=3))
+    return Row(["inspect", str(ds)], "pre", str(ds / "dataset.json"), r"'numTraining' is 3", [], "none")
+
+
+def _case_file(tmp, case="case01"):
+    return tmp / "data" / "cases" / f"{case}.npz"
+
+
+def _rewrite_case(path, **arrays):
+    z = dict(np.load(path))
+    z.update(arrays)
+    np.savez_compressed(path, **z)
+
+
+def train_case_nan_voxels(tmp):
+    row = _train_row(tmp, [], _case_file(tmp), r"NaN/inf voxel")
+    img = np.load(_case_file(tmp))["image"].copy()
+    img[0, 3, 4, 5] = np.nan
+    _rewrite_case(_case_file(tmp), image=img)
+    return row
+
+
+def train_case_complex_voxels(tmp):
+    row = _train_row(tmp, [], _case_file(tmp), r"voxel type complex64, not real numbers")
+    _rewrite_case(_case_file(tmp), image=np.load(_case_file(tmp))["image"].astype(np.complex64))
+    return row
+
+
+def train_channel_count_differs(tmp):
+    row = _train_row(tmp, [], _case_file(tmp, "case02"), r"has 2 channel\(s\) but dataset.json field 'modality' "
+                                                          r"declares 1")
+    img = np.load(_case_file(tmp, "case02"))["image"]
+    _rewrite_case(_case_file(tmp, "case02"), image=np.concatenate([img, img]))
+    return row
+
+
+def _edit_manifest(tmp, change):
+    path = tmp / "data" / "dataset.json"
+    man = json.loads(path.read_text())
+    change(man)
+    path.write_text(json.dumps(man))
+    return path
+
+
+def train_entry_outside_folder(tmp):
+    row = _train_row(tmp, [], tmp / "data" / "dataset.json", r"'training\[1\].image' is '../stolen.npz'.*inside "
+                                                             r"the dataset folder")
+    _edit_manifest(tmp, lambda m: m["training"][1].update(image="../stolen.npz"))
+    return row
+
+
+def train_labels_as_list(tmp):
+    row = _train_row(tmp, [], tmp / "data" / "dataset.json", r"field 'labels' must be an object")
+    _edit_manifest(tmp, lambda m: m.update(labels=["background", "cube", "box"]))
+    return row
+
+
+def train_modality_keys_not_numbers(tmp):
+    row = _train_row(tmp, [], tmp / "data" / "dataset.json", r"field 'modality': keys must be the channel numbers")
+    _edit_manifest(tmp, lambda m: m.update(modality={"CT": "0"}))
+    return row
+
+
+CATALOGUE.update({f.__name__: f for f in [
+    pre_degenerate_affine, pre_nan_affine, pre_complex_voxels, pre_symlink_loop_image,
+    pre_output_inside_input_via_link, pre_out_holds_unrelated_dataset_json, pre_out_unrelated_dataset_json_overwrite,
+    pre_msd_labels_list, pre_msd_modality_keys_not_numbers, pre_msd_region_labels, pre_msd_num_training_mismatch,
+    pre_msd_listed_image_missing, pre_msd_channel_count_differs, pre_inspect_inconsistent_dataset_json,
+    train_case_nan_voxels, train_case_complex_voxels, train_channel_count_differs, train_entry_outside_folder,
+    train_labels_as_list, train_modality_keys_not_numbers,
+]})
+
+
 # ------------------------------------------------------------------------------------------------ checks
 def _complete(path: Path) -> bool:
     """The file loads completely in the format its name says."""

@@ -40,8 +40,45 @@ from .transforms import cached_transforms
 # ----------------------------------------------------------------------------------------------------------------
 # manifest and split
 # ----------------------------------------------------------------------------------------------------------------
+def _type_name(v) -> str:
+    return {list: "a list", dict: "an object", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(v), type(v).__name__)
+
+
+def inside_path(rel) -> bool:
+    """``rel`` (a manifest entry's path) names a file inside the dataset folder: relative, no ``..`` escaping it
+    (checked on the text: a folder the user linked in, e.g. ``cases`` on another disk, is theirs to choose)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        return False
+    p = Path(rel)
+    if p.is_absolute() or rel.startswith(("/", "\\")) or ":" in p.parts[0]:
+        return False
+    depth = 0
+    for part in p.parts:
+        depth += -1 if part == ".." else 0 if part == "." else 1
+        if depth < 0:
+            return False
+    return depth > 0
+
+
+def _check_entries(manifest: dict, key: str, path: Path, need_label: bool) -> None:
+    entries = manifest.get(key, [])
+    if not isinstance(entries, list):
+        raise UserError(f"field {key!r} must be a list of cases, got {_type_name(entries)}", path)
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image" not in entry or (need_label and "label" not in entry):
+            raise UserError(f"{key}[{i}] needs 'image'" + (" and 'label'" if need_label else ""), path)
+        for fld in ("image", "label"):
+            if fld in entry and not inside_path(entry[fld]):
+                raise UserError(f"field '{key}[{i}].{fld}' is {entry[fld]!r}: a case file must be a relative path "
+                                f"inside the dataset folder", path)
+        if "id" in entry and not (isinstance(entry["id"], str) and entry["id"]):
+            raise UserError(f"field '{key}[{i}].id' must be a non-empty string, got {entry['id']!r}", path)
+
+
 def read_manifest(root) -> dict:
-    """Load and check ``ROOT/dataset.json`` (UserError naming the file on any problem)."""
+    """Load and check ``ROOT/dataset.json`` (UserError naming the file and the field on any problem): the types of
+    ``labels``, ``modality``, ``training`` and ``test``, and that every case file it names lies inside ROOT."""
     root = Path(root)
     if not root.is_dir():
         raise UserError("dataset folder not found (config key data.root)", root)
@@ -53,6 +90,8 @@ def read_manifest(root) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"not valid JSON ({err.msg} at line {err.lineno})", path) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read ({type(err).__name__}: {err})", path) from None
     if not isinstance(manifest, dict):
         raise UserError("must be a JSON object", path)
     for key in ("labels", "training"):
@@ -60,16 +99,27 @@ def read_manifest(root) -> dict:
             raise UserError(f"missing key {key!r}", path)
     if not isinstance(manifest["training"], list) or not manifest["training"]:
         raise UserError("'training' lists no cases", path)
-    for i, entry in enumerate(manifest["training"]):
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise UserError(f"training[{i}] needs 'image' and 'label'", path)
+    _check_entries(manifest, "training", path, need_label=True)
+    _check_entries(manifest, "test", path, need_label=False)
     labels = manifest["labels"]
+    if not isinstance(labels, dict):
+        raise UserError(f"field 'labels' must be an object mapping class indices to names "
+                        f"({{\"0\": \"background\", ...}}), got {_type_name(labels)}", path)
     try:
         idx = sorted(int(k) for k in labels)
     except (TypeError, ValueError):
         raise UserError("'labels' keys must be integer class indices", path) from None
     if idx != list(range(len(idx))) or len(idx) < 2:
         raise UserError(f"'labels' must be contiguous indices 0..K-1 with K >= 2, got {idx}", path)
+    modality = manifest.get("modality")
+    if modality is not None:
+        if not isinstance(modality, dict) or not modality:
+            raise UserError(f"field 'modality' must be an object {{\"0\": \"CT\", ...}}, got {_type_name(modality)}",
+                            path)
+        keys = [k for k in modality if not (isinstance(k, str) and k.strip().isdigit())]
+        if keys or sorted(int(k) for k in modality) != list(range(len(modality))):
+            raise UserError(f"field 'modality': keys must be the channel numbers \"0\"..\"{len(modality) - 1}\", "
+                            f"got {sorted(modality)}", path)
     return manifest
 
 
@@ -115,17 +165,23 @@ def make_split(ids: Sequence[str], val_fraction: float, val_cases: Optional[Sequ
 
 
 def case_entries(root, manifest: dict, ids: Sequence[str]) -> List[dict]:
-    """``[{"id", "image": abs path, "label": abs path}]`` for the given training ids (files must exist)."""
+    """``[{"id", "image": abs path, "label": abs path, "channels": C}]`` for the given training ids (files must
+    exist inside ROOT; ``channels``: what ``modality`` declares, checked when a case is loaded)."""
     root = Path(root)
     by_id = {case_id(e): e for e in manifest["training"]}
+    channels = in_channels(manifest)
     out = []
     for cid in ids:
         e = by_id[cid]
+        for fld in ("image", "label"):
+            if not inside_path(e.get(fld)):
+                raise UserError(f"case {cid}: {fld} {e.get(fld)!r} is not a path inside the dataset folder",
+                                root / "dataset.json")
         image, label = root / e["image"], root / e["label"]
         for p in {image, label}:
             if not p.is_file():
                 raise UserError(f"case {cid}: file listed in dataset.json is missing", p)
-        out.append({"id": cid, "image": str(image), "label": str(label)})
+        out.append({"id": cid, "image": str(image), "label": str(label), "channels": channels})
     return out
 
 

@@ -29,16 +29,40 @@ from ..errors import UserError
 MAX_FG_LOCATIONS = 10_000  # per class, as nnU-Net samples its class locations
 
 
+def _count_non_finite(image: np.ndarray) -> int:
+    """NaN/inf voxels of ``(C, D, H, W)`` float32, counted plane by plane (no whole-volume boolean temporary)."""
+    bad = 0
+    for c in range(image.shape[0]):
+        for d in range(image.shape[1]):
+            plane = image[c, d]
+            if not np.isfinite(plane).all():
+                bad += int(plane.size - np.isfinite(plane).sum())
+    return bad
+
+
 def load_case_arrays(image_path, label_path=None):
-    """Read one preprocessed case: image float32 (C, D, H, W), label uint8 (D, H, W) or None."""
+    """Read one preprocessed case: image float32 (C, D, H, W), label uint8 (D, H, W) or None.
+
+    Refused (one-line :class:`UserError` naming the file): unreadable or pickled content, voxels that are not real
+    numbers (complex, object), NaN/inf image voxels (they would make the loss and then the weights NaN), a label
+    map that is not whole numbers in 0..255, shapes that do not fit."""
+    def array(z, key, path):
+        a = z[key]
+        if a.dtype.kind not in ("biu" if key == "label" else "biuf"):
+            what = "whole numbers" if key == "label" else "real numbers"
+            raise UserError(f"preprocessed {key} has voxel type {a.dtype}, not {what}", path)
+        if key == "label" and a.size and a.dtype.kind != "b" and (int(a.min()) < 0 or int(a.max()) > 255):
+            raise UserError(f"preprocessed label values {int(a.min())}..{int(a.max())} are outside 0..255", path)
+        return np.asarray(a, dtype=np.float32 if key == "image" else np.uint8)
+
     try:
         with np.load(image_path, allow_pickle=False) as z:
-            image = np.asarray(z["image"], dtype=np.float32)
-            label = np.asarray(z["label"], dtype=np.uint8) if (label_path in (None, image_path) and
-                                                             "label" in z.files) else None
+            image = array(z, "image", image_path)
+            label = array(z, "label", image_path) if (label_path in (None, image_path) and
+                                                      "label" in z.files) else None
         if label is None and label_path not in (None, image_path):
             with np.load(label_path, allow_pickle=False) as z:
-                label = np.asarray(z["label"], dtype=np.uint8)
+                label = array(z, "label", label_path)
     except FileNotFoundError:
         raise UserError("case file not found (re-run glam3d-preprocess?)", image_path) from None
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # incl. pickled objects refused
@@ -49,6 +73,10 @@ def load_case_arrays(image_path, label_path=None):
         raise UserError(f"image must be (C, D, H, W), got shape {image.shape}", image_path)
     if label is not None and label.shape != image.shape[1:]:
         raise UserError(f"label shape {label.shape} does not match image {image.shape[1:]}", image_path)
+    bad = _count_non_finite(image)
+    if bad:
+        raise UserError(f"{bad} NaN/inf voxel(s) in the preprocessed image: refused (re-run glam3d-preprocess on "
+                        f"this case)", image_path)
     return image, label
 
 
@@ -57,6 +85,10 @@ class LoadCased(Transform):
 
     def __call__(self, data):
         image, label = load_case_arrays(data["image"], data.get("label"))
+        want = data.get("channels")
+        if want is not None and image.shape[0] != int(want):
+            raise UserError(f"has {image.shape[0]} channel(s) but dataset.json field 'modality' declares {want}",
+                            data["image"])
         out = {"id": data["id"], "image": torch.from_numpy(image)}
         if label is not None:
             out["label"] = torch.from_numpy(label[None])
