@@ -66,7 +66,7 @@ import torch
 
 from .alloc import ENV_SWITCH, allocator_state, tune_allocator
 from .commands.bench import SECTIONS  # the CLI's list (a light module: no torch import at parse time)
-from .engine.inference import autocast_to, inference_weights, resolve_amp
+from .inference.precision import autocast_to, inference_weights, resolve_amp
 
 __all__ = ["BenchConfig", "run_bench", "format_report", "to_markdown", "matmul_peak_gflops", "time_forward",
            "TARGETS", "FULL_MODELS", "QUICK_MODELS"]
@@ -145,7 +145,7 @@ class BenchConfig:
             c.train_repeats = min(c.train_repeats, 2)
         cuda = torch.device(c.device).type == "cuda"
         if not c.sections:
-            from .engine.inference import cpu_bf16_native
+            from .inference.precision import cpu_bf16_native
 
             bf16 = cuda or (torch.device(c.device).type == "cpu" and cpu_bf16_native())
             c.sections = [s for s in SECTIONS if cuda or s not in ("bf16", "graph", "compiled", "gpu")
@@ -381,7 +381,8 @@ def _long_ct_worker(spec: dict) -> dict:
     tensor. Reports time, peak RSS and the accumulator's peak."""
     import tempfile
 
-    from .engine.inference import NpySlabReader, NpySlabWriter, predict_volume
+    from .inference.sliding_window import predict_volume
+    from .utils.ooc import NpySlabReader, NpySlabWriter
     device, model, roi, vol = _child_setup(spec)
     cin = model.in_channels
     step = 16
@@ -499,7 +500,7 @@ def _predict_ct_worker(spec: dict) -> dict:
 
 def _worker(spec: dict) -> dict:
     """Child process: build a model, make a volume, run :func:`predict_volume`, report time and memory."""
-    from .engine.inference import predict_volume
+    from .inference.sliding_window import predict_volume
     if spec.get("long_ct"):
         return _long_ct_worker(spec)
     if spec.get("predict_ct"):

@@ -14,7 +14,7 @@ import torch
 import helpers as H
 
 from glam3d.cli import main
-from glam3d.engine import inference
+from glam3d.inference import sliding_window as inference
 from glam3d.engine.checkpoint import TRAINING_STATE, checkpoint_metadata, load_checkpoint, save_checkpoint
 
 def _with_optimizer_state(path, numel=1000):

@@ -60,7 +60,8 @@ from ..utils.io import atomic_write_json, atomic_write_text, sweep_stale_temps
 from . import distributed as dist
 from .checkpoint import (UnsafeCheckpoint, load_checkpoint, load_model_weights, rng_state, save_checkpoint,
                          set_rng_state)
-from .inference import cpu_bf16_native, predict_volume
+from ..inference.precision import cpu_bf16_native
+from ..inference.sliding_window import predict_volume
 from .logging import RunLogger
 from .optim import build_optimizer, build_scheduler, clip_gradients
 
