@@ -145,7 +145,7 @@ def build_network(mcfg, num_classes: int, in_channels: int) -> torch.nn.Module:
                 model = build_model(name, **overrides)
     except UserError:
         raise
-    except (ValueError, TypeError, KeyError) as err:
+    except (ValueError, TypeError, KeyError, ImportError) as err:  # ImportError: an optional dependency missing
         raise UserError(f"config key 'model': cannot build {name!r} ({' '.join(str(err).split())})") from None
     if not hasattr(model, "glam3d_spec") or ":" in name:
         model.glam3d_spec = {"name": name, "kwargs": dict(overrides)}

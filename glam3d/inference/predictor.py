@@ -285,7 +285,10 @@ class Predictor:
             print("warning: --amp bf16: this CPU has no native bf16 (AVX512-BF16 / AMX); bf16 is emulated and slower "
                   "than float32 here", file=sys.stderr)
         # the network's weights are the mapped checkpoint's pages (assign): one copy of them while it is built
-        model = model_from_checkpoint(state, ckpt_path, assign=True).to(device).eval()
+        try:
+            model = model_from_checkpoint(state, ckpt_path, assign=True).to(device).eval()
+        except ImportError as err:  # an optional dependency of the network (e.g. einops for SwinUNETR)
+            raise UserError(f"cannot rebuild the network recorded in the checkpoint ({err})", ckpt_path) from None
         state = checkpoint_metadata(state)  # the loaded weights and optimiser state are not held during inference
         # the network's random initial weights, replaced by the checkpoint's: not kept cached, nor counted in the
         # peak that bounds what the (opt-in) caching allocator may keep
