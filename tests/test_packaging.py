@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import re
 import subprocess
@@ -100,12 +101,11 @@ def test_einops_is_an_extra_and_the_core_runs_without_it(tmp_path):
         with redirect_stdout(buf):
             rc = main(["models"])
         print(json.dumps({"shape": list(out.shape), "built": built, "user": user, "rc": rc,
-                          "table": buf.getvalue(), "einops": "einops" in sys.modules and sys.modules["einops"] is not None}))
+                          "table": buf.getvalue(), "einops": sys.modules.get("einops") is not None}))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
-    import json
     r = json.loads(out.stdout.strip().splitlines()[-1])
     hint = "pip install 'glam3d[swinunetr]'"
     assert r["shape"][:2] == [1, 9] and not r["einops"]
@@ -202,7 +202,6 @@ def test_installed_wheel_runs_configs_and_demo_from_an_empty_folder(wheel, tmp_p
     assert demo.returncode == 0, (demo.stdout[-2000:], demo.stderr[-3000:])
     assert "== demo summary ==" in demo.stdout and "mean Dice over the 8 Synapse organs" in demo.stdout
     assert (empty / "demo" / "report" / "report.json").is_file()
-    import json
     man = json.loads((empty / "demo" / "predictions" / "predictions.json").read_text())
     assert man["code"] == {"glam3d": "0.1.0", "git_commit": None, "git_dirty": None}
     assert sorted(p.name for p in empty.iterdir()) == ["demo"]  # nothing written outside --out

@@ -301,22 +301,7 @@ def test_dicom_series_lps_to_ras(tmp_path):
     vol = sitk.GetImageFromArray(arr)
     vol.SetSpacing((0.8, 0.9, 2.5))
     vol.SetOrigin((-10.0, 20.0, 30.0))
-    d = tmp_path / "series"
-    d.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    uid = "1.2.826.0.1.3680043.2.1125.1.1"
-    for k in range(vol.GetDepth()):
-        sl = vol[:, :, k]
-        for tag, val in (("0010|0010", "Phantom"), ("0020|000d", uid + ".1"), ("0020|000e", uid + ".2"),
-                         ("0008|0060", "CT"), ("0020|0013", str(k + 1)),
-                         ("0020|0032", "\\".join(map(str, vol.TransformIndexToPhysicalPoint((0, 0, k))))),
-                         ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "0.9\\0.8"),
-                         ("0018|0050", "2.5")):
-            sl.SetMetaData(tag, val)
-        writer.SetFileName(str(d / f"{k:03d}.dcm"))
-        with H.keep_locale():
-            writer.Execute(sl)
+    d = H.write_dicom_series(tmp_path / "series", vol)
     cases = collect_cases([str(d)])
     assert len(cases) == 1 and cases[0].kind == "dicom" and cases[0].name == "series"
     img = read_dicom_series(d, cases[0].series_id)

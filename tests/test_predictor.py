@@ -119,21 +119,7 @@ def test_predict_dicom_series(setup, tmp_path):
     vol = sitk.GetImageFromArray(arr)
     vol.SetSpacing((2.0, 2.0, 3.0))
     vol.SetOrigin((-10.0, 20.0, 30.0))
-    series = tmp_path / "series"
-    series.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    uid = "1.2.826.0.1.3680043.2.1125.1.7"
-    for k in range(vol.GetDepth()):
-        sl = vol[:, :, k]
-        for tag, val in (("0010|0010", "Phantom"), ("0020|000d", uid + ".1"), ("0020|000e", uid + ".2"),
-                         ("0008|0060", "CT"), ("0020|0013", str(k + 1)),
-                         ("0020|0032", "\\".join(map(str, vol.TransformIndexToPhysicalPoint((0, 0, k))))),
-                         ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "2\\2"), ("0018|0050", "3")):
-            sl.SetMetaData(tag, val)
-        writer.SetFileName(str(series / f"{k:03d}.dcm"))
-        with H.keep_locale():
-            writer.Execute(sl)
+    series = H.write_dicom_series(tmp_path / "series", vol, uid="1.2.826.0.1.3680043.2.1125.1.7")
     out = tmp_path / "cli"
     assert main(["predict", "--checkpoint", str(ck), "--input", str(series), "--output", str(out), "--device", "cpu",
                  "--quiet"]) == 0
