@@ -238,11 +238,19 @@ def image_case(image) -> Case:
 class PredictionFiles:
     """The cases to segment and where their outputs go, checked before anything is written (:meth:`check`).
 
-    ``output_dir/<case>.nii.gz`` (and ``<case>_probabilities.nii.gz``) are the outputs; ``scratch`` the folder
-    of a scan's temporary files (None: in memory)."""
+    ``output_dir/<case>.nii.gz`` (and ``<case>_probabilities.nii.gz``) are the outputs (:meth:`label_path`,
+    :meth:`probability_path`); ``scratch`` the folder of a scan's temporary files (None: in memory)."""
     cases: list
     output_dir: Path
     scratch: Optional[Path]
+
+    def label_path(self, case: Case) -> Path:
+        """Where ``case``'s label map goes."""
+        return self.output_dir / f"{case.name}.nii.gz"
+
+    def probability_path(self, case: Case) -> Path:
+        """Where ``case``'s class probabilities go."""
+        return self.output_dir / f"{case.name}_probabilities.nii.gz"
 
     @classmethod
     def check(cls, inputs: Sequence[Union[str, os.PathLike]], output_dir, scratch: Union[bool, str, os.PathLike,
@@ -270,11 +278,11 @@ class PredictionFiles:
                 tempfile.TemporaryFile(dir=folder).close()
             except OSError as err:
                 raise UserError(f"--scratch: cannot write there ({err.strerror or err})", folder) from None
+        files = cls(cases, out_dir, folder)
         for c in cases:
-            for suffix in (".nii.gz", "_probabilities.nii.gz"):
-                target = (out_dir / f"{c.name}{suffix}").resolve()
+            for target in (files.label_path(c).resolve(), files.probability_path(c).resolve()):
                 if target in input_files:
                     raise UserError(f"refusing to write {target.name}: that file is an input", target)
         for c in cases:
             check_readable(c)
-        return cls(cases, out_dir, folder)
+        return files

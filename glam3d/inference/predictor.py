@@ -411,8 +411,7 @@ class Predictor:
         result = FilesResult(out_dir, manifest=manifest)
         t_all = time.time()
         for i, case in enumerate(mine):
-            out_path = out_dir / f"{case.name}.nii.gz"
-            prob_path = out_dir / f"{case.name}_probabilities.nii.gz"
+            out_path, prob_path = files.label_path(case), files.probability_path(case)
             entry = {"input": str(case.source), "output": str(out_path), "series_id": case.series_id}
             keep_labels = out_path.exists() and not overwrite
             want_probs = probabilities and (overwrite or not prob_path.exists())
