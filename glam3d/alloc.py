@@ -1,39 +1,35 @@
-"""CPU allocator settings that keep long-volume inference small and fast (Linux/glibc; no torch import here).
+"""Opt-in CPU allocator settings for long-volume inference (Linux/glibc; no torch import here).
 
-Sliding-window inference allocates and frees the same few hundred MB of activations for every window. With
-glibc's default *dynamic* mmap threshold, blocks freed once grow the threshold, later blocks of that size come
-from the heap, and the heap keeps the freed pages: the process RSS ends ~0.8-1 GB above the live tensors
-(measured on the Synapse-size nnFormer, ``experiments/PERFORMANCE.md``). Two settings fix that:
+By default glam3d leaves PyTorch's allocator and glibc's malloc as they are and compiles nothing: a ``glam3d``
+command calls :func:`tune_allocator` only when ``GLAM3D_ALLOC_TUNING`` is set (:func:`tune_from_environment`).
 
-* ``M_MMAP_THRESHOLD = 1 MiB`` (``mallopt`` here, ``MALLOC_MMAP_THRESHOLD_`` for child processes): every block
-  of 1 MiB or more is its own mapping and goes back to the OS on ``free``; a fixed threshold also switches the
-  dynamic adjustment off. Alone it costs page faults on every window.
-* ``THP_MEM_ALLOC_ENABLE=1`` (read by PyTorch's CPU allocator at its first allocation, so it must be set before
-  ``import torch``): tensors of 2 MB or more are aligned for transparent huge pages, far fewer page faults
-  per tensor, which buys most of that time back (a Synapse forward still takes ~0.1 M faults and 1.3-2 s of
-  system CPU time: every 1-32 MB tensor is still mapped, zeroed and unmapped).
+Why one might opt in: sliding-window inference allocates and frees the same few hundred MB of activations for
+every window. With glibc's default *dynamic* mmap threshold, blocks freed once grow the threshold, later blocks of
+that size come from the heap, and the heap keeps the freed pages: the process RSS can end ~0.8-1 GB above the live
+tensors on a Synapse-size nnFormer. The profiles (``GLAM3D_ALLOC_TUNING=<profile>``):
 
-:func:`tune_allocator` applies both; ``glam3d`` commands call it before importing torch. Set
-``GLAM3D_ALLOC_TUNING=0`` to leave the allocator alone; values already in the environment win.
+* ``memory``: ``M_MMAP_THRESHOLD = 1 MiB`` (``mallopt`` here, ``MALLOC_MMAP_THRESHOLD_`` for child processes):
+  every block of 1 MiB or more is its own mapping and goes back to the OS on ``free``; a fixed threshold also
+  switches the dynamic adjustment off. Alone it costs page faults on every window, so it also sets
+  ``THP_MEM_ALLOC_ENABLE=1`` (read by PyTorch's CPU allocator at its first allocation, so it must be set before
+  ``import torch``): tensors of 2 MB or more are aligned for transparent huge pages, far fewer page faults.
+* ``speed``: threshold 32 MiB (glibc's maximum) and no heap trimming, so the 25 MB stage-1 activations of the
+  Synapse-size networks are reused from the heap rather than mapped, zeroed and unmapped for every forward; the
+  price is a peak RSS about 0.5 GB higher (the heap keeps what it once held).
+* ``cache`` (any other non-off value too): the memory profile's settings, then (this imports torch) a caching
+  CPU allocator bounded by the peak of the live tensors (:mod:`glam3d.cpu_cache`, compiled once with the C++
+  compiler). Where it cannot be built the memory profile stays (one warning line when the cache was asked for
+  by name or a ``GLAM3D_CPU_CACHE_*`` variable is set).
+* ``0`` / ``off``: nothing (as unset).
 
-``GLAM3D_ALLOC_TUNING=speed`` trades memory for time instead: threshold 32 MiB (glibc's maximum) and no heap
-trimming, so the 25 MB stage-1 activations of the Synapse-size networks are reused from the heap rather than
-mapped, zeroed and unmapped for every forward (page faults and TLB flushes were 15 % of the CPU time). Measured
-on the 2-core VM: nnFormer forward 5.2 -> 4.25 s, long-CT inference 11-17 % less time, but its peak RSS
-1.59 -> 2.13-2.18 GB (the heap keeps what it once held).
-
-The **cache profile** (the default; ``GLAM3D_ALLOC_TUNING=cache``) gets both: the memory profile's settings,
-then (this imports torch) a caching CPU allocator bounded by the peak of the live tensors
-(:mod:`glam3d.cpu_cache`, compiled once with the C++ compiler): on the Zen 4 VM forwards 27-29 % faster than the
-memory profile, long-CT peak 1.73 / 1.74 GB. Where it cannot be built the memory profile stays (one warning line
-when the cache was asked for by name or a ``GLAM3D_CPU_CACHE_*`` variable is set); ``GLAM3D_ALLOC_TUNING=memory`` chooses the memory profile alone.
+Values already in the environment (``THP_MEM_ALLOC_ENABLE``, ``MALLOC_*_``) win over the profile's.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import sys
-from typing import Dict
+from typing import Dict, Optional
 
 #: blocks of at least this many bytes are mmapped (and unmapped on free)
 MMAP_THRESHOLD = 1 << 20
@@ -58,12 +54,22 @@ def _glibc():
         return None
 
 
-def tune_allocator(enable: bool | str | None = None) -> Dict[str, object]:
-    """Apply the settings above to this process and (through the environment) to its children.
+def tune_from_environment() -> Optional[Dict[str, object]]:
+    """What ``glam3d`` commands call before importing torch: :func:`tune_allocator` when ``GLAM3D_ALLOC_TUNING``
+    is set (to anything but an empty string), else nothing at all (``None``): PyTorch's allocator and glibc stay
+    as they are and nothing is compiled."""
+    if not os.environ.get(ENV_SWITCH, "").strip():
+        return None
+    return tune_allocator()
 
-    ``enable=None`` reads ``GLAM3D_ALLOC_TUNING``: ``0``/``off`` none, ``memory``, ``speed`` or ``cache`` that
-    profile, unset or anything else the default (the cache profile, the memory profile where the cache cannot
-    be built); ``enable=`` one of those names, ``True`` (the default) or ``False`` chooses directly. Returns
+
+def tune_allocator(enable: bool | str | None = None) -> Dict[str, object]:
+    """Apply one profile of the settings above to this process and (through the environment) to its children.
+
+    Calling it is the opt-in. ``enable=None`` reads ``GLAM3D_ALLOC_TUNING``: ``0``/``off`` none, ``memory``,
+    ``speed`` or ``cache`` that profile, unset or anything else the cache profile (the memory profile where the
+    cache cannot be built); ``enable=`` one of those names, ``True`` (the cache profile) or ``False`` chooses
+    directly. Returns
     what is in effect: ``{"enabled", "profile", "thp_env", "mmap_threshold_env", "trim_threshold_env",
     "mallopt", "torch_imported"}`` (THP only takes effect when torch was not imported yet; ``mallopt`` is False
     off glibc or when a value in the environment is malformed), and for the cache profile ``"cache"`` (its

@@ -11,15 +11,15 @@
 * achieved GFLOP/s (2 x MACs / time) and its fraction of the machine's matmul peak (median of timed
   ``2048^3`` fp32 matmuls, measured by the same run);
 * sliding-window throughput (voxels/s) on a ``128x256x256`` volume with
-  :func:`glam3d.engine.inference.predict_volume` (overlap 0.5, Gaussian), and its peak memory: each model runs
+  :func:`glam3d.inference.sliding_window.predict_volume` (overlap 0.5, Gaussian), and its peak memory: each model runs
   in its own child process, so peaks never mix (CPU: the child's peak RSS, ``VmHWM`` / ``ru_maxrss``; GPU:
   ``torch.cuda.max_memory_allocated``); with ``sw_rounds`` > 1 one child per model and round, order reversed
   every round, medians, and the throughput ratios as medians of per-round ratios with their 95 % interval;
 * how time and memory grow with the volume (3 sizes) and with the scan length (``512x512x200`` and
   ``512x512x1000``, overlap 0, ``nnformer_synapse``), one child process per line; each long-CT child first
   writes a synthetic int16 CT to a temporary ``.npy`` and infers it from disk to disk
-  (:class:`~glam3d.engine.inference.NpySlabReader`, CT clip + scale as ``normalize``,
-  :class:`~glam3d.engine.inference.NpySlabWriter`), or from an in-memory int16 array (``long_ct_in_memory``);
+  (:class:`~glam3d.utils.ooc.NpySlabReader`, CT clip + scale as ``normalize``,
+  :class:`~glam3d.utils.ooc.NpySlabWriter`), or from an in-memory int16 array (``long_ct_in_memory``);
 * the same long scans through the ``glam3d predict`` command (section ``predict_ct``): each written as a
   ``.nii.gz`` int16 CT (0.8 x 0.8 x 2.5 mm), with a checkpoint of the long-CT model (random weights, SGD
   momentum, a plan resampling to ``predict_ct_spacing`` mm — 4 by default so that the scan's reading,
@@ -72,7 +72,7 @@ import torch
 
 from .alloc import ENV_SWITCH, allocator_state, tune_allocator
 from .commands.bench import SECTIONS  # the CLI's list (a light module: no torch import at parse time)
-from .engine.inference import autocast_to, inference_weights, resolve_amp
+from .inference.precision import autocast_to, inference_weights, resolve_amp
 
 __all__ = ["BenchConfig", "run_bench", "format_report", "to_markdown", "matmul_peak_gflops", "time_forward",
            "TARGETS", "FULL_MODELS", "QUICK_MODELS"]
@@ -151,7 +151,7 @@ class BenchConfig:
             c.train_repeats = min(c.train_repeats, 2)
         cuda = torch.device(c.device).type == "cuda"
         if not c.sections:
-            from .engine.inference import cpu_bf16_native
+            from .inference.precision import cpu_bf16_native
 
             bf16 = cuda or (torch.device(c.device).type == "cpu" and cpu_bf16_native())
             c.sections = [s for s in SECTIONS if cuda or s not in ("bf16", "graph", "compiled", "gpu")
@@ -388,7 +388,8 @@ def _long_ct_worker(spec: dict) -> dict:
     tensor. Reports time, peak RSS and the accumulator's peak."""
     import tempfile
 
-    from .engine.inference import NpySlabReader, NpySlabWriter, predict_volume
+    from .inference.sliding_window import predict_volume
+    from .utils.ooc import NpySlabReader, NpySlabWriter
     device, model, roi, vol = _child_setup(spec)
     cin = model.in_channels
     step = 16
@@ -506,7 +507,7 @@ def _predict_ct_worker(spec: dict) -> dict:
 
 def _worker(spec: dict) -> dict:
     """Child process: build a model, make a volume, run :func:`predict_volume`, report time and memory."""
-    from .engine.inference import predict_volume
+    from .inference.sliding_window import predict_volume
     if spec.get("long_ct"):
         return _long_ct_worker(spec)
     if spec.get("predict_ct"):

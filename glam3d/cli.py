@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from . import __version__
-from .alloc import tune_allocator
+from .alloc import tune_from_environment
 from .errors import run_command
 
 # command name -> module under glam3d.commands
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # --help, --version and usage errors exit here, without importing torch
-    tune_allocator()  # before the command imports torch (see glam3d.alloc)
+    tune_from_environment()  # opt-in only (GLAM3D_ALLOC_TUNING), before the command imports torch
     return run_and_end(args._run, args)
 
 

@@ -388,7 +388,7 @@ class LazyScan:
     """A preprocessed scan that exists only as the rows asked for: ``(C, D, H, W)`` float32, where
     ``scan[:, d0:d1]`` normalises and resamples just the input rows those output rows need (the same values as
     :func:`preprocess_scan`'s array, linear resampling up to one float32 rounding of the inputs). A *lazy source*
-    for :func:`glam3d.engine.inference.predict_volume`, which reads one ``D``-span of window rows at a time: the
+    for :func:`glam3d.inference.sliding_window.predict_volume`, which reads one ``D``-span of window rows at a time: the
     float32 network input of a whole scan never exists (at a fine plan it is about the scan's size, twice the
     int16 scan). ``np.asarray(scan)`` makes the whole array.
 

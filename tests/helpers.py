@@ -47,6 +47,30 @@ def keep_locale():
         locale.setlocale(locale.LC_ALL, saved)
 
 
+def write_dicom_series(folder, vol, uid: str = "1.2.826.0.1.3680043.2.1125.1.1") -> Path:
+    """Write the SimpleITK volume ``vol`` (its spacing, origin, identity direction) as a CT DICOM series, one file a
+    slice, into ``folder`` (created); returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    import SimpleITK as sitk
+
+    sx, sy, sz = vol.GetSpacing()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(vol.GetDepth()):
+        sl = vol[:, :, k]
+        for tag, val in (("0010|0010", "Phantom"), ("0020|000d", uid + ".1"), ("0020|000e", uid + ".2"),
+                         ("0008|0060", "CT"), ("0020|0013", str(k + 1)),
+                         ("0020|0032", "\\".join(map(str, vol.TransformIndexToPhysicalPoint((0, 0, k))))),
+                         ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", f"{sy:g}\\{sx:g}"),
+                         ("0018|0050", f"{sz:g}")):
+            sl.SetMetaData(tag, val)
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        with keep_locale():
+            writer.Execute(sl)
+    return folder
+
+
 def save_nii(arr, path, affine=AFFINE):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

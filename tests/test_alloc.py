@@ -1,4 +1,5 @@
-"""glam3d.alloc: the allocator settings return freed activation memory to the OS, and can be switched off."""
+"""glam3d.alloc: by default nothing is tuned (PyTorch's allocator and glibc as they are, nothing compiled); the
+opt-in profiles return freed activation memory to the OS or reuse it."""
 import textwrap
 
 import pytest
@@ -67,8 +68,8 @@ def test_speed_profile_reuses_the_heap():
 
 
 def test_help_and_version_do_not_import_torch():
-    """The default (cache) profile imports torch to install its allocator; that happens once a command runs, so
-    ``glam3d --help``, ``--version`` and a sub-command's ``--help`` answer without the ~2 s torch import."""
+    """``glam3d --help``, ``--version`` and a sub-command's ``--help`` answer without the ~2 s torch import (the
+    opt-in cache profile imports torch to install its allocator, but only once a command runs)."""
     out = allocator_child("""
         import json, sys
         from glam3d.cli import main
@@ -83,3 +84,55 @@ def test_help_and_version_do_not_import_torch():
     """)
     out.pop("stderr")
     assert out and not any(out.values()), out
+
+
+# a glam3d command, then the workload above: what the command left of the allocator settings
+AFTER_COMMAND = textwrap.dedent("""
+    import json, os, sys
+    from glam3d.cli import main
+    from glam3d.alloc import allocator_state
+    rc = main(["configs"])
+    seen = {"rc": rc, "state": allocator_state(), "torch_imported": "torch" in sys.modules,
+            "cpu_cache_imported": "glam3d.cpu_cache" in sys.modules,
+            "env": {k: os.environ.get(k) for k in ("GLAM3D_ALLOC_TUNING", "THP_MEM_ALLOC_ENABLE",
+                                                  "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}}
+    import torch
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    keep, base = [], rss()
+    for i in range(10):
+        xs = [torch.ones(1 << 20) for _ in range(8)]
+        keep.append(torch.ones(1000))
+        del xs
+    seen["retained"] = rss() - base
+    sys.stdout.flush()
+    print(json.dumps(seen))
+""")
+
+
+@glibc_only
+def test_commands_leave_the_allocator_alone_by_default(tmp_path):
+    """Without ``GLAM3D_ALLOC_TUNING`` a command tunes nothing: no settings recorded or exported to children, the
+    caching allocator neither imported nor compiled (its build folder stays empty), and glibc keeps its dynamic
+    mmap threshold (the freed 4 MB blocks stay in the heap, as in an untouched process)."""
+    build = tmp_path / "build"
+    r = allocator_child(AFTER_COMMAND, GLAM3D_CACHE_DIR=str(build))
+    assert r["rc"] == 0 and r["state"] == {}
+    assert not r["torch_imported"] and not r["cpu_cache_imported"]
+    assert r["env"] == {"GLAM3D_ALLOC_TUNING": None, "THP_MEM_ALLOC_ENABLE": None, "MALLOC_MMAP_THRESHOLD_": None,
+                        "MALLOC_TRIM_THRESHOLD_": None}
+    assert not build.exists()
+    assert r["retained"] > 32 * 2**20
+
+
+@glibc_only
+def test_commands_apply_the_profile_the_environment_asks_for(tmp_path):
+    """The opt-in still works through the command line: ``GLAM3D_ALLOC_TUNING=memory`` applies the memory profile
+    before the command imports torch, and its fixed 1 MiB threshold returns the freed blocks."""
+    r = allocator_child(AFTER_COMMAND, GLAM3D_ALLOC_TUNING="memory", GLAM3D_CACHE_DIR=str(tmp_path / "build"))
+    assert r["rc"] == 0 and r["state"]["profile"] == "memory" and r["state"]["mallopt"]
+    assert not r["state"]["torch_imported"] and r["env"]["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert r["env"]["MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
+    assert r["retained"] < 8 * 2**20
+    off = allocator_child(AFTER_COMMAND, GLAM3D_ALLOC_TUNING="0")
+    assert off["state"]["enabled"] is False and off["env"]["THP_MEM_ALLOC_ENABLE"] is None

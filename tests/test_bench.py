@@ -220,7 +220,7 @@ def test_bf16_section_on_any_device():
 def test_bf16_default_on_cpus_with_native_bf16(monkeypatch, native):
     """The CPU default measures bf16 only where the CPU computes it natively (AVX512-BF16 / AMX), where it is
     the faster way to run; sections given explicitly are kept as given."""
-    import glam3d.engine.inference as inf
+    import glam3d.inference.precision as inf
 
     monkeypatch.setattr(inf, "cpu_bf16_native", lambda: native)
     assert ("bf16" in BenchConfig(quick=True).resolved().sections) is native

@@ -22,7 +22,7 @@ import torch
 import helpers as H
 
 from glam3d.cli import main
-from glam3d.engine import inference
+from glam3d.inference import sliding_window as inference
 from glam3d.engine.checkpoint import (TRAINING_STATE, NonFiniteCheckpoint, checkpoint_metadata, find_non_finite,
                                       load_checkpoint, load_model_weights, model_from_checkpoint, save_checkpoint)
 from glam3d.errors import DiskFull, UserError

@@ -4,7 +4,7 @@ run on a lent GPU with ``pytest tests/test_cuda.py``."""
 import pytest
 import torch
 
-from glam3d.engine.inference import _forward, predict_volume  # _forward: the main output of a model
+from glam3d.inference.sliding_window import _forward, predict_volume  # _forward: the main output of a model
 from glam3d.models import build_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

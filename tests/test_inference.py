@@ -5,8 +5,9 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from glam3d.engine.inference import (NpySlabReader, NpySlabWriter, cpu_bf16_native, predict_volume, resolve_amp,
-                                     window_grid)
+from glam3d.inference.precision import cpu_bf16_native, resolve_amp
+from glam3d.inference.sliding_window import predict_volume, window_grid
+from glam3d.utils.ooc import NpySlabReader, NpySlabWriter
 
 
 class TinyNet(torch.nn.Module):
@@ -196,7 +197,7 @@ def test_inference_weights_equal_autocast_bit_for_bit(spec, shape):
     convolution layers' weights and biases change dtype (norms, bias tables, global tokens stay float32)."""
     import copy
 
-    from glam3d.engine.inference import inference_weights
+    from glam3d.inference.precision import inference_weights
     from glam3d.models.registry import build_model
     torch.manual_seed(0)
     model = build_model(spec).eval()
@@ -236,7 +237,7 @@ def test_inference_weights_sliding_window_labels_equal():
     autocast's casts (what glam3d predict and glam3d bench run on a CPU)."""
     import copy
 
-    from glam3d.engine.inference import inference_weights
+    from glam3d.inference.precision import inference_weights
     from glam3d.models.registry import build_model
     torch.manual_seed(0)
     model = build_model("glam_nnformer_tiny").eval()
@@ -393,7 +394,7 @@ def test_one_argmax_per_cell_and_the_chunked_argmax_equal(monkeypatch):
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import glam3d.engine.inference as inf
+    import glam3d.inference.sliding_window as inf
 
     class CountArgmax(TorchDispatchMode):
         n = 0

@@ -133,7 +133,7 @@ def test_manifest_merge_is_serialised(tmp_path):
     manifest under the folder lock before merging."""
     import threading
 
-    from glam3d.commands.predict import MANIFEST, _write_manifest
+    from glam3d.inference.manifest import MANIFEST, write_manifest as _write_manifest
     from glam3d.utils.io import atomic_write_json
 
     out = tmp_path / "out"

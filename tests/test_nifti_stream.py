@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from glam3d.commands.predict import ScratchArray
-from glam3d.engine.inference import predict_volume
+from glam3d.inference.sliding_window import predict_volume
+from glam3d.utils.ooc import ScratchArray
 from glam3d.utils.nifti import nifti_header, write_nifti_streamed, write_volumes
 
 

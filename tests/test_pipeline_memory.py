@@ -296,7 +296,7 @@ def test_lazy_scan_sliding_window_holds_one_span(tmp_path, monkeypatch):
     float32 input), and its labels equal those from the preprocessed array."""
     import torch
 
-    from glam3d.engine.inference import predict_volume
+    from glam3d.inference.sliding_window import predict_volume
     monkeypatch.setattr(pl, "SLAB_BYTES", 1 << 14)
     rng = np.random.default_rng(12)
     hu = rng.integers(-200, 400, (40, 36, 60)).astype(np.int16)   # stored (x, y, z): D = 60 * 2.5 / 2 = 75
@@ -422,7 +422,7 @@ def test_spill_falls_back_without_room(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    from glam3d.commands.predict import _label_writer
+    from glam3d.inference.predictor import _label_writer
     img = _nifti(tmp_path / "ct.nii.gz", np.zeros((40, 30, 20), np.int16), np.eye(4), np.int16)
     assert pl.spill_stored(img, tmp_path) is not None
     usage = namedtuple("usage", "total used free")

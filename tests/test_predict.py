@@ -150,7 +150,7 @@ def test_predict_reads_the_scan_lazily(tmp_path, monkeypatch):
     """The sliding window reads the preprocessed scan as a LazyScan (rows resampled on demand: no float32 copy of
     the whole resampled scan) of the scan decoded into the output folder and mapped (not held in memory), and the
     label map equals the one from the preprocessed array."""
-    from glam3d.engine import inference
+    from glam3d.inference import sliding_window as inference
     img, _, _ = make_scan("oblique")
     nib.save(img, tmp_path / "scan.nii.gz")
     ck = write_checkpoint(tmp_path / "ck.pt", [2.0, 1.2, 1.1])
@@ -190,7 +190,7 @@ def test_inference_settings_keep_zero_overlap():
     gap to fill with the 0.5 default (it was, before the twelfth session); the CLI still wins."""
     import argparse
 
-    from glam3d.commands.predict import inference_settings
+    from glam3d.inference.predictor import inference_settings
     none = argparse.Namespace(roi_size=None, overlap=None, sw_batch_size=None, mode=None, mirror=None,
                               checkpoint="ck.pt")
     state = {"config": {"val": {"roi_size": [16, 32, 32], "overlap": 0.0, "sw_batch_size": 1, "mirror": False}}}
@@ -295,28 +295,13 @@ def test_shard_over_ranks(tmp_path, monkeypatch):
 def test_dicom_series_lps_to_ras(tmp_path):
     import SimpleITK as sitk
 
-    from glam3d.commands.predict import collect_cases, read_dicom_series
+    from glam3d.inference.cases import collect_cases, read_dicom_series
 
     arr = (np.arange(6 * 7 * 5).reshape(5, 7, 6) % 200).astype(np.int16)  # (z, y, x)
     vol = sitk.GetImageFromArray(arr)
     vol.SetSpacing((0.8, 0.9, 2.5))
     vol.SetOrigin((-10.0, 20.0, 30.0))
-    d = tmp_path / "series"
-    d.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    uid = "1.2.826.0.1.3680043.2.1125.1.1"
-    for k in range(vol.GetDepth()):
-        sl = vol[:, :, k]
-        for tag, val in (("0010|0010", "Phantom"), ("0020|000d", uid + ".1"), ("0020|000e", uid + ".2"),
-                         ("0008|0060", "CT"), ("0020|0013", str(k + 1)),
-                         ("0020|0032", "\\".join(map(str, vol.TransformIndexToPhysicalPoint((0, 0, k))))),
-                         ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "0.9\\0.8"),
-                         ("0018|0050", "2.5")):
-            sl.SetMetaData(tag, val)
-        writer.SetFileName(str(d / f"{k:03d}.dcm"))
-        with H.keep_locale():
-            writer.Execute(sl)
+    d = H.write_dicom_series(tmp_path / "series", vol)
     cases = collect_cases([str(d)])
     assert len(cases) == 1 and cases[0].kind == "dicom" and cases[0].name == "series"
     img = read_dicom_series(d, cases[0].series_id)
@@ -332,7 +317,7 @@ def test_dicom_series_lps_to_ras(tmp_path):
 def test_cpu_amp(tmp_path, capsys, monkeypatch):
     """On a CPU: float32 by default, bf16 autocast when asked (with the weights cast once; both recorded in the
     manifest; a warning where the CPU has no native bf16), fp16 refused in one line before anything is written."""
-    import glam3d.engine.inference as inf
+    import glam3d.inference.precision as inf
 
     img, _, raw = make_scan("RAS")
     nib.save(img, tmp_path / "a.nii.gz")
@@ -369,8 +354,8 @@ def test_probabilities_go_through_scratch_and_equal_the_in_memory_ones(tmp_path,
     time in Z-slabs (made whole first only where the plan moves the stored slice axis: the oblique scan) and
     streamed into the 4D NIfTI; the file equals the one made from in-memory maps (--scratch none) and the
     whole-map restoring (restore_probabilities)."""
-    from glam3d.commands import predict as cmd
-    from glam3d.engine import inference
+    from glam3d.inference import sliding_window as inference
+    from glam3d.utils import ooc as cmd
     monkeypatch.setattr(pipeline, "SLAB_BYTES", 1 << 12)  # several slabs per class map on this small scan
     img, _, _ = make_scan(orientation)
     nib.save(img, tmp_path / "scan.nii.gz")
@@ -424,7 +409,7 @@ def test_bf16_cast_lets_the_mapped_checkpoint_go(tmp_path):
     import gc
 
     import glam3d.models.networks  # noqa: F401  (the real networks; this module's registry is isolated)
-    from glam3d.commands.predict import _cast_off_the_map
+    from glam3d.inference.precision import cast_off_the_map as _cast_off_the_map
     from glam3d.engine.checkpoint import checkpoint_metadata, load_checkpoint, model_from_checkpoint
 
     torch.manual_seed(0)

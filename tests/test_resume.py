@@ -1,7 +1,7 @@
 """Resume after SIGKILL: a run killed mid-epoch and resumed ends with bit-identical weights to an uninterrupted
-run (deterministic CPU mode). Training runs in subprocesses (``python -m glam3d.commands.train``); the engine's
-test hook ``GLAM3D_TEST_HALT_AT=EPOCH:ITER`` parks the process at a known iteration, then the test kills it
-with SIGKILL from outside."""
+run (deterministic CPU mode). Training runs in subprocesses (``python -m glam3d.commands.train``); a training
+callback (:class:`glam3d.engine.callbacks.Callback`, installed by a small launcher) parks the process at a known
+iteration, then the test kills it with SIGKILL from outside."""
 from __future__ import annotations
 
 import importlib.util
@@ -29,8 +29,41 @@ def _env(mods: Path, **extra) -> dict:
     return env
 
 
-def _start(cfg_path, out, mods, *args, **env):
-    cmd = [sys.executable, "-m", "glam3d.commands.train", str(cfg_path), "--out", str(out), "--no-progress", *args]
+# ``python HALT_LAUNCHER EPOCH:ITER ARGS``: ``python -m glam3d.commands.train ARGS`` whose training gets a callback
+# that writes RUN/.halted at EPOCH (1-based), iteration ITER (0-based), and waits there for the SIGKILL
+HALT_LAUNCHER = """
+import runpy, sys, time
+from glam3d.engine import train as engine
+from glam3d.engine.callbacks import Callback
+from glam3d.utils.io import atomic_write_text
+
+class HaltAt(Callback):
+    def __init__(self, epoch, step):
+        self.epoch, self.step = epoch, step
+
+    def on_step_start(self, trainer, epoch, step):
+        if epoch + 1 == self.epoch and step == self.step:
+            atomic_write_text(trainer.run_dir / ".halted", f"{self.epoch}:{self.step}\\n")
+            while True:
+                time.sleep(0.5)
+
+e, i = (int(v) for v in sys.argv.pop(1).split(":"))
+real = engine.train
+engine.train = lambda cfg, callback=None, **kw: real(cfg, callback=HaltAt(e, i), **kw)
+sys.argv[0] = "glam3d.commands.train"
+runpy.run_module("glam3d.commands.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def _start(cfg_path, out, mods, *args, halt_at=None, **env):
+    """``python -m glam3d.commands.train`` on ``cfg_path``; ``halt_at="E:I"``: parked at epoch E, iteration I."""
+    if halt_at is None:
+        launch = ["-m", "glam3d.commands.train"]
+    else:
+        launcher = Path(mods) / "halt_launcher.py"
+        launcher.write_text(HALT_LAUNCHER)
+        launch = [str(launcher), halt_at]
+    cmd = [sys.executable, *launch, str(cfg_path), "--out", str(out), "--no-progress", *args]
     return subprocess.Popen(cmd, env=_env(mods, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -68,9 +101,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path):
 
     pa = _start(cfg_path, a, mods)
     # b: killed at epoch 2, iteration 1; last.pt is the end of epoch 1 -> epoch 2 replays from its start
-    pb = _start(cfg_path, b, mods, GLAM3D_TEST_HALT_AT="2:1")
+    pb = _start(cfg_path, b, mods, halt_at="2:1")
     # c: checkpoints every 2 iterations, killed at epoch 2, iteration 3 -> resumes inside epoch 2 (iteration 2)
-    pc = _start(cfg_path, c, mods, "--override", "train.save_every_iters=2", GLAM3D_TEST_HALT_AT="2:3")
+    pc = _start(cfg_path, c, mods, "--override", "train.save_every_iters=2", halt_at="2:3")
     _kill_when_halted(pb, b)
     _kill_when_halted(pc, c)
     sb, sc = _weights(b), _weights(c)

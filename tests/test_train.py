@@ -152,7 +152,7 @@ def test_deep_supervision_and_sgd_poly(tiny):
 
 
 def test_deep_supervision_loss_weights():
-    from glam3d.engine.train import DeepSupervisionLoss
+    from glam3d.engine.losses import DeepSupervisionLoss
 
     calls = []
 

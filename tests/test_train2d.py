@@ -123,7 +123,7 @@ def test_no_weight_decay_keys():
 
 
 def test_image_draws_are_seeded_and_sharded():
-    from glam3d.engine.train import ImageDraws
+    from glam3d.engine.tasks import ImageDraws
 
     class Items(torch.utils.data.Dataset):  # item = its index plus one random draw (the "augmentation")
         def __len__(self):

@@ -93,7 +93,8 @@ def _attention(args) -> int:
 
     from ..engine.checkpoint import checkpoint_metadata, load_checkpoint, model_from_checkpoint
     from ..viz import render_attention
-    from .predict import _pipeline, _resolve_device, inference_settings
+    from ..inference.cases import preprocessing_pipeline as _pipeline
+    from ..inference.predictor import inference_settings, resolve_device as _resolve_device
 
     try:
         from ..models import attention_map as am

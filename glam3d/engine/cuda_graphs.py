@@ -31,7 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .inference import autocast_to
+from ..inference.precision import autocast_to
 
 __all__ = ["capture_forward", "tensors_read", "CudaGraphForward", "CudaGraphCaptureError", "graphed_network"]
 

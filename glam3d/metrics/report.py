@@ -38,20 +38,28 @@ METRICS = ("dice", "hd95", "nsd")
 
 # ------------------------------------------------------------------------------------------------ provenance
 def code_version() -> dict:
-    """``{"glam3d": __version__, "git_commit": sha or None, "git_dirty": bool or None}``."""
+    """``{"glam3d": __version__, "git_commit": sha or None, "git_dirty": bool or None}``.
+
+    The commit is read only when glam3d runs from a git clone of its own (the folder above the package is the
+    clone's top level): an installed wheel, or a virtual environment that happens to sit inside some other git
+    repository, has no commit of glam3d to report (None)."""
     import subprocess
 
     from .. import __version__
 
     root = Path(__file__).resolve().parents[2]
     info = {"glam3d": __version__, "git_commit": None, "git_dirty": None}
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5)
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5)
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+            return info
+        sha = git("rev-parse", "HEAD")
         if sha.returncode == 0:
             info["git_commit"] = sha.stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5)
+            dirty = git("status", "--porcelain", "--untracked-files=no")
             info["git_dirty"] = bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         pass

@@ -80,6 +80,8 @@ def model_table(names: Sequence[str] | None = None) -> List[Dict]:
     """One row per registered variant (or per name in ``names``, full variant names or family names):
     ``{"name", "family", "size", "crop", "params_M", "macs_G", "twin", "params_overhead_pct",
     "macs_overhead_pct"}``; overheads are relative to the family's vanilla twin at the same size (None if none).
+    A network whose optional dependency is missing gets ``None`` figures and ``"unavailable"``: the one-line
+    reason (with the command that installs it).
     """
     from .registry import families, list_models
     all_names = list_models()
@@ -107,7 +109,13 @@ def model_table(names: Sequence[str] | None = None) -> List[Dict]:
         fam = next(f for f in sorted(fams, key=len, reverse=True) if variant.startswith(f + "_")
                    and variant[len(f) + 1:] in fams[f].sizes)
         size = variant[len(fam) + 1:]
-        params, macs, crop = measure(variant)
+        try:
+            params, macs, crop = measure(variant)
+        except ImportError as err:  # an optional dependency of this network is missing (the message says which)
+            rows.append({"name": variant, "family": fam, "size": size, "crop": None, "params_M": None,
+                         "macs_G": None, "twin": None, "params_overhead_pct": None, "macs_overhead_pct": None,
+                         "unavailable": str(err)})
+            continue
         row = {"name": variant, "family": fam, "size": size, "crop": crop, "params_M": params / 1e6,
                "macs_G": macs / 1e9, "twin": None, "params_overhead_pct": None, "macs_overhead_pct": None}
         twin = fams[fam].twin
@@ -124,6 +132,9 @@ def format_table(rows: List[Dict]) -> str:
     head = f"{'model':<26} {'crop':<14} {'params (M)':>11} {'MACs (G)':>10}  {'GLAM overhead vs twin':<30}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        if r.get("unavailable"):
+            lines.append(f"{r['name']:<26} not available: {r['unavailable']}")
+            continue
         crop = "x".join(str(c) for c in r["crop"])
         over = "" if r["twin"] is None else (f"{r['params_overhead_pct']:+.2f}% params, "
                                               f"{r['macs_overhead_pct']:+.2f}% MACs ({r['twin']})")

@@ -3,6 +3,8 @@
 Contract: ``forward(x (B, C_in, D, H, W)) -> logits (B, K, D, H, W)``; attributes ``spatial_dims``,
 ``in_channels``, ``num_classes``, ``default_crop``, ``deep_supervision`` (False: SwinUNETR has one output).
 SwinUNETR needs every spatial size divisible by 32 (patch 2, 4 halvings); a ValueError names ``x`` otherwise.
+It also needs ``einops``, an optional dependency of glam3d (``pip install 'glam3d[swinunetr]'``): without it,
+building the network raises an ImportError saying so in one line.
 """
 from __future__ import annotations
 
@@ -12,6 +14,14 @@ import torch.nn as nn
 from ..layers import to_ntuple
 
 __all__ = ["SwinUNETRNet", "build_swin_unetr", "SWIN_UNETR_SIZES"]
+
+
+def _require_einops() -> None:
+    try:
+        import einops  # noqa: F401  (MONAI's SwinUNETR rearranges its tokens with it)
+    except ImportError:
+        raise ImportError("the SwinUNETR baseline needs einops, which is not installed: "
+                          "pip install 'glam3d[swinunetr]' (or pip install einops)") from None
 
 
 class SwinUNETRNet(nn.Module):
@@ -24,6 +34,7 @@ class SwinUNETRNet(nn.Module):
                  depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate: float = 0.0,
                  use_checkpoint: bool = False, deep_supervision: bool = False):
         super().__init__()
+        _require_einops()
         from monai.networks.nets import SwinUNETR
 
         crop = to_ntuple(crop_size, 3, "crop_size")

@@ -24,14 +24,15 @@ the sums stay float32, so the labels are the same.
 
 Neither the input nor the output has to live in memory: ``image`` may be a tensor or array of any numeric dtype
 (e.g. int16 Hounsfield units, kept as they are and cast to float32 one window at a time, with an optional
-elementwise ``normalize``) or a *lazy source* such as :class:`NpySlabReader`, read one ``D``-range of window
-rows at a time; ``out=`` (e.g. :class:`NpySlabWriter`) receives the labels one finished ``D``-range at a time.
+elementwise ``normalize``) or a *lazy source* such as :class:`~glam3d.utils.ooc.NpySlabReader`, read one
+``D``-range of window rows at a time; ``out=`` (e.g. :class:`~glam3d.utils.ooc.NpySlabWriter`) receives the labels one
+finished ``D``-range at a time.
 
 Example::
 
     labels = predict_volume(model, image, roi_size=(64, 128, 128), overlap=0.5, mirror=True, device="cuda")
 
-    # a long CT on disk, int16 HU, labels straight to disk:
+    # a long CT on disk, int16 HU, labels straight to disk (glam3d.utils.ooc):
     with NpySlabWriter("labels.npy", shape) as out:
         predict_volume(model, NpySlabReader("ct.npy"), (64, 128, 128), overlap=0,
                        normalize=lambda x: x.clamp_(-125, 275).add_(125).div_(400), out=out)
@@ -43,8 +44,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
-import tempfile
 from collections import defaultdict
 from typing import Callable, Optional, Sequence
 
@@ -52,12 +51,14 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
-__all__ = ["predict_volume", "window_grid", "resolve_amp", "cpu_bf16_native", "inference_weights", "SlabStats",
-           "NpySlabReader", "NpySlabWriter", "BlendSpill"]
+from ..utils.ooc import BlendSpill
+from .precision import resolve_amp
+
+__all__ = ["predict_volume", "window_grid", "SlabStats"]
 
 #: a finished cell is reduced to labels this many int64 argmax elements at a time (16 MB): a whole cell (at most
 #: one window, 64x128x128 = 1 M voxels) in one call — one argmax, cast and copy per cell instead of per 4 planes
-#: (128x256x256 at overlap 0.5: ≈ 2,230 -> ≈ 850 kernel-launching ops in the stitching; change 31)
+#: (128x256x256 at overlap 0.5: ≈ 2,230 -> ≈ 850 kernel-launching ops in the stitching)
 _ARGMAX_ELEMENTS = 1 << 21
 
 
@@ -91,268 +92,6 @@ def window_grid(image_size: Sequence[int], roi_size: Sequence[int], overlap: flo
             interval.append(step if step > 0 else 1)
     return dense_patch_slices(tuple(image_size), tuple(roi_size), tuple(interval))
 
-
-def cpu_bf16_native() -> bool:
-    """Whether this CPU computes bf16 natively in oneDNN (AVX512-BF16 or AMX: Intel Cooper Lake / Sapphire Rapids
-    and later, AMD Zen 4 and later). Elsewhere bf16 autocast on the CPU is emulated and slower than float32."""
-    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(check()) if check is not None and torch.backends.mkldnn.is_available() else False
-    except RuntimeError:
-        return False
-
-
-def autocast_to(device, amp: Optional[torch.dtype], cache: bool = True):
-    """``torch.autocast`` on ``device``'s type to ``amp`` (None: float32 — autocast switched *off*, also when the
-    caller had it on). ``cache=False``: no weight-cast cache (required inside a CUDA-graph capture, whose casts
-    would be freed after it)."""
-    return torch.autocast(torch.device(device).type, dtype=amp or torch.float32, enabled=amp is not None,
-                          cache_enabled=cache)
-
-
-#: layers whose weights ``torch.autocast`` casts at every call, and :func:`inference_weights` casts once
-_CAST_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
-                torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
-
-
-def inference_weights(model: torch.nn.Module, amp: Optional[torch.dtype]) -> torch.nn.Module:
-    """Store the weights and biases of ``model``'s linear and convolution layers in ``amp``'s dtype, in place,
-    for inference under ``torch.autocast`` to ``amp`` (None or float32: nothing changes). Returns ``model``.
-
-    Autocast casts those weights at every call: 150 M parameters per forward of a Synapse-size network, after
-    which oneDNN copies every 3D convolution weight to the channels-last layout of its input again (3D weights
-    are stored in that layout here). Casting once is the same rounding, so the outputs are bit-identical to
-    autocast's, the weights take half the memory, and a bf16 forward on a CPU with AMX runs 10-25 % faster
-    (``experiments/PERFORMANCE.md``, change 35). Other parameters (norms, position-bias tables, global tokens)
-    stay float32, as autocast uses them. The float32 weights are gone: the model is for inference under
-    autocast only (a forward without it fails on the dtype mismatch).
-
-    Example::
-
-        model = inference_weights(build_model_spec("glam_nnformer_synapse").eval(), torch.bfloat16)
-        labels = predict_volume(model, ct, (64, 128, 128), amp="bf16")
-    """
-    if amp is None or amp == torch.float32:
-        return model
-    for mod in model.modules():
-        if not isinstance(mod, _CAST_LAYERS):
-            continue
-        for name in ("weight", "bias"):
-            p = getattr(mod, name, None)
-            if p is None or not p.is_floating_point() or p.dtype == amp:
-                continue
-            t = p.detach().to(amp)
-            if t.ndim == 5:
-                t = t.contiguous(memory_format=torch.channels_last_3d)
-            p.data = t
-    return model
-
-
-def resolve_amp(amp, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype for ``amp`` on ``device`` (``None``: float32).
-
-    ``None``/``"auto"``/``True``: bf16 on a CUDA GPU that supports it, else fp16; float32 on CPU (bf16 on a CPU
-    is the user's choice: faster where :func:`cpu_bf16_native`, never bit-equal to float32).
-    ``False``/``"off"``/``"none"``/``"fp32"``: float32. ``"bf16"``/``"bfloat16"``: bf16 on any device.
-    ``"fp16"``/``"float16"``: CUDA only (ValueError on CPU, where fp16 autocast is slow and unscaled).
-    """
-    device = torch.device(device)
-    if amp is None or amp is True or (isinstance(amp, str) and amp.lower() == "auto"):
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp is False or (isinstance(amp, str) and amp.lower() in ("off", "none", "false", "no", "fp32")):
-        return None
-    key = str(amp).lower().replace("torch.", "")
-    dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}.get(key)
-    if dtype is None:
-        raise ValueError(f"amp must be one of auto, off, bf16, fp16; got {amp!r}")
-    if dtype == torch.float16 and device.type == "cpu":
-        raise ValueError("fp16 autocast is a GPU path; on a CPU use bf16 (fast where the CPU has AVX512-BF16 or "
-                         "AMX) or off")
-    return dtype
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# .npy slab reader / writer (no mmap: pages read with seek + fromfile never stay in this process's RSS)
-# ---------------------------------------------------------------------------------------------------------------
-def _read_npy_header(path: str):
-    """``(shape, dtype, data offset)`` of a C-order ``.npy``; a one-line ValueError naming ``path`` otherwise."""
-    fmt = np.lib.format
-    try:
-        with open(path, "rb") as f:
-            major, _ = fmt.read_magic(f)
-            if major == 1:
-                shape, fortran, dtype = fmt.read_array_header_1_0(f)
-            elif major == 2:
-                shape, fortran, dtype = fmt.read_array_header_2_0(f)
-            else:
-                raise ValueError(f"unsupported .npy format version {major}")
-            offset = f.tell()
-    except OSError:
-        raise
-    except Exception as err:  # numpy raises ValueError with multi-line messages for bad headers
-        raise ValueError(f"{path}: not a readable .npy file ({' '.join(str(err).split())})") from None
-    if fortran:
-        raise ValueError(f"{path}: a Fortran-order .npy; write it in C order")
-    if dtype.hasobject or dtype.kind not in "biuf":
-        raise ValueError(f"{path}: dtype {dtype} is not a numeric array")
-    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    have = os.path.getsize(path)
-    if have < need:
-        raise ValueError(f"{path}: truncated .npy ({have} bytes, the header promises {need})")
-    return tuple(int(s) for s in shape), dtype, offset
-
-
-class NpySlabReader:
-    """Read-only view of a C-order ``.npy`` holding ``(C, D, H, W)`` or ``(D, H, W)`` (seen as ``(1, D, H, W)``),
-    read one ``D``-range at a time with seek + :func:`numpy.fromfile` (no memory map: what was read is freed when
-    dropped, so a long scan never counts in the resident set).
-
-    ``reader[:, d0:d1]`` (or ``reader.read(d0, d1)``) returns a fresh ``(C, d1 - d0, H, W)`` array in the stored
-    dtype (native byte order). ``.shape``, ``.dtype``, ``.ndim`` as for an array. A bad file raises a one-line
-    ``ValueError`` naming the path.
-    """
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        shape, dtype, self._offset = _read_npy_header(self.path)
-        if len(shape) == 3:
-            shape = (1,) + shape
-        elif len(shape) != 4:
-            raise ValueError(f"{self.path}: expected a (C, D, H, W) or (D, H, W) array, got shape {shape}")
-        self.shape = shape
-        self._stored = dtype
-        self.dtype = dtype.newbyteorder("=") if dtype.byteorder not in ("=", "|") else dtype
-        self.ndim = 4
-        self._plane = int(np.prod(shape[2:], dtype=np.int64))
-
-    def __repr__(self):
-        return f"NpySlabReader({self.path!r}, shape={self.shape}, dtype={self.dtype})"
-
-    def __len__(self):
-        return self.shape[0]
-
-    def read(self, d0: int, d1: int) -> np.ndarray:
-        c, d = self.shape[:2]
-        if not 0 <= d0 <= d1 <= d:
-            raise IndexError(f"{self.path}: D-range [{d0}, {d1}) outside [0, {d})")
-        n = (d1 - d0) * self._plane
-        out = np.empty((c, d1 - d0) + self.shape[2:], dtype=self.dtype)
-        if n == 0:
-            return out
-        with open(self.path, "rb") as f:
-            for ch in range(c):
-                f.seek(self._offset + (ch * d + d0) * self._plane * self._stored.itemsize)
-                a = np.fromfile(f, dtype=self._stored, count=n)
-                if a.size != n:
-                    raise ValueError(f"{self.path}: file ended while reading planes [{d0}, {d1})")
-                out[ch].reshape(-1)[:] = a  # converts the byte order if the file's is not native
-        return out
-
-    def __getitem__(self, key):
-        if not isinstance(key, tuple):
-            key = (key,)
-        if (len(key) == 2 and key[0] == slice(None) and isinstance(key[1], slice) and key[1].step in (None, 1)):
-            d0, d1, _ = key[1].indices(self.shape[1])
-            return self.read(d0, max(d0, d1))
-        raise IndexError(f"NpySlabReader supports reader[:, d0:d1] only, got {key!r}")
-
-
-class NpySlabWriter:
-    """Write a C-order ``.npy`` of ``shape`` (``D`` first) slab by slab: ``writer[d0:d1] = array`` seeks and
-    writes those planes. The file is built under a temporary name beside ``path`` and renamed onto ``path`` by
-    :meth:`close` (atomic, :func:`glam3d.utils.io.atomic_path`), which refuses (``ValueError``) if some planes
-    were never written. Use as a context manager: an exception inside discards the temporary file.
-    """
-
-    def __init__(self, path, shape, dtype=np.uint8):
-        from ..utils.io import atomic_path
-
-        self.path = os.fspath(path)
-        self.shape = tuple(int(s) for s in shape)
-        if not self.shape or min(self.shape) < 0:
-            raise ValueError(f"{self.path}: bad shape {shape}")
-        self.dtype = np.dtype(dtype)
-        self.ndim = len(self.shape)
-        self._plane = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self._written = np.zeros(self.shape[0], dtype=bool)
-        self._stack = contextlib.ExitStack()
-        tmp = self._stack.enter_context(atomic_path(self.path, suffix=".npy"))
-        try:
-            self._fh = open(tmp, "wb")
-            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                      "shape": self.shape}
-            np.lib.format.write_array_header_1_0(self._fh, header)
-            self._offset = self._fh.tell()
-            self._fh.truncate(self._offset + self._plane * self.shape[0])
-        except BaseException as err:
-            self._abort(err)
-            raise
-
-    def __repr__(self):
-        return f"NpySlabWriter({self.path!r}, shape={self.shape}, dtype={self.dtype})"
-
-    @property
-    def complete(self) -> bool:
-        return bool(self._written.all())
-
-    def __setitem__(self, key, value):
-        if self._fh is None:
-            raise ValueError(f"{self.path}: writer is closed")
-        if isinstance(key, (int, np.integer)):
-            d0, d1 = int(key), int(key) + 1
-            value = np.asarray(value)[None]
-        elif isinstance(key, slice) and key.step in (None, 1):
-            d0, d1, _ = key.indices(self.shape[0])
-            d1 = max(d0, d1)
-        else:
-            raise IndexError(f"NpySlabWriter supports writer[d0:d1] = planes only, got {key!r}")
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
-        value = np.ascontiguousarray(value, dtype=self.dtype)
-        if value.shape != (d1 - d0,) + self.shape[1:]:
-            raise ValueError(f"{self.path}: planes [{d0}, {d1}) need shape {(d1 - d0,) + self.shape[1:]}, "
-                             f"got {value.shape}")
-        self._fh.seek(self._offset + d0 * self._plane)
-        self._fh.write(value.tobytes())  # C-order bytes
-        self._written[d0:d1] = True
-
-    def close(self) -> None:
-        """Finish the file and rename it onto ``path``; ``ValueError`` (and no file) if planes are missing."""
-        if self._fh is None:
-            return
-        if not self.complete:
-            missing = int((~self._written).sum())
-            err = ValueError(f"{self.path}: {missing} of {self.shape[0]} planes were never written; file discarded")
-            self._abort(err)
-            raise err
-        self._fh.close()
-        self._fh = None
-        self._stack.close()  # fsync + os.replace
-
-    def abort(self) -> None:
-        """Discard the temporary file (nothing is written at ``path``)."""
-        self._abort(RuntimeError("aborted"))
-
-    def _abort(self, err: BaseException) -> None:
-        fh, self._fh = getattr(self, "_fh", None), None
-        try:
-            if fh is not None:
-                fh.close()  # may fail again (a full disk on flush): the temporary file goes all the same
-        finally:
-            self._stack.__exit__(type(err), err, err.__traceback__)  # atomic_path deletes its temporary file
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, et, ev, tb):
-        if et is None:
-            self.close()
-        elif self._fh is not None:
-            self._abort(ev)
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -468,7 +207,7 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
         image: ``(C, D, H, W)`` (or ``(C, H, W)``): a tensor (any device) or numpy array of any real dtype (e.g.
             int16 HU; kept in its dtype, each window is cast to float32 when it is cut out), or a *lazy source*:
             any object with ``.shape`` and ``source[:, d0:d1]`` returning that ``D``-range as an array/tensor,
-            e.g. :class:`NpySlabReader` (a file on disk), an h5py/zarr dataset. A source is read one
+            e.g. :class:`~glam3d.utils.ooc.NpySlabReader` (a file on disk), an h5py/zarr dataset. A source is read one
             ``D``-range of window rows at a time (the only part of the input held).
         roi_size: window size per spatial axis (e.g. the training crop ``(64, 128, 128)``). Volumes smaller than
             the window are zero-padded symmetrically (as MONAI does) and the result cropped back; the padding
@@ -479,8 +218,9 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
         mirror: test-time augmentation: ``True`` averages the softmax over all flips of all spatial axes
             (8 passes in 3D), or a sequence of spatial axes (0 = D) to flip.
         device: where the network runs (default: the model's parameters' device).
-        amp: mixed precision, see :func:`resolve_amp` (default: bf16/fp16 on CUDA, off on CPU). bf16 on a CPU:
-            cast the weights once first (:func:`inference_weights`, what ``glam3d predict`` does): faster, less
+        amp: mixed precision, see :func:`~glam3d.inference.precision.resolve_amp` (default: bf16/fp16 on CUDA,
+            off on CPU). bf16 on a CPU: cast the weights once first
+            (:func:`~glam3d.inference.precision.inference_weights`, what ``glam3d predict`` does): faster, less
             memory, the same labels.
         return_probs: also return the blended softmax ``(K, D, H, W)`` float32 (in memory unless ``probs_out``
             puts it elsewhere: it grows with ``D``).
@@ -495,19 +235,19 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
             padding), so it must be **elementwise** — a function of each voxel's value alone, returning a tensor
             of the same shape (it may work in place). Statistics over the volume must be computed beforehand.
         out: where the labels go instead of a whole-volume tensor: any object of shape ``(D, H, W)`` accepting
-            ``out[d0:d1] = planes`` (e.g. :class:`NpySlabWriter`, a numpy array or a tensor; a tensor receives
-            a tensor, anything else a uint8 numpy array). Each ``D``-range is written as soon as all its cells are
-            final (in increasing ``D``), so no whole-volume label map is allocated.
+            ``out[d0:d1] = planes`` (e.g. :class:`~glam3d.utils.ooc.NpySlabWriter`, a numpy array or a tensor;
+            a tensor receives a tensor, anything else a uint8 numpy array). Each ``D``-range is written as soon as
+            all its cells are final (in increasing ``D``), so no whole-volume label map is allocated.
         probs_out: with ``return_probs``, where the probabilities go instead of a tensor on ``stitch_device``:
             called once with their shape ``(K, D, H, W)`` when ``K`` is known, it returns the target (e.g. a
             :class:`numpy.memmap` on disk), which receives each finished cell as ``target[:, d, h, w] = cell``
             (a tensor for a tensor target, a float32 numpy array otherwise) and is returned as ``probs``.
         spill: a folder where cells shared by two rows of windows wait between the rows (see
-            :class:`BlendSpill`; one unlinked temporary file holding the layer two consecutive rows share, of
-            float32 class sums: ``roi_d * overlap`` planes, 0.47 GB for 14 classes on 512×512 planes at overlap
-            0.5; more where the last row is shifted back to end at the volume's edge, at most ``roi_d - 1``
-            planes: 56, 0.82 GB, for 200 planes). Only that layer leaves
-            memory; the additions and the labels are unchanged. Where the folder lacks room for twice what would
+            :class:`~glam3d.utils.ooc.BlendSpill`; one unlinked temporary file holding the layer two consecutive
+            rows share, of float32 class sums: ``roi_d * overlap`` planes, 0.47 GB for 14 classes on 512×512
+            planes at overlap 0.5; more where the last row is shifted back to end at the volume's edge, at most
+            ``roi_d - 1`` planes: 56, 0.82 GB, for 200 planes). Only that layer leaves memory; the additions and
+            the labels are unchanged. Where the folder lacks room for twice what would
             be parked, the cells stay in memory (``stats["spill"]`` says which).
 
     Returns:
@@ -757,82 +497,6 @@ def _parks(touchers: Sequence[int], i: int, windows) -> bool:
         return False
     j = touchers[k + 1]
     return windows[j][0].start != windows[i][0].start and j - i > 1
-
-
-class BlendSpill:
-    """Cell accumulators parked in one temporary file between the rows of windows that add to them.
-
-    ``put`` writes a ``(K, *cell)`` float32 tensor at a free slot of the file (slots of a size are reused, so
-    the file stays about one shared layer of cells), ``take`` reads it back into a fresh tensor and frees the slot.
-    The file is unlinked from the start (:func:`tempfile.TemporaryFile`), so nothing is left behind. Before
-    the first write the folder must have room for twice the cells held in memory at that moment (a bound on
-    one layer); otherwise, and after a failed write, ``put`` declines (returns ``False``) and the caller keeps
-    the cell in memory. ``state`` says which."""
-
-    def __init__(self, folder):
-        self.folder = folder
-        self.file = None
-        self.state = "unused"
-        self.parked: dict = {}
-        self.free: dict = defaultdict(list)
-        self.end = self.bytes = self.peak = self.count = 0
-
-    def __contains__(self, c) -> bool:
-        return c in self.parked
-
-    def _open(self, nbytes: int) -> bool:
-        if self.state == "unused":
-            from glam3d.utils.io import has_room
-            try:
-                if has_room(self.folder, nbytes):
-                    self.file = tempfile.TemporaryFile(dir=self.folder, prefix=".glam3d-blend-")
-                    self.state = "on"
-                else:
-                    self.state = "off: no room"
-            except OSError as err:
-                self.state = f"off: {err.strerror or err}"
-        return self.state == "on"
-
-    def put(self, c, s: torch.Tensor, seen: list, live_bytes: int) -> bool:
-        """Park cell ``c``'s sums ``s`` and the windows that added to them; ``False``: not parked, keep it."""
-        if not self._open(live_bytes):
-            return False
-        a = s.detach().to("cpu").contiguous().numpy()
-        n = a.nbytes
-        off = self.free[n].pop() if self.free[n] else self.end
-        view, done = memoryview(a.reshape(-1)).cast("B"), 0
-        try:
-            while done < n:
-                done += os.pwrite(self.file.fileno(), view[done:], off + done)
-        except OSError as err:  # e.g. the disk filled up: what is parked stays readable, no more parking
-            self.state = f"stopped: {err.strerror or err}"
-            return False
-        self.end = max(self.end, off + n)
-        self.parked[c] = (off, tuple(s.shape), seen)
-        self.bytes += n
-        self.peak = max(self.peak, self.bytes)
-        self.count += 1
-        return True
-
-    def take(self, c, device) -> tuple:
-        """Cell ``c`` back: ``(sums on device, windows that added to them)``; its slot becomes free."""
-        off, shape, seen = self.parked.pop(c)
-        t = torch.empty(shape, dtype=torch.float32)
-        n = t.numel() * 4
-        view, done = memoryview(t.numpy().reshape(-1)).cast("B"), 0
-        while done < n:
-            got = os.preadv(self.file.fileno(), [view[done:]], off + done)
-            if got <= 0:
-                raise OSError(f"the blending's spill file ended early at byte {off + done}")
-            done += got
-        self.free[n].append(off)
-        self.bytes -= n
-        return t.to(device), seen
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
 
 
 def _mirror_axes(mirror, nd):
