@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = ["count_parameters", "count_macs", "count_macs_by_name", "build_meta", "model_table", "format_table",
-           "format_markdown"]
+           "format_markdown", "markdown_table"]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -151,3 +151,8 @@ def format_markdown(rows: List[Dict]) -> str:
                                               f"{r['macs_overhead_pct']:+.2f} % MACs (`{r['twin']}`)")
         lines.append(f"| `{r['name']}` | {crop} | {r['params_M']:.2f} | {r['macs_G']:.2f} | {over} |")
     return "\n".join(lines)
+
+
+def markdown_table(names: Sequence[str] | None = None) -> str:
+    """``format_markdown(model_table(names))``: what ``glam3d models --markdown`` prints."""
+    return format_markdown(model_table(names))
