@@ -154,7 +154,8 @@ def _attention(args) -> int:
     ext = [s.stop - s.start for s in src]
     up = up[tuple(slice(0, e) for e in ext)]
     img_win = win[0].numpy()[tuple(slice(0, e) for e in ext)]
-    title = (f"GLAM global attention (eq. 7, {args.term} term{'s' if args.term == 'sum' else ''}), "
+    terms = "patch + window terms" if args.term == "sum" else f"{args.term} term"
+    title = (f"GLAM global attention (eq. 7, {terms}), "
              f"stage {args.stage}, blocks {block}-{block + 1}, query voxel "
              f"{tuple(args.voxel)} of {Path(args.image).name}; feature map {tuple(fshape)}")
     codes = tuple(plan.get("orientation", "RAS"))[::-1]  # axis codes of (D, H, W)
