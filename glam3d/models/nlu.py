@@ -165,8 +165,9 @@ class NLU(nn.Module):
         Sp = tuple(2 * v for v in padded_shape(s, ws))
         h, W = self.num_heads, self.width
         E = W // h
-        lw = window_partition(pad_to_multiple(self.norm_low(low), ws), ws)                  # (B*N_r, N_p, C_in)
-        sw = window_partition(pad_to_multiple(skip if block else self.norm_skip(skip), wh), wh)  # (B*N_r, 2^d N_p, C_out)
+        lw = window_partition(pad_to_multiple(self.norm_low(low), ws), ws)        # (B*N_r, N_p, C_in)
+        sw = skip if block else self.norm_skip(skip)                              # block: un-normalised queries
+        sw = window_partition(pad_to_multiple(sw, wh), wh)                        # (B*N_r, 2^d N_p, C_out)
         n, L = sw.shape[:2]
         q = linear(sw, self.q).view(n, L, h, E).transpose(1, 2)
         kv = linear(lw, self.kv).view(n, lw.shape[1], 2, h, E).permute(2, 0, 3, 1, 4)

@@ -187,8 +187,8 @@ class SwinBackbone(nn.Module):
                 attn_drop=attn_drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
                 global_pos_embed=global_pos_embed, global_clamp=global_clamp, input_resolution=res[i],
                 global_num_heads=global_num_heads, glam_variant=glam_variant,
-                global_pos_rows=authors_pos_rows(i, num_global_tokens) if glam_variant == "authors" and num_global_tokens
-                else None))
+                global_pos_rows=(authors_pos_rows(i, num_global_tokens)
+                                 if glam_variant == "authors" and num_global_tokens else None)))
             if i < n - 1:
                 self.merges.append(PatchMerging2d(self.num_features[i], self.num_features[i + 1]))
         self.out_norms = nn.ModuleList([

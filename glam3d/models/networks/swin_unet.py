@@ -4,10 +4,10 @@ Registered families (``glam3d.models.build_model``):
 
 - ``swin_unet_{tiny,base}``: vanilla Swin-Unet, patch-expanding upsampling (paper table 1 "Swin-Unet [2]");
 - ``glam_swin_unet_{tiny,base}``: GLAM in every encoder *and* decoder stage (10 global tokens per window, G-MSA;
-  ``glam_variant`` "authors" or "paper") and Non-Local Upsampling (``nlu=True``) instead of patch expanding (``twin="swin_unet"``). The paper's
-  GLAM-Swin-Unet-T (44.19 mIoU, table 1) is the "NLU ✓ GLAM ✓" row of its table 4 (44.20), so the GLAM variant
-  uses NLU by default; ``nlu=False`` gives table 4's "GLAM only" ablation, ``swin_unet`` with ``nlu=True`` its
-  "NLU only" row (43.20).
+  ``glam_variant`` "authors" or "paper") and Non-Local Upsampling (``nlu=True``) instead of patch expanding
+  (``twin="swin_unet"``). The paper's GLAM-Swin-Unet-T (44.19 mIoU, table 1) is the "NLU ✓ GLAM ✓" row of its
+  table 4 (44.20), so the GLAM variant uses NLU by default; ``nlu=False`` gives table 4's "GLAM only" ablation,
+  ``swin_unet`` with ``nlu=True`` its "NLU only" row (43.20).
 
 Layout (C = embed_dim, stage maps channels-last)::
 
