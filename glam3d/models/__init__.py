@@ -4,12 +4,13 @@
 ``glam3d.models.complexity.model_table()`` lists them with parameters and MACs.
 """
 from .attention_map import global_attention_map, map_from_recorded, recording, upsample_map
-from .glam import GLAMLayer, GlobalBlock, WindowBlock
+from .glam import GLAM_VARIANTS, GLAMLayer, GlobalAttention, GlobalBlock, WindowBlock
 from .nlu import NLU
 from .registry import build_model, build_model_spec, check_model_spec, families, list_models, model_config, parse_model_spec
 from .window import WindowAttention, window_partition, window_reverse
 
-__all__ = ["GLAMLayer", "GlobalBlock", "WindowBlock", "WindowAttention", "window_partition", "window_reverse", "NLU",
+__all__ = ["GLAMLayer", "GLAM_VARIANTS", "GlobalBlock", "GlobalAttention", "WindowBlock", "WindowAttention",
+           "window_partition", "window_reverse", "NLU",
            "global_attention_map", "map_from_recorded", "recording", "upsample_map",
            "build_model", "build_model_spec", "check_model_spec", "parse_model_spec", "list_models", "families",
            "model_config"]
