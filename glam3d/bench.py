@@ -472,7 +472,7 @@ def _predict_ct_prepare(spec: dict) -> dict:
     plan = make_plan(_spacing3(spec["spacing"]), {"scheme": "transunet"},
                      {str(i): i for i in range(1, getattr(model, "num_classes", 2))})
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "plan": plan,
-             "model_spec": {"name": spec["model"], "kwargs": {}},
+             "model_spec": dict(model.glam3d_spec),
              "config": {"val": {"roi_size": list(model.default_crop), "overlap": spec["overlap"],
                                 "sw_batch_size": spec["sw_batch_size"]}}}
     save_checkpoint(os.path.join(spec["dir"], "model.pt"), state)

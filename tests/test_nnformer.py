@@ -34,7 +34,8 @@ def test_nnformer_synapse_params_and_macs():
     assert abs(n_ds / 149.5e6 - 1) < 0.02, n_ds  # + the two extra deep-supervision heads
     macs = count_macs(m, (1, 1, 64, 128, 128))
     assert abs(macs / 211.5e9 - 1) < 0.03, macs
-    assert m.glam3d_spec == {"name": "nnformer_synapse", "kwargs": {}}
+    assert m.glam3d_spec["name"] == "nnformer_synapse" and m.glam3d_spec["version"] == 2
+    assert m.glam3d_spec["kwargs"]["embed_dim"] == 192 and m.glam3d_spec["kwargs"]["num_global_tokens"] == 0
 
 
 def test_glam_nnformer_synapse_builds():
@@ -132,7 +133,7 @@ def test_model_specs():
     assert parse_model_spec("glam_nnformer_tiny:global_num_heads=[1,2,4,8]:nlu=false") == \
         ("glam_nnformer_tiny", {"global_num_heads": [1, 2, 4, 8], "nlu": False})
     m = build_model_spec("glam_nnformer_tiny:num_global_tokens=4")
-    assert m.num_global_tokens == [4, 4, 4, 4] and m.glam3d_spec["kwargs"] == {"num_global_tokens": 4}
+    assert m.num_global_tokens == [4, 4, 4, 4] and m.glam3d_spec["kwargs"]["num_global_tokens"] == 4
     assert check_model_spec("glam_nnformer_synapse:global_num_heads=[3,6,12,24]").startswith("glam_nnformer")
     for spec, msg in (("glam_nnformer_tiny:nosuch=1", "unexpected keyword"), ("glam_nnformer_tiny:nlu", "key=value"),
                       ("glam_nnformer_tiny:global_num_heads=7", "global_num_heads"),

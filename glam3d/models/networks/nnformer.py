@@ -45,6 +45,7 @@ import torch.nn as nn
 from ..glam import DEFAULT_GLAM_VARIANT, GLAMLayer, check_glam_variant, window_geometry
 from ..layers import conv_as_gemm, gemm_conv_pays, to_ntuple
 from ..nlu import NLU, NLU_FORMS
+from ..registry import records_arguments
 
 __all__ = ["ConvStem", "PatchMerging", "PatchExpanding", "NnFormer", "build_nnformer", "build_glam_nnformer",
            "NNFORMER_SIZES"]
@@ -152,6 +153,7 @@ class _NLUUp(nn.Module):
         return self.nlu.forward_tokens(x, skip)
 
 
+@records_arguments
 class NnFormer(nn.Module):
     """nnFormer / GLAM-nnFormer 3D segmentation network.
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..glam import DEFAULT_GLAM_VARIANT, GLAMLayer, check_glam_variant
 from ..layers import init_weights_trunc_normal
 from ..nlu import NLU_FORMS
-from ..registry import register_family
+from ..registry import records_arguments, register_family
 from .swin import SWIN_SIZES, SwinBackbone, authors_pos_rows, swin_stage_resolutions
 
 __all__ = ["PatchExpand2d", "FinalPatchExpand2d", "SwinUnet", "build_swin_unet"]
@@ -95,6 +95,7 @@ class _NLUUp(nn.Module):
         return self.nlu.forward_tokens(low, skip)[:, :H, :W]
 
 
+@records_arguments
 class SwinUnet(nn.Module):
     """(GLAM-)Swin-Unet; ``forward (B, 3, H, W) -> (B, K, H, W)``.
 

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..glam import DEFAULT_GLAM_VARIANT
-from ..registry import register_family
+from ..registry import records_arguments, register_family
 from .swin import SWIN_SIZES, SwinBackbone
 
 __all__ = ["ConvBNReLU", "PPM", "UPerHead", "FCNHead", "SwinUperNet", "build_swin_upernet"]
@@ -111,6 +111,7 @@ class FCNHead(nn.Module):
         return self.conv_seg(self.dropout(self.convs(x)))
 
 
+@records_arguments
 class SwinUperNet(nn.Module):
     """(GLAM-)Swin backbone + UperNet head (+ auxiliary FCN head on stage ``aux_index``).
 
