@@ -193,6 +193,18 @@ def _source_format(state: dict) -> tuple:
     return None, None
 
 
+def _meta_network(state: dict):
+    """The checkpoint's network built on the meta device (shapes only: its divisor and default window), or None
+    when it cannot be built that way (its real build then reports what is wrong)."""
+    from ..engine.preflight import meta_network
+
+    spec = state.get("model_spec") or {}
+    try:
+        return meta_network(spec["name"], dict(spec.get("kwargs") or {}))
+    except Exception:  # noqa: BLE001 - a bad spec is reported by model_from_checkpoint, with the file's name
+        return None
+
+
 def _spec_of(state: dict, model=None) -> InputSpec:
     channels = _first(getattr(model, "in_channels", None), _get(state, "plan", "num_channels"), 1)
     layout, ending = _source_format(state)
@@ -433,9 +445,9 @@ class Predictor:
                 raise UserError("the checkpoint carries no preprocessing plan, so new scans cannot be prepared like "
                                 "its training data (was it written by glam3d train?)", p)
             if states:
-                for what, key in (("preprocessing plan", "plan"), ("labels", "labels")):
+                for what, key in (("preprocessing plan differs", "plan"), ("labels differ", "labels")):
                     if state.get(key) != states[0].get(key):
-                        raise UserError(f"its {what} differs from {paths[0]}'s "
+                        raise UserError(f"its {what} from {paths[0]}'s "
                                         f"({_first_difference(states[0].get(key), state.get(key))}); an ensemble "
                                         f"averages networks trained on the same preprocessed data and labels", p)
             states.append(state)
@@ -455,6 +467,12 @@ class Predictor:
                   "than float32 here", file=sys.stderr)
         # CPU + bf16 (eager): the weights cast once instead of by autocast at every window (bit-identical labels)
         cast_weights = amp_dtype is not None and device.type == "cpu" and compile is None
+        choice = types.SimpleNamespace(roi_size=roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=mode,
+                                       mirror=mirror, checkpoint=paths[0])
+        # the window checked against the networks built on the meta device, before any is built for real
+        shapes = [_meta_network(state) for state in states]
+        settings = inference_settings(states[0], shapes, choice) if all(m is not None for m in shapes) else None
+        del shapes
         models, metas = [], []
         for i, p in enumerate(paths):
             # the network's weights are the mapped checkpoint's pages (assign): one copy of them while it is built;
@@ -478,9 +496,8 @@ class Predictor:
             _check_classes(getattr(model, "num_classes", None), plan, p)
             models.append(model)
             metas.append(states[i])
-        choice = types.SimpleNamespace(roi_size=roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=mode,
-                                       mirror=mirror, checkpoint=paths[0])
-        settings = inference_settings(metas[0], models, choice)
+        if settings is None:
+            settings = inference_settings(metas[0], models, choice)
         if rank == 0:
             _note_other_settings(settings, choice, metas, models, paths)
         if compile is not None:
