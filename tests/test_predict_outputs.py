@@ -367,3 +367,54 @@ def test_label_volume_is_mapped_and_leaves_nothing(tmp_path):
     assert not LabelVolume(vol.shape, np.uint8, None).mapped
     with pytest.raises(ValueError, match="cover 8 of 17 planes"):
         LabelVolume(vol.shape, np.uint8).fill([vol[:, :, :8]], "x")
+
+
+# ------------------------------------------------------------------------------------------------ slab-wise cleaning
+_DECISIONS = [
+    "all",
+    _decision([2], foreground=True, fg_classes=(1, 2, 3)),
+    _decision([1, 3], foreground=True, fg_classes=(1, 3)),
+    {"format": "glam3d-postprocessing-v1", "foreground_largest_component": {"apply": True},
+     "classes_largest_component": []},
+    _decision([3]),
+]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_slabwise_cleaning_equals_apply_postprocessing(seed):
+    """apply_in_slabs (what predict writes with) gives apply_postprocessing's map voxel for voxel, ties included,
+    whatever the slab thickness: random maps of many small components (ties of equal sizes are frequent)."""
+    from glam3d.inference.components import apply_in_slabs
+
+    rng = np.random.default_rng(seed)
+    for _ in range(12):
+        shape = tuple(int(v) for v in rng.integers(3, 12, 3))
+        a = ((rng.random(shape) < rng.random() * 0.6) * rng.integers(1, 4, shape)).astype(np.uint8)
+        for d in _DECISIONS:
+            ref = apply_postprocessing(a, d)
+            for planes in (1, 2, 3, 64):
+                got = apply_in_slabs(np.asfortranarray(a.copy()), d, planes=planes)
+                assert np.array_equal(got, ref), (shape, d, planes)
+
+
+def test_slabwise_cleaning_labels_one_slab_at_a_time(monkeypatch):
+    """On a long map where a stray island stretches an organ's bounding box over the whole scan (what makes the
+    whole-map cleaning's work arrays as large as the scan), every array labelled is one slab of planes; the
+    result is apply_postprocessing's."""
+    from glam3d.inference import components
+
+    lab = np.zeros((40, 30, 300), np.uint8)
+    lab[5:25, 5:20, 10:60] = 6        # the organ
+    lab[30:33, 25:28, 280:284] = 6    # its island, 220 planes away
+    lab[10:12, 10:12, 100:290] = 8    # a vessel running along the scan, one component across many slabs
+    lab[20:22, 10:12, 100:150] = 8    # a second vessel piece, smaller
+    lab[2, 2, 0] = 1
+    lab[37, 27, 299] = 1             # two one-voxel spleens: a tie, the first in C order is kept
+    ref = apply_postprocessing(lab, "all")
+    shapes, real = [], components.ndimage.label
+    monkeypatch.setattr(components.ndimage, "label", lambda m, **k: (shapes.append(m.shape), real(m, **k))[1])
+    got = components.apply_in_slabs(np.asfortranarray(lab.copy()), "all", planes=16)
+    assert np.array_equal(got, ref)
+    assert got[30:33, 25:28, 280:284].sum() == 0 and got[20:22, 10:12, 100:150].sum() == 0
+    assert got[2, 2, 0] == 1 and got[37, 27, 299] == 0
+    assert shapes and max(s[2] for s in shapes) == 16

@@ -7,9 +7,10 @@
   the label map is never whole in memory;
 * otherwise the map is first assembled whole — in an unlinked file of the scratch folder, mapped, whose written
   pages leave the process as it fills (:class:`LabelVolume`; in memory without a scratch folder): 1 byte a voxel for
-  label values below 256. The largest-component postprocessing (:func:`glam3d.postprocessing.apply_postprocessing`,
-  in place) then labels each organ inside its own bounding box, so its work arrays are the size of the organs. Other
-  formats go through SimpleITK, which writes whole images: it holds one copy of the map (SimpleITK's buffer).
+  label values below 256. The largest-component postprocessing then cleans it in place a slab of planes at a time
+  (:func:`glam3d.inference.components.apply_in_slabs`: :func:`glam3d.postprocessing.apply_postprocessing`'s result,
+  voxel for voxel, in memory that does not grow with the scan). Other formats go through SimpleITK, which writes
+  whole images: it holds one copy of the map (SimpleITK's buffer).
 
 Geometry: a NIfTI gets the input's affine as its qform and sform; a SimpleITK format gets the input file's own
 origin, spacing and direction when the input is a SimpleITK image (copied, not recomputed: bit for bit), else those
@@ -94,9 +95,11 @@ class LabelVolume:
 
     def values(self) -> set:
         """The label values present (read in slabs)."""
+        from .components import present_values
+
         seen: set = set()
         for s in self.slabs():
-            seen.update(np.unique(s).tolist())
+            seen.update(present_values(s))
         return seen
 
     def _written(self, voxels: int) -> None:
@@ -161,17 +164,18 @@ def write_label_map(path, slabs: Iterable[np.ndarray], shape, affine, dtype, *, 
         ending = ".gipl.gz"
     if is_nifti(path) and postprocessing is None:  # streamed: never whole in memory
         seen: set = set()
-        counted = (seen.update(np.unique(s).tolist()) or s for s in slabs)
+        from .components import present_values
+
+        counted = (seen.update(present_values(s)) or s for s in slabs)
         with atomic_path(path, suffix=ending) as tmp:
             write_volumes(tmp, [counted], None, shape, affine, dtype)
         return seen
     vol = LabelVolume(shape, dtype, scratch)
     vol.fill(slabs, source or path)
-    if postprocessing is not None:
-        from ..postprocessing import apply_postprocessing
+    if postprocessing is not None:   # apply_postprocessing's cleaning, a slab of planes at a time
+        from .components import apply_in_slabs
 
-        apply_postprocessing(vol.array, postprocessing, inplace=True)
-        vol.release()
+        apply_in_slabs(vol.array, postprocessing, release=vol.release)
     present = vol.values()
     with atomic_path(path, suffix=ending) as tmp:
         if is_nifti(path):
