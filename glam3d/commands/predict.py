@@ -1,5 +1,4 @@
-"""``glam3d predict``: segment new scans with a trained checkpoint (or an ensemble), writing label maps in each scan's
-geometry and format.
+"""``glam3d predict``: segment new scans with trained checkpoints, writing label maps in each scan's geometry and format.
 
 The checkpoint carries the preprocessing plan and the label values, so a user gives only the scans: image files
 (NIfTI, ``.mha``, ``.nrrd``, … anything SimpleITK reads), folders of them (nnU-Net's ``<case>_XXXX`` channel files

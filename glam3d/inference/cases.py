@@ -439,10 +439,10 @@ class PredictionFiles:
         for p in map(Path, inputs):
             folder = p.resolve() if p.is_dir() else p.resolve().parent
             if (_inside(out_r, folder) if p.is_dir() else out_r == folder):
-                what = "the --input folder" if p.is_dir() else "the folder of the input file"
-                raise UserError(f"--output is {what} {p if p.is_dir() else p.parent}{' or inside it' if p.is_dir() else ''}"
-                                f": write predictions to a folder outside the inputs (input files are never modified, "
-                                f"and a later run over the inputs would read the predictions as scans)", out_dir)
+                what = f"the --input folder {p} or inside it" if p.is_dir() else f"the folder of the input file {p}"
+                raise UserError(f"--output is {what}: write predictions to a folder outside the inputs (input files "
+                                f"are never modified, and a later run over the inputs would read the predictions as "
+                                f"scans)", out_dir)
         folder = out_dir if scratch is True else (None if scratch is False or scratch is None else Path(scratch))
         if folder is not None and folder != out_dir:
             if not folder.is_dir():

@@ -3,8 +3,8 @@
 :func:`write_label_map` takes the restored label map as ``(X, Y, dz)`` slabs along ``Z`` (what
 :func:`preprocessing.pipeline.restored_label_slabs` yields) and writes it to one file, atomically:
 
-* NIfTI (``.nii.gz``, ``.nii``) without postprocessing: streamed slab by slab (:func:`glam3d.utils.nifti.write_volumes`):
-  the label map is never whole in memory;
+* NIfTI (``.nii.gz``, ``.nii``) without postprocessing: streamed slab by slab
+  (:func:`glam3d.utils.nifti.write_volumes`): the label map is never whole in memory;
 * otherwise the map is first assembled whole — in an unlinked file of the scratch folder, mapped, whose written
   pages leave the process as it fills (:class:`LabelVolume`; in memory without a scratch folder): 1 byte a voxel for
   label values below 256. The largest-component postprocessing then cleans it in place a slab of planes at a time

@@ -663,7 +663,8 @@ class Predictor:
                 continue
             image, meta = seg.image, seg.meta
             # listed in the marker before they are created
-            record_outputs(out_dir, *([] if keep_labels else [out_path.name]) + ([prob_path.name] if want_probs else []))
+            record_outputs(out_dir, *([] if keep_labels else [out_path.name]),
+                           *([prob_path.name] if want_probs else []))
             # the label map restored Z-slab by Z-slab and streamed into its file (never whole in memory for NIfTI
             # without postprocessing; otherwise assembled in the scratch folder, see glam3d.inference.outputs)
             dtype, slabs = pipeline.restored_label_slabs(seg.labels, meta, self.plan)
