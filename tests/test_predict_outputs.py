@@ -168,12 +168,31 @@ def test_nifti_input_written_in_another_format(tmp_path, fmt, ending):
         assert np.allclose(nib.load(out / "ct.nii").affine, aff, atol=1e-9)
 
 
-def test_unknown_format_is_refused(tmp_path, capsys):
+def test_unknown_format_or_one_that_loses_the_geometry_is_refused(tmp_path, capsys):
+    """An unknown --format is refused; GIPL stores no direction: an oblique scan written as .gipl is refused in one
+    line (nothing left behind), while a .gipl scan (identity direction) is written back as .gipl exactly."""
     from glam3d.inference.cases import output_format
 
     with pytest.raises(UserError, match=r"--format: 'png' is not a format glam3d writes"):
         output_format("png")
     assert output_format(".MHA") == ".mha" and output_format("input") is None
+    img, raw = phantom()
+    nib.save(nib.Nifti1Image(img.astype(np.int16), _oblique()), tmp_path / "ct.nii.gz")
+    ck = checkpoint(tmp_path / "ck.pt", [2.5, 1.2, 1.5])
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(ck), "--input", str(tmp_path / "ct.nii.gz"), "--output", str(out),
+                 "--quiet", "--format", "gipl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out / 'ct.gipl'}: the .gipl format cannot hold this scan's geometry (its "
+                          f"direction") and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == [MARKER]   # no label map, no temporary file
+    write_sitk(tmp_path / "g.gipl", img.astype(np.int16), (1.5, 1.2, 2.5), (5.0, -7.0, 11.0), tuple(np.eye(3).ravel()))
+    assert main(["predict", "--checkpoint", str(ck), "--input", str(tmp_path / "g.gipl"), "--output",
+                 str(tmp_path / "g"), "--quiet"]) == 0
+    got, sk = read_sitk(tmp_path / "g" / "g.gipl")
+    ref = read_sitk(tmp_path / "g.gipl")[1]            # (GIPL stores float32 spacings: the header's own numbers)
+    assert np.array_equal(got, raw) and sk.GetOrigin() == ref.GetOrigin() == (5.0, -7.0, 11.0)
+    assert sk.GetSpacing() == ref.GetSpacing() and sk.GetDirection() == ref.GetDirection()
 
 
 # ------------------------------------------------------------------------------------------------ grouping

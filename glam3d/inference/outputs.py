@@ -195,5 +195,25 @@ def write_label_map(path, slabs: Iterable[np.ndarray], shape, affine, dtype, *, 
                 raise OSError(f"SimpleITK cannot write {path.name}: {str(err).strip().splitlines()[-1][:200]}") \
                     from None
             del image
+            _check_written_geometry(tmp, path, origin, spacing, direction)
     del vol
     return present
+
+
+def _check_written_geometry(tmp: Path, path: Path, origin, spacing, direction) -> None:
+    """:class:`~glam3d.errors.UserError` naming ``path`` when the file written at ``tmp`` does not hold the grid it
+    was given (a format that stores no direction or origin, such as GIPL for an oblique or flipped scan): a label
+    map must lie where its scan lies."""
+    import SimpleITK as sitk
+
+    from ..errors import UserError
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(tmp))
+    reader.ReadImageInformation()
+    got = (reader.GetOrigin(), reader.GetSpacing(), reader.GetDirection())
+    for what, a, b in zip(("origin", "spacing", "direction"), got, (origin, spacing, direction)):
+        if not np.allclose(a, b, rtol=1e-6, atol=1e-6):
+            raise UserError(f"the {''.join(path.suffixes[-2:]) if path.name.endswith('.gz') else path.suffix} format "
+                            f"cannot hold this scan's geometry (its {what} would be {tuple(round(v, 6) for v in a)}, "
+                            f"not {tuple(round(v, 6) for v in b)}): choose --format nii.gz, mha or nrrd", path)
