@@ -166,3 +166,41 @@ def test_killed_run_keeps_finished_cases_recorded(setup, tmp_path, monkeypatch):
     assert (out / "s0.nii.gz").stat().st_mtime_ns == mtime
     assert _man(out)["cases"]["s0"]["status"].startswith("skipped")
     assert _man(out)["cases"]["s0"]["checkpoints"][0]["sha256"] == sha256_file(a)
+
+
+def test_a_failed_rerun_leaves_the_earlier_entry(setup, tmp_path, capsys):
+    """A rerun with another checkpoint whose scan now fails to read: the file the earlier run made stays, and so does
+    its entry (its checkpoint), with the failed attempt noted."""
+    tmp, a, b = setup
+    scans = tmp_path / "scans"
+    H.write_scans(scans, 1)
+    out = tmp_path / "out"
+    assert _predict(a, scans, out) == 0
+    d = H.scan()
+    d[3, 3, 3] = np.nan
+    H.save_nii(d, scans / "s0.nii.gz")
+    assert _predict(b, scans, out) == 2
+    assert "NaN/inf" in capsys.readouterr().err
+    entry = _man(out)["cases"]["s0"]
+    assert entry["status"] == "written" and entry["checkpoints"][0]["sha256"] == sha256_file(a)
+    assert entry["last_attempt"]["status"] == "failed" and "NaN/inf" in entry["last_attempt"]["error"]
+
+
+def test_probabilities_added_to_a_kept_label_map(setup, tmp_path):
+    """--probabilities on a rerun with the same checkpoint and options: the label map is kept (not rewritten), the
+    class maps are added and recorded; another run with them is skipped."""
+    tmp, a, _ = setup
+    out = tmp_path / "out"
+    assert _predict(a, tmp / "scans" / "s0.nii.gz", out) == 0
+    mtime = (out / "s0.nii.gz").stat().st_mtime_ns
+    assert _predict(a, tmp / "scans" / "s0.nii.gz", out, "--probabilities") == 0
+    assert (out / "s0.nii.gz").stat().st_mtime_ns == mtime
+    probs = np.asanyarray(nib.load(out / "s0_probabilities.nii.gz").dataobj)
+    assert probs.shape == (24, 20, 12, 9) and np.allclose(probs.sum(-1), 1, atol=1e-3)
+    entry = _man(out)["cases"]["s0"]
+    assert entry["probabilities"] == str(out / "s0_probabilities.nii.gz") and "kept" in entry["note"]
+    assert entry["checkpoints"][0]["sha256"] == sha256_file(a)
+    pm = (out / "s0_probabilities.nii.gz").stat().st_mtime_ns
+    assert _predict(a, tmp / "scans" / "s0.nii.gz", out, "--probabilities") == 0
+    assert (out / "s0_probabilities.nii.gz").stat().st_mtime_ns == pm
+    assert _man(out)["cases"]["s0"]["status"].startswith("skipped")

@@ -656,7 +656,11 @@ class Predictor:
                 seg = self._segment(case, pipeline, want_probs=want_probs, scratch=scratch, progress=desc or False)
             except _ScanError as err:  # this scan only: report it, go on with the others, exit 2 at the end
                 print(f"error: {err.error}", file=sys.stderr)
-                entry.update({"status": "failed", "error": str(err.error)})
+                if isinstance(old, dict) and old.get("checkpoints") and out_path.is_file():
+                    # the file an earlier run made is still there: its entry still describes it
+                    entry = {**old, "last_attempt": {"status": "failed", "error": str(err.error)}}
+                else:
+                    entry.update({"status": "failed", "error": str(err.error)})
                 manifest["cases"][case.name] = entry
                 result.cases.append(CaseResult(case.name, "failed", time.time() - t0, str(err.error)))
                 write_manifest(out_dir, {**manifest, "cases": {case.name: entry}})
@@ -667,19 +671,17 @@ class Predictor:
                            *([prob_path.name] if want_probs else []))
             # the label map restored Z-slab by Z-slab and streamed into its file (never whole in memory for NIfTI
             # without postprocessing; otherwise assembled in the scratch folder, see glam3d.inference.outputs)
-            dtype, slabs = pipeline.restored_label_slabs(seg.labels, meta, self.plan)
             if keep_labels:  # only the probabilities were missing: the existing label map stays untouched
                 entry = {**old, "probabilities": str(prob_path),
                          "note": "label map existed (same checkpoints and options) and was kept; probabilities added"}
-                for _ in slabs:
-                    pass
                 seen = set(old.get("label_values_present") or [])
             else:
+                dtype, slabs = pipeline.restored_label_slabs(seg.labels, meta, self.plan)
                 seen = write_label_map(out_path, slabs, image.shape[:3], image.affine, dtype,
                                        reference=case.files[0] if case.kind == "file" else None,
                                        postprocessing=self.postprocessing, scratch=scratch, source=case.source)
+                del slabs
             seg.labels = None
-            del slabs
             _release_cached_blocks()
             if seg.probs is not None:
                 probs = seg.probs.array if isinstance(seg.probs, ScratchArray) else seg.probs.cpu().numpy()
