@@ -200,7 +200,13 @@ def _meta_network(state: dict):
 
     spec = state.get("model_spec") or {}
     try:
-        return meta_network(spec["name"], dict(spec.get("kwargs") or {}))
+        kwargs = dict(spec.get("kwargs") or {})
+        from ..models import registry
+
+        legacy = getattr(registry, "legacy_options", None)   # the defaults a spec without version was built with
+        if legacy is not None:
+            kwargs = {**(legacy(spec) or {}), **kwargs}
+        return meta_network(spec["name"], kwargs)
     except Exception:  # noqa: BLE001 - a bad spec is reported by model_from_checkpoint, with the file's name
         return None
 
