@@ -1093,3 +1093,148 @@ def test_bad_input_evaluate(case, tmp_path, capsys):
     check_outputs(row)
     for folder in row.outputs:
         assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())
+
+
+# ================================================================================================================
+# predict: window sizes, output folders inside inputs or holding files glam3d did not write, ensembles, nnU-Net
+# channel-file names, image formats, postprocessing decisions (each row: one error line, nothing written)
+# ================================================================================================================
+def predict_roi_not_divisible(tmp):
+    _scans(tmp)
+    return _predict_row(tmp, [tmp / "scans"], "--roi-size", r"\[24, 32, 32\] must be divisible by the network's "
+                        r"\(16, 32, 32\)", "none", extra=["--roi-size", "24", "32", "32"])
+
+
+def predict_roi_zero(tmp):
+    _scans(tmp)
+    return _predict_row(tmp, [tmp / "scans"], "--roi-size", r"must be 3 positive sizes", "none",
+                        extra=["--roi-size", "0", "32", "32"])
+
+
+def predict_output_inside_input_folder(tmp):
+    _scans(tmp)
+    out = tmp / "scans" / "pred"
+    return _predict_row(tmp, [tmp / "scans"], out, r"--output is the --input folder .* or inside it", "none", out=out)
+
+
+def predict_output_inside_dicom_series(tmp):
+    folder = tmp / "dicom" / "ct"
+    folder.mkdir(parents=True)
+    _dicom_series(folder, "1.2.826.0.1.3680043.2.1125.7.303", [(20, 24)] * 6)
+    out = folder / "pred"
+    return _predict_row(tmp, [folder], out, r"--output is the --input folder", "none", out=out)
+
+
+def predict_foreign_file_in_output(tmp):
+    _scans(tmp)
+    ck = H.predict_checkpoint(tmp / "ck.pt")
+    out = tmp / "pred"
+    assert glam3d_cli.main(["predict", "--checkpoint", str(ck), "--input", str(tmp / "scans" / "s0.nii.gz"),
+                            "--output", str(out), "--quiet", "--device", "cpu"]) == 0
+    H.save_nii(np.ones((24, 20, 12), np.uint8), out / "s1.nii.gz")   # the user's file where glam3d's s1 would go
+    row = _predict_row(tmp, [tmp / "scans"], out / "s1.nii.gz", r"exists and was not written by glam3d .* never "
+                       r"replaced, --overwrite included", "none", ckpt=ck, extra=["--overwrite"])
+    row.inputs_inside = [out / "s0.nii.gz", out / "s1.nii.gz"]
+    return row
+
+
+def predict_output_holds_unrelated_files(tmp):
+    _scans(tmp)
+    out = tmp / "pred"
+    out.mkdir()
+    (out / "predictions.json").write_text('{"source": "another tool"}\n')
+    return _predict_row(tmp, [tmp / "scans"], out, r"is not empty \(predictions\.json\) and was not written by glam3d",
+                        "none", out=out)
+
+
+def predict_ensemble_plan_differs(tmp):
+    from glam3d.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    _scans(tmp)
+    a = H.predict_checkpoint(tmp / "ck.pt")
+    state = load_checkpoint(H.predict_checkpoint(tmp / "b0.pt", seed=1))
+    state["plan"]["target_spacing"] = [2.0, 2.0, 2.0]
+    save_checkpoint(tmp / "b.pt", state)
+    row = _predict_row(tmp, [tmp / "scans"], tmp / "b.pt", r"its preprocessing plan differs from .*ck\.pt's "
+                       r"\(target_spacing", "none", ckpt=a)
+    return _with_checkpoints(row, [a, tmp / "b.pt"])
+
+
+def predict_v2_file_not_channel_named(tmp):
+    from glam3d.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    _scans(tmp)
+    state = load_checkpoint(H.predict_checkpoint(tmp / "ck0.pt"))
+    state["source_layout"], state["file_ending"] = "nnunet-v2", ".nii.gz"   # data from an nnU-Net v2 folder
+    save_checkpoint(tmp / "v2.pt", state)
+    return _predict_row(tmp, [tmp / "scans"], tmp / "scans" / "s0.nii.gz", r"not named <case>_XXXX\.nii\.gz "
+                        r"\(nnU-Net v2", "none", ckpt=tmp / "v2.pt")
+
+
+def predict_unreadable_mha(tmp):
+    _scans(tmp)
+    bad = tmp / "scans" / "s9.mha"
+    bad.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_SHORT\n"
+                    b"ElementDataFile = LOCAL\n" + b"\x00" * 10)
+    return _predict_row(tmp, [tmp / "scans"], bad, r"not an image SimpleITK can read|cannot read the voxel data",
+                        good=["s0.nii.gz", "s1.nii.gz"])   # (its header reads: it fails when its voxels are read)
+
+
+def predict_decision_of_another_dataset(tmp):
+    _scans(tmp)
+    dec = tmp / "postprocessing.json"
+    dec.write_text(json.dumps({"format": "glam3d-postprocessing-v1", "classes_largest_component": [6, 99],
+                               "foreground_largest_component": {"apply": False}}))
+    return _predict_row(tmp, [tmp / "scans"], dec, r"names label value 99, which the checkpoint never writes", "none",
+                        extra=["--largest-component", str(dec)])
+
+
+def predict_decision_not_a_decision(tmp):
+    _scans(tmp)
+    dec = tmp / "postprocessing.json"
+    dec.write_text('{"apply": "yes"}\n')
+    return _predict_row(tmp, [tmp / "scans"], dec, r"not a glam3d postprocessing decision", "none",
+                        extra=["--largest-component", str(dec)])
+
+
+def _with_checkpoints(row: Row, checkpoints) -> Row:
+    """``row`` with ``--checkpoint`` naming several checkpoints (an ensemble)."""
+    i = row.argv.index("--checkpoint")
+    row.argv[i + 1:i + 2] = [str(c) for c in checkpoints]
+    return row
+
+PREDICT_ROWS = [
+    predict_roi_not_divisible, predict_roi_zero, predict_output_inside_input_folder,
+    predict_output_inside_dicom_series, predict_foreign_file_in_output, predict_output_holds_unrelated_files,
+    predict_ensemble_plan_differs, predict_v2_file_not_channel_named, predict_unreadable_mha,
+    predict_decision_of_another_dataset, predict_decision_not_a_decision,
+]
+CATALOGUE.update({f.__name__: f for f in PREDICT_ROWS})
+
+
+@pytest.mark.parametrize("case", [f.__name__ for f in PREDICT_ROWS])
+def test_bad_input_predict_outputs(case, tmp_path, capsys):
+    """The catalogue's contract for the rows of this section (collected here: they are added after
+    ``test_bad_input`` is parametrised)."""
+    row = CATALOGUE[case](tmp_path)
+    capsys.readouterr()
+    code = _main(row)(row.argv)
+    err = capsys.readouterr().err
+    assert code == 2, (code, err)
+    check_error_line(err, row)
+    check_outputs(row)
+
+
+@pytest.mark.parametrize("case", ["predict_roi_not_divisible", "predict_roi_zero", "predict_ensemble_plan_differs"])
+def test_predict_refused_before_heavy_work(case, tmp_path, capsys, monkeypatch):
+    """Window sizes and ensembles of different plans are refused before any network is built for real."""
+    from glam3d.models import registry
+
+    row = CATALOGUE[case](tmp_path)
+    built, real_build = [], registry.build_model
+    monkeypatch.setattr(registry, "build_model", lambda *a, **k: (
+        lambda m: (built.append({p.device.type for p in m.parameters() if p.numel() >= 1 << 16} or {"meta"}), m)[1])(
+        real_build(*a, **k)))
+    capsys.readouterr()
+    assert _main(row)(row.argv) == 2
+    assert all(devices == {"meta"} for devices in built), built
