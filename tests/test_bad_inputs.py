@@ -265,7 +265,10 @@ def train_labels_out_of_range(tmp):
 
 
 def train_resume_truncated_checkpoint(tmp):
+    from glam3d.utils.ownership import claim
+
     run = tmp / "run"
+    claim(run, "training-run").record("checkpoints/")  # a glam3d run folder (its marker), whose last.pt is cut short
     (run / "checkpoints").mkdir(parents=True)
     ck = H.predict_checkpoint(run / "checkpoints" / "last.pt")
     ck.write_bytes(ck.read_bytes()[:1000])
