@@ -280,3 +280,57 @@ def test_two_folds_predicted_scored_and_summarised(tmp_path, capsys):
     assert rep["truths_left_out"]["count"] == 5  # 0001-0004, 0008: the test cases, never trained or validated on
     assert [f["n_cases"] for f in rep["folds"]] == [len(splits[0]["val"]), len(splits[1]["val"])]
     assert len(rep["checkpoints"]) == 2  # each fold's best.pt named
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, msg):
+        self.lines.append(("info", msg))
+
+    def warning(self, msg):
+        self.lines.append(("warning", msg))
+
+
+def test_export_predicts_what_it_can_and_scores_it(tmp_path):
+    """One validation scan that cannot be read: one warning naming it, the other cases predicted and scored; the
+    export rerun with the same checkpoint keeps what it made; source scans gone: one warning, nothing exported."""
+    import helpers as RH
+
+    from glam3d.engine.crossval import export_validation
+    from glam3d.engine.distributed import DistEnv
+    from preprocessing.datasets import synapse_labels
+
+    ck = RH.predict_checkpoint(tmp_path / "best.pt")
+    scans = RH.write_scans(tmp_path / "scans", 3)
+    truth = np.zeros((24, 20, 12), np.uint8)
+    truth[5:10, 5:9, 2:8] = 1  # spleen (BTCV value 1)
+    labels = [RH.save_nii(truth, tmp_path / "labels" / f"s{i}.nii.gz") for i in range(3)]
+    scans[1].write_bytes(b"not a scan at all")
+    names, values = synapse_labels(False)
+    data = tmp_path / "pre"
+    data.mkdir()
+    cases = {f"s{i}": {"source_image": str(scans[i]), "source_label": str(labels[i])} for i in range(3)}
+    (data / "dataset.json").write_text(json.dumps({"labels": names, "plan": {"label_values": values},
+                                                   "training": [], "cases": cases}))
+    log = _Log()
+    res = export_validation(tmp_path / "run", ck, {"cases": cases}, data, ["s0", "s1", "s2"], DistEnv(), log)
+    warn = [m for level, m in log.lines if level == "warning"]
+    assert len(warn) == 1 and "1 of 3 validation cases could not be predicted (case s1:" in warn[0]
+    assert str(scans[1]) in warn[0]
+    assert (res["written"], res["failed"], res["skipped"]) == (2, 1, 0)
+    val = tmp_path / "run" / "validation"
+    assert sorted(p.name for p in val.glob("*.nii.gz")) == ["s0.nii.gz", "s2.nii.gz"]
+    rep = json.loads((val / "report.json").read_text())
+    assert sorted(rep["cases"]) == ["s0", "s2"] and res["mean_dice"] == rep["overall"]["dice"]["mean"]
+    stamp = (val / "s0.nii.gz").stat().st_mtime_ns
+    res = export_validation(tmp_path / "run", ck, {"cases": cases}, data, ["s0", "s2"], DistEnv(), _Log())
+    assert (res["written"], res["skipped"]) == (0, 2) and (val / "s0.nii.gz").stat().st_mtime_ns == stamp
+    scans[2].unlink()
+    log = _Log()
+    assert export_validation(tmp_path / "run2", ck, {"cases": cases}, data, ["s0", "s2"], DistEnv(), log) is None
+    assert [m for level, m in log.lines if level == "warning"] == [
+        f"the fold's validation cases were not predicted: their source scans are needed (1 of 2 cases: case s2: "
+        f"{scans[2]} is gone)"]
+    assert not (tmp_path / "run2").exists()

@@ -172,21 +172,22 @@ SPLITS_FILE = "splits_final.json"
 SPLITS_SEED = 12345
 
 
-def crossval_splits(ids: Sequence[str], num_folds: int = 5, seed: int = SPLITS_SEED) -> List[dict]:
+def crossval_splits(ids: Sequence[str], num_folds: int = 5, seed: int = SPLITS_SEED, source=None) -> List[dict]:
     """``num_folds`` folds over the training case ``ids``, as nnU-Net v2 makes ``splits_final.json``: the ids
     sorted, their indices shuffled by ``numpy.random.RandomState(seed)`` and cut into consecutive chunks (the first
     ``n % num_folds`` one case larger), i.e. scikit-learn's ``KFold(num_folds, shuffle=True, random_state=seed)``
     over the sorted ids. Fold ``k`` validates on chunk ``k`` and trains on the rest; both lists in sorted order.
 
-    Returns ``[{"train": [...], "val": [...]}, ...]``. :class:`UserError` when there are fewer cases than folds."""
+    Returns ``[{"train": [...], "val": [...]}, ...]``. :class:`UserError` (naming ``source``, the dataset) when
+    there are fewer cases than folds."""
     ids = sorted(str(i) for i in ids)
     if len(set(ids)) != len(ids):
-        raise UserError("dataset.json: duplicate training case ids")
+        raise UserError("duplicate training case ids", source)
     if num_folds < 2:
         raise ValueError(f"num_folds must be >= 2, got {num_folds}")
     if len(ids) < num_folds:
         raise UserError(f"{num_folds}-fold cross-validation needs at least {num_folds} training cases, the dataset has "
-                        f"{len(ids)} (data.num_folds)")
+                        f"{len(ids)} (data.num_folds)", source)
     order = np.arange(len(ids))
     np.random.RandomState(seed).shuffle(order)
     sizes = np.full(num_folds, len(ids) // num_folds, dtype=int)

@@ -43,7 +43,7 @@ def fold_split(cfg, manifest: dict, log, env: dist.DistEnv) -> dict:
     if path.is_file():
         splits, source = D.read_splits(path, ids), "used as it is"
     else:
-        splits = D.crossval_splits(ids, cfg.data.num_folds)
+        splits = D.crossval_splits(ids, cfg.data.num_folds, source=root / "dataset.json")
         source = write_splits(root, splits, log) if env.is_main else "made"
     split = D.fold_split(splits, fold, path)
     if env.is_main:
@@ -134,7 +134,7 @@ def export_validation(run_dir: Path, checkpoint: Path, manifest: dict, data_root
     predictor = Predictor.from_checkpoint(checkpoint, device=str(env.device))
     sha = predictor.sha256
     prev = read_manifest(out / MANIFEST)
-    entries = {}
+    entries, failures = {}, []
     for cid in list(val_ids)[env.rank::env.world_size]:
         target = out / f"{cid}.nii.gz"
         entry = {"input": [str(p) for p in sources[cid]], "output": str(target), "checkpoint_sha256": sha,
@@ -146,21 +146,26 @@ def export_validation(run_dir: Path, checkpoint: Path, manifest: dict, data_root
         tc = time.time()
         try:
             labels = predictor.predict(_load(sources[cid]))
-        except UserError as err:
-            log.warning(f"validation case {cid} not predicted: {err}")
+        except UserError as err:  # this scan only (unreadable, refused): the others go on
+            failures.append(f"case {cid}: {err}")
             entries[cid] = {**entry, "status": "failed", "error": str(err)}
             continue
         with atomic_path(target, suffix=".nii.gz") as tmp:
             nib.save(labels, str(tmp))
         entries[cid] = {**entry, "status": "written", "seconds": round(time.time() - tc, 2),
                         "shape": list(labels.shape[:3])}
-    gathered = dist.all_gather_object(entries, env)
-    result = {"folder": str(out), "cases": len(val_ids), "seconds": None, "mean_dice": None, "report": None}
-    cases = {k: v for part in gathered for k, v in part.items()}
-    result.update({s: sum(1 for e in cases.values() if e["status"].startswith(s[:4]))
-                   for s in ("written", "skipped", "failed")})
+    gathered = dist.all_gather_object((entries, failures), env)
+    cases = {k: v for part, _ in gathered for k, v in part.items()}
+    failures = [f for _, part in gathered for f in part]
+    status = [e["status"].split()[0] for e in cases.values()]
+    result = {"folder": str(out), "cases": len(val_ids), "written": status.count("written"),
+              "skipped": status.count("skipped"), "failed": status.count("failed"), "seconds": None,
+              "mean_dice": None, "report": None}
     if not env.is_main:
         return result
+    if failures:
+        log.warning(f"{len(failures)} of {len(val_ids)} validation cases could not be predicted ({failures[0]}"
+                    f"{'; ...' if len(failures) > 1 else ''}); the report scores the others")
     meta = predictor.metadata
     head = {"format": FORMAT, "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": sha,
