@@ -232,6 +232,41 @@ def test_resume_falls_back_when_last_pt_holds_nan(tiny, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_grad_scaler_path_skips_and_stays_consistent(tiny):
+    """The fp16 path (a grad scaler; on CUDA in real runs, its CPU twin here): a NaN loss skips the optimiser step,
+    the scaler records the overflow (its scale halves) and goes on; weights and optimiser state untouched."""
+    from glam3d.engine import distributed as dist
+    from glam3d.engine.train import Trainer, numerics
+
+    data, tmp = tiny
+    scales = []
+
+    class WithScaler(Trainer):
+        def build(self):
+            super().build()
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    class Scale(Callback):
+        def on_step_start(self, trainer, epoch, step):
+            scales.append(trainer.scaler.get_scale())
+
+    cfg = config_from_dict(H.tiny_config(data, tmp / "run", train={"epochs": 1, "iters_per_epoch": 4,
+                                                                   "val_every": 0}))
+    snaps = Snapshots()
+    env = dist.setup("cpu")
+    try:
+        with numerics(True):
+            summary = WithScaler(cfg, env, console=False, callback=[_nan_at(1), snaps, Scale()]).run()
+    finally:
+        dist.cleanup(env)
+    assert summary["nonfinite_steps"] == 1
+    w1, o1, _ = snaps.at[1]
+    w2, o2, _ = snaps.at[2]
+    assert _same(w1, w2) and all(_same(o1[k], o2[k]) for k in o1)
+    assert not _same(snaps.at[2][0], snaps.at[3][0])  # the next step trains again
+    assert scales == [1024.0, 1024.0, 512.0, 512.0]
+
+
 def test_guard_agrees_over_ranks_without_a_group():
     """The guard's own arithmetic: finite loss + NaN gradient norm skips; counts reset in a row, not in total."""
     from glam3d.engine.nonfinite import NonFiniteGuard, grad_norm

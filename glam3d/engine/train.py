@@ -1,13 +1,20 @@
 """The training engine: one loop from a laptop CPU to many GPUs on many nodes.
 
 ``train(cfg)`` trains any registered 3D segmentation network (or ``"package.module:factory"``) on a preprocessed
-dataset and returns a summary dict. The run folder (``cfg.output``) is self-describing::
+dataset and returns a summary dict. The run folder (``cfg.output``; ``OUTPUT/fold_<K>`` for a cross-validation
+fold, ``data.fold``) is self-describing::
 
+    RUN/.glam3d-folder.json  ownership marker, written first (glam3d.engine.run_folder)
     RUN/config.yaml          the resolved config
-    RUN/split.json           training / validation case ids (carved from the training cases, seeded)
+    RUN/split.json           training / validation case ids (carved from the training cases, seeded; or the fold)
     RUN/train.log            text log;  RUN/log.csv: one row per epoch;  RUN/curves.png: learning curves
+    RUN/tb/                  TensorBoard scalars
     RUN/checkpoints/last.pt  end of the latest epoch (or every train.save_every_iters iterations)
     RUN/checkpoints/best.pt  best mean validation Dice
+    RUN/validation/          a fold's validation cases predicted and scored (glam3d.engine.crossval)
+
+A step with a NaN/inf loss or gradient is skipped and counted, too many stop the run
+(:mod:`glam3d.engine.nonfinite`); a checkpoint never holds NaN/inf weights.
 
 Usage::
 
@@ -249,7 +256,8 @@ class Trainer:
     Attributes after :meth:`build_data`: ``cfg``, ``env``, ``task``, ``run_dir``, ``log``, ``state``
     (:class:`TrainState`), ``model`` (the bare network), ``net`` (what the loop calls: DDP / compiled),
     ``optimizer``, ``scheduler``, ``scaler``, ``amp`` (``none`` | ``bf16`` | ``fp16``), ``loader``, ``sampler``,
-    ``loss_fn``, ``val_set``, ``split``, ``manifest``, ``class_names``, ``K``, ``in_channels``.
+    ``loss_fn``, ``val_set``, ``split``, ``manifest``, ``class_names``, ``K``, ``in_channels``, ``guard`` (the
+    :class:`~glam3d.engine.nonfinite.NonFiniteGuard`), ``step_skipped`` (whether the last step was skipped).
     """
 
     def __init__(self, cfg: Config, env: dist.DistEnv, *, resume: bool = False, overwrite: bool = False,
@@ -475,7 +483,6 @@ class Trainer:
             pin_memory=self.env.device.type == "cuda", generator=torch.Generator().manual_seed(tc.seed))
         self.loss_fn = self.task.build_loss()
         self._checked_output = False
-        self.task.note_small_cases(self)
 
     def log_start(self) -> None:
         cfg, env, tc, st = self.cfg, self.env, self.cfg.train, self.state
@@ -491,6 +498,7 @@ class Trainer:
         elif self.amp == "bf16" and device.type == "cpu" and not cpu_bf16_native():
             self.log.info("train.amp=bf16 on a CPU without native bf16 (AVX512-BF16 / AMX): emulated, slower than "
                           "float32 here (train.amp=none)")
+        self.task.note_small_cases(self)
 
     # -- an epoch -------------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
