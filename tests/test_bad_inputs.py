@@ -1145,7 +1145,7 @@ def train_too_few_cases_for_five_folds(tmp):
                      r"5-fold cross-validation needs at least 5 training cases, the dataset has 3", n=3)
 
 
-def _foreign_out(tmp, extra, make):
+def _train_foreign_out(tmp, extra, make):
     out = tmp / "mine"
     make(out)
     row = _train_row(tmp, extra, out, r"is not empty .* was not written by glam3d", run=out)
@@ -1164,15 +1164,15 @@ def _their_config(out):
 
 
 def train_out_holds_their_checkpoints(tmp):
-    return _foreign_out(tmp, [], _their_checkpoints)
+    return _train_foreign_out(tmp, [], _their_checkpoints)
 
 
 def train_out_holds_their_checkpoints_overwrite(tmp):
-    return _foreign_out(tmp, ["--overwrite"], _their_checkpoints)
+    return _train_foreign_out(tmp, ["--overwrite"], _their_checkpoints)
 
 
 def train_out_holds_their_config_overwrite(tmp):
-    return _foreign_out(tmp, ["--overwrite"], _their_config)
+    return _train_foreign_out(tmp, ["--overwrite"], _their_config)
 
 
 def train_resume_nan_checkpoints(tmp):

@@ -7,8 +7,6 @@ The NaN is made by test-only callbacks that wrap the trainer's loss (or optimise
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -300,20 +298,9 @@ runpy.run_module("glam3d.commands.train", run_name="__main__", alter_sys=True)
 """
 
 
-def _env(mods: Path) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(mods), str(Path(__file__).resolve().parents[1]),
-                                         env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_ddp_spec = importlib.util.spec_from_file_location("_glam3d_test_nonfinite_ddp", Path(__file__).with_name("test_ddp.py"))
+DDP = importlib.util.module_from_spec(_ddp_spec)
+_ddp_spec.loader.exec_module(DDP)  # its torchrun environment and free port
 
 
 @pytest.mark.slow
@@ -331,12 +318,12 @@ def test_ddp_ranks_agree_on_skipping(tmp_path):
     w2, w1 = tmp_path / "world2", tmp_path / "world1"
     common = [str(cfg_path), "--no-progress", "--device", "cpu"]
     p2 = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(mods / "nan_launcher.py"),
+                           "--master_addr=127.0.0.1", f"--master_port={DDP._free_port()}", str(mods / "nan_launcher.py"),
                            "2", "1", *common, "--out", str(w2), "--override", "data.batch_size=1"],
-                          env=_env(mods), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          env=DDP._env(mods), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     p1 = subprocess.Popen([sys.executable, str(mods / "nan_launcher.py"), "2", "all", *common, "--out", str(w1),
                            "--override", "data.batch_size=2"],
-                          env=_env(mods), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          env=DDP._env(mods), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out2, _ = p2.communicate(timeout=300)
     out1, _ = p1.communicate(timeout=300)
     assert p2.returncode == 0, out2[-4000:]

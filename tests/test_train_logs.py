@@ -23,12 +23,7 @@ H = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(H)
 
 
-@pytest.fixture
-def tiny(tmp_path, monkeypatch):
-    H.write_tinynet(tmp_path / "mods")
-    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
-    sys.modules.pop("glam3d_tinynet", None)
-    return H.make_dataset(tmp_path / "data"), tmp_path
+tiny = H.tiny  # (data_root, tmp_path) with the tiny net importable: test_train.py's fixture
 
 
 def _train(cfg, **kw):

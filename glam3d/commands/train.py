@@ -8,7 +8,8 @@ Examples::
     glam3d train synapse_glam_nnformer --out runs/glam_s1 --resume
     torchrun --nproc_per_node=4 -m glam3d train synapse_glam_nnformer
     for k in 0 1 2 3 4; do glam3d train synapse_glam_nnformer --data data/synapse_nn --fold $k --out runs/cv; done
-    glam3d evaluate --pred runs/cv/fold_*/validation --gt data/synapse_nn/dataset.json --out runs/cv/cv_report
+    glam3d evaluate --pred runs/cv/fold_*/validation --gt data/synapse_nn/dataset.json --only-predicted \
+        --out runs/cv/cv_report
 
 Also runnable without the dispatcher: ``python -m glam3d.commands.train CONFIG ...``.
 """
