@@ -92,6 +92,11 @@ class DataConfig:
     workers: int = 0  # DataLoader worker processes
     val_fraction: float = 0.2  # share of the *training* cases held out for validation (seeded)
     val_cases: Optional[List[str]] = None  # explicit validation case ids (overrides val_fraction)
+    # cross-validation (nnU-Net's): fold 0..num_folds-1 of ROOT/splits_final.json (made on first use, seeded as
+    # nnU-Net does; an existing one is used as it is), or "all" (every training case, no validation); null: the
+    # val_fraction / val_cases split. The run folder becomes OUTPUT/fold_<fold>.
+    fold: Optional[str] = None
+    num_folds: int = 5  # folds of a splits_final.json glam3d makes
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -179,6 +184,11 @@ class TrainConfig:
     progress: bool = True  # tqdm bar per epoch (rank 0)
     find_unused_parameters: bool = False  # DDP: networks with parameters outside the loss graph
     sync_bn: bool = True  # 2D under DDP on CUDA: BatchNorm -> SyncBatchNorm (mmseg)
+    tensorboard: bool = True  # TensorBoard scalars in RUN/tb (needs the tensorboard package)
+    # a step whose loss or gradient is NaN/inf is skipped (no optimiser step) and counted; the run stops with an
+    # error after more than this many such steps in a row, or in all (0: at the first one)
+    max_nonfinite_in_a_row: int = 10
+    max_nonfinite_steps: int = 100
 
 
 @dataclass
@@ -192,6 +202,9 @@ class ValConfig:
     roi_size: Optional[List[int]] = None  # default: data.roi_size (3D) / data.crop_size (2D)
     max_cases: int = 0  # 0: all validation cases (2D: images)
     inference: Literal["whole", "slide"] = "whole"  # 2D only (3D always slides windows)
+    # fold runs (data.fold 0..N-1): at the end, predict the fold's validation cases from their source scans into
+    # RUN/fold_<K>/validation (best checkpoint, each scan's own geometry) and score them there (report.*)
+    export_folds: bool = True
 
 
 @dataclass
@@ -544,6 +557,8 @@ MAX_BATCH = 4096
 MAX_STEP_VOXELS = 2 ** 31
 #: DataLoader worker processes
 MAX_WORKERS = 256
+#: cross-validation folds (nnU-Net: 5; leave-one-out on a large dataset is beyond any use)
+MAX_FOLDS = 100
 
 
 def validate_config(cfg: Config, source: Optional[str] = None, network: bool = True) -> None:
@@ -571,6 +586,16 @@ def validate_config(cfg: Config, source: Optional[str] = None, network: bool = T
         need(cfg.data.pos >= 0 and cfg.data.neg >= 0 and cfg.data.pos + cfg.data.neg > 0, "data.pos",
              "and data.neg must be >= 0 and not both 0")
         need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+        need(2 <= cfg.data.num_folds <= MAX_FOLDS, "data.num_folds", f"must be in 2..{MAX_FOLDS}")
+        if cfg.data.fold is not None:
+            from .data.datasets import parse_fold
+
+            try:
+                parse_fold(cfg.data.fold)
+            except UserError as err:
+                raise UserError(str(err), source) from None
+            need(cfg.data.val_cases is None, "data.val_cases", "and data.fold (--fold) exclude each other: a fold's "
+                 "validation cases are those of splits_final.json")
         need(len(cfg.data.augment.gamma_range) == 2, "data.augment.gamma_range", "must be two numbers")
         need(len(cfg.data.augment.rotate_deg) == 3, "data.augment.rotate_deg", "must be 3 angles (D, H, W axes)")
         need(cfg.val.roi_size is None or (len(cfg.val.roi_size) == 3 and all(s > 0 for s in cfg.val.roi_size)),
@@ -585,6 +610,8 @@ def validate_config(cfg: Config, source: Optional[str] = None, network: bool = T
     need(cfg.train.val_every >= 0, "train.val_every", "must be >= 0")
     need(all(w >= 0 for w in cfg.train.deep_supervision), "train.deep_supervision", "weights must be >= 0")
     need(0.0 <= cfg.val.overlap < 1.0, "val.overlap", "must be in [0, 1)")
+    need(cfg.train.max_nonfinite_in_a_row >= 0, "train.max_nonfinite_in_a_row", "must be >= 0")
+    need(cfg.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
     _validate_bounds(cfg, need)
     if network:
         from .engine.preflight import check_config_network

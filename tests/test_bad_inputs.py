@@ -265,7 +265,10 @@ def train_labels_out_of_range(tmp):
 
 
 def train_resume_truncated_checkpoint(tmp):
+    from glam3d.utils.ownership import claim
+
     run = tmp / "run"
+    claim(run, "training-run").record("checkpoints/")  # a glam3d run folder (its marker), whose last.pt is cut short
     (run / "checkpoints").mkdir(parents=True)
     ck = H.predict_checkpoint(run / "checkpoints" / "last.pt")
     ck.write_bytes(ck.read_bytes()[:1000])
@@ -1238,3 +1241,143 @@ def test_predict_refused_before_heavy_work(case, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert _main(row)(row.argv) == 2
     assert all(devices == {"meta"} for devices in built), built
+
+
+# ================================================================================================================
+# train: cross-validation folds, run folders glam3d does not own, non-finite checkpoints
+# ================================================================================================================
+def _fold_row(tmp, fold, names, problem, splits=None, n=None):
+    row = _train_row(tmp, ["--fold", str(fold)], names, problem)
+    data = tmp / "data"
+    if n is not None:  # a dataset with n training cases instead
+        import shutil
+
+        shutil.rmtree(data)
+        H.T.make_dataset(data, n=n, n_test=0, shape=(16, 20, 20))
+    if splits is not None:
+        (data / "splits_final.json").write_text(splits if isinstance(splits, str) else json.dumps(splits))
+    row.outputs = [tmp / "run"]
+    return row
+
+
+def train_fold_beyond_the_splits(tmp):
+    from glam3d.data.datasets import crossval_splits
+
+    splits = crossval_splits([f"case{i:02d}" for i in range(4)], 2)
+    return _fold_row(tmp, 2, tmp / "data" / "splits_final.json", r"--fold 2: the splits have folds 0..1", splits)
+
+
+def train_splits_name_unknown_cases(tmp):
+    splits = [{"train": ["case00", "case01"], "val": ["BTCV_004"]}]
+    return _fold_row(tmp, 0, tmp / "data" / "splits_final.json",
+                     r"fold 0: 'val' names case\(s\) BTCV_004 that are not training cases", splits)
+
+
+def train_splits_not_json(tmp):
+    return _fold_row(tmp, 0, tmp / "data" / "splits_final.json", r"not valid JSON", "[{'train': ")
+
+
+def train_splits_not_a_list(tmp):
+    return _fold_row(tmp, 0, tmp / "data" / "splits_final.json", r"must be a list of folds", {"0": {"train": []}})
+
+
+def train_fold_not_a_number(tmp):
+    return _fold_row(tmp, "seven", tmp / "tiny.yaml", r"'data.fold' \(--fold\) must be a fold number 0, 1, ... or 'all'")
+
+
+def train_too_few_cases_for_five_folds(tmp):
+    return _fold_row(tmp, 0, tmp / "data" / "dataset.json",
+                     r"5-fold cross-validation needs at least 5 training cases, the dataset has 3", n=3)
+
+
+def _train_foreign_out(tmp, extra, make):
+    out = tmp / "mine"
+    make(out)
+    row = _train_row(tmp, extra, out, r"is not empty .* was not written by glam3d", run=out)
+    row.inputs_inside = [p for p in out.rglob("*") if p.is_file()]
+    return row
+
+
+def _their_checkpoints(out):
+    (out / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, out / "checkpoints" / "last.pt")  # a model of their own
+
+
+def _their_config(out):
+    out.mkdir()
+    (out / "config.yaml").write_text("model: unet\nlr: 0.01\n")
+
+
+def train_out_holds_their_checkpoints(tmp):
+    return _train_foreign_out(tmp, [], _their_checkpoints)
+
+
+def train_out_holds_their_checkpoints_overwrite(tmp):
+    return _train_foreign_out(tmp, ["--overwrite"], _their_checkpoints)
+
+
+def train_out_holds_their_config_overwrite(tmp):
+    return _train_foreign_out(tmp, ["--overwrite"], _their_config)
+
+
+def train_resume_nan_checkpoints(tmp):
+    """last.pt and last.pt.prev both with NaN weights (written around save_checkpoint): never resumed from."""
+    from glam3d.config import load_config
+    from glam3d.engine.checkpoint import load_checkpoint
+    from glam3d.engine.train import train
+
+    cfg_path, data, mods = H.train_setup(tmp)
+    run = tmp / "run"
+    sys.path.insert(0, str(mods))
+    try:
+        sys.modules.pop("glam3d_tinynet", None)
+        cfg = load_config(cfg_path, [f"output={run}", "train.progress=false"])
+        train(cfg, console=False)
+    finally:
+        sys.path.remove(str(mods))
+    ck = run / "checkpoints" / "last.pt"
+    for p in (ck, ck.with_name("last.pt.prev")):
+        state = load_checkpoint(p)
+        state["model"] = {k: torch.full_like(v, float("nan")) for k, v in state["model"].items()}
+        torch.save(state, p)
+    row = _train_row(tmp, ["--resume"], ck, r"weights hold NaN/inf .* diverged training run", run=run)
+    row.inputs_inside = list((run / "checkpoints").iterdir())
+    return row
+
+
+def train_init_checkpoint_nan_weights(tmp):
+    from glam3d.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(H.predict_checkpoint(tmp / "ck.pt"))
+    state["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    torch.save(state, tmp / "diverged.pt")
+    return _train_row(tmp, ["--override", f"model.init_checkpoint={tmp / 'diverged.pt'}"], tmp / "diverged.pt",
+                      r"weights hold NaN/inf")
+
+
+TRAIN_ROWS = {f.__name__: f for f in [
+    train_fold_beyond_the_splits, train_splits_name_unknown_cases, train_splits_not_json, train_splits_not_a_list,
+    train_fold_not_a_number, train_too_few_cases_for_five_folds, train_out_holds_their_checkpoints,
+    train_out_holds_their_checkpoints_overwrite, train_out_holds_their_config_overwrite,
+    train_resume_nan_checkpoints, train_init_checkpoint_nan_weights,
+]}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_ROWS))
+def test_bad_input_train(case, tmp_path, capsys, monkeypatch):
+    """The catalogue's contract for these train rows: exit 2, one line naming the file or folder and the problem,
+    nothing half written, and what the user had in the output folder untouched."""
+    row = TRAIN_ROWS[case](tmp_path)
+    if row.setup:
+        row.setup(monkeypatch)
+    before = {p: p.read_bytes() for p in row.inputs_inside}
+    capsys.readouterr()
+    code = _main(row)(row.argv)
+    err = capsys.readouterr().err
+    assert code == 2, (code, err)
+    check_error_line(err, row)
+    check_outputs(row)
+    assert {p: p.read_bytes() for p in row.inputs_inside} == before
+    if case.startswith(("train_fold", "train_splits", "train_too_few", "train_out")):  # refused before any file
+        assert not (tmp_path / "run").exists() and not (tmp_path / "mine" / ".glam3d-folder.json").exists()
