@@ -52,7 +52,7 @@ def test_crossval_splits_are_nnunets(n, k):
 
 
 def test_crossval_splits_match_scikit_learn():
-    sklearn = pytest.importorskip("sklearn.model_selection")
+    import sklearn.model_selection as sklearn  # in the test extra
     ids = sorted(f"BTCV_{i:03d}" for i in range(1, 31))
     ref = [{"train": [ids[i] for i in tr], "val": [ids[i] for i in te]}
            for tr, te in sklearn.KFold(n_splits=5, shuffle=True, random_state=12345).split(ids)]
