@@ -49,7 +49,7 @@ def add_parser(subparsers):
     p.add_argument("--spacing", nargs=3, type=float, default=list(DEMO_SPACING), metavar=("SZ", "SY", "SX"),
                    help=f"preprocessing target spacing in mm (default {' '.join(f'{v:g}' for v in DEMO_SPACING)}; "
                         f"the evaluation is always in each scan's own geometry)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the phantoms and the training (default 0)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="training config override, e.g. train.epochs=4 (repeatable)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes for phantoms/preprocessing")

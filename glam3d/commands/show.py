@@ -27,14 +27,14 @@ def add_parser(subparsers):
     o.add_argument("--image", required=True, metavar="IMG", help="the scan (NIfTI)")
     o.add_argument("--pred", required=True, metavar="PRED", help="predicted label map on the scan's grid")
     o.add_argument("--gt", metavar="GT", help="ground-truth label map on the scan's grid")
-    o.add_argument("--out", required=True, metavar="PNG")
+    o.add_argument("--out", required=True, metavar="PNG", help="the figure to write")
     o.add_argument("--slices", type=int, nargs="+", default=[4], metavar="N",
                    help="one number: how many slices (auto, through organ centroids); several: axial indices "
                         "of the RAS+ volume")
     a = sub.add_parser("attention", help="GLAM effective global attention of one voxel (paper eq. 7)",
                        description="Runs the checkpoint's network on a window around the voxel and draws the "
                                    "global-attention map of that voxel (through the global tokens) over the scan.")
-    a.add_argument("--checkpoint", required=True, metavar="CKPT")
+    a.add_argument("--checkpoint", required=True, metavar="CKPT", help="a trained GLAM checkpoint")
     a.add_argument("--image", required=True, metavar="IMG", help="the scan (NIfTI)")
     a.add_argument("--voxel", required=True, type=int, nargs=3, metavar=("Z", "Y", "X"),
                    help="query voxel, indices of the scan as stored, in (z, y, x) = (k, j, i) order "
@@ -50,8 +50,8 @@ def add_parser(subparsers):
     a.add_argument("--weighting", choices=("query", "uniform"), default="query",
                    help="weight the window's global tokens by the query's attention to them (in the block that "
                         "reads them), or uniformly")
-    a.add_argument("--out", required=True, metavar="PNG")
-    a.add_argument("--device", default="auto")
+    a.add_argument("--out", required=True, metavar="PNG", help="the figure to write")
+    a.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     return p
 
 

@@ -1,6 +1,6 @@
 """Preprocessed 3D datasets for training: manifest, validation split, cached cases, seeded patch draws.
 
-A preprocessed dataset is ``ROOT/dataset.json`` + ``ROOT/cases/<id>.npz`` (see ``docs/INTERNALS.md``). Only the
+A preprocessed dataset is ``ROOT/dataset.json`` + ``ROOT/cases/<id>.npz`` (see ``docs/reference/file-formats.md``). Only the
 manifest's ``training`` cases are ever read here; the validation split is carved from them (seeded) and
 ``test`` cases are never touched.
 
