@@ -388,7 +388,7 @@ def test_out_receives_d_ranges_in_order():
 
 def test_one_argmax_per_cell_and_the_chunked_argmax_equal(monkeypatch):
     """A finished cell becomes labels in one argmax (+ cast + copy: on a GPU each is a kernel launch the host
-    pays for; change 31) unless its int64 temporary would pass ``_ARGMAX_ELEMENTS``; chunked by planes the
+    pays for) unless its int64 temporary would pass ``_ARGMAX_ELEMENTS``; chunked by planes the
     labels are the same."""
     import math
 

@@ -189,7 +189,7 @@ def test_predict_reads_the_scan_lazily(tmp_path, monkeypatch):
 
 def test_inference_settings_keep_zero_overlap():
     """A checkpoint validated at overlap 0 (or without mirroring) is predicted that way: 0 is a setting, not a
-    gap to fill with the 0.5 default (it was, before the twelfth session); the CLI still wins."""
+    gap to fill with the 0.5 default; the CLI still wins."""
     import argparse
 
     from glam3d.inference.predictor import inference_settings

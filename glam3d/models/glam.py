@@ -86,7 +86,7 @@ class Attention(nn.Module):
     """
 
     #: CPU inference, sequences at least this long: q, k, v copied out of the fused projection's strided layout
-    #: (one ~1 ms copy; G-MSA over 5,120 tokens on the Xeon VM: 100 -> 95 ms)
+    #: (one ~1 ms copy; G-MSA over 5,120 tokens on an AVX-512/AMX CPU: 100 -> 95 ms)
     CONTIGUOUS_FROM = 1024
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,

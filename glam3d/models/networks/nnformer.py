@@ -69,7 +69,7 @@ def _cf(x: torch.Tensor) -> torch.Tensor:
 def _channels_last_input(x: torch.Tensor) -> torch.Tensor:
     """A one-channel CPU image ``(B, 1, *S)`` viewed with channels-last strides: the same memory (a size-1 axis's
     stride is free) and the same values out of the convolution, but oneDNN then writes the stem convolution's
-    output channels-last instead of computing in that layout and copying it back (bf16 on the Xeon VM: 28 -> 6 ms
+    output channels-last instead of computing in that layout and copying it back (bf16 on an AMX CPU: 28 -> 6 ms
     for the Synapse crop's first convolution), and the LayerNorm after it reads it without a copy. Other inputs
     are returned as they are."""
     if x.device.type != "cpu" or x.ndim != 5 or x.shape[1] != 1 or not x.is_contiguous():
@@ -172,7 +172,7 @@ class NnFormer(nn.Module):
             the position tables are sized from ``crop_size`` (authors variant: ``N_r * N_g`` rows per level).
         global_num_heads: heads of each stage's G-MSA, int or one per encoder stage (the decoder levels reuse
             stages 1-3's); default ``num_heads``. The paper leaves it open; it changes neither the parameters nor
-            the multiply-adds, only how the attention is split (see ``experiments/PERFORMANCE.md``, change 17).
+            the multiply-adds, only how the attention is split (head dimension 64 runs at the CPU flash kernel's matmul peak: ``docs/performance.md``).
         glam_decoder: global tokens in the decoder stages too (with the encoder stage's count).
         glam_single_window: global tokens also in stages whose map is one window at ``crop_size`` (default);
             False: none there.
