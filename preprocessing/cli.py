@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="table of every case (shape, spacing, orientation, range, labels) + warnings")
     p.add_argument("folder", type=Path, help="a BTCV, nnU-Net v2 or MSD dataset folder, or a folder of images")
 
-    for name, sp in sub.choices.items():
+    for sp in sub.choices.values():
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 

@@ -204,12 +204,12 @@ def reference_layer(layer, x, context=None):
         rec = []
         k = 0  # next G-MSA module
 
-        def gmsa(g):
+        def gmsa(g):  # called within this image's iteration only (B023: its loop variables are the current ones)
             nonlocal k
-            out, w = reference_gmsa(layer.gmsa[k], g.reshape(n_r * n_g, -1), pos, variant)
-            rec.append(("gmsa", k, w))
+            out, w = reference_gmsa(layer.gmsa[k], g.reshape(n_r * n_g, -1), pos, variant)  # noqa: B023
+            rec.append(("gmsa", k, w))  # noqa: B023
             k += 1
-            out = out.reshape(n_r, n_g, -1)
+            out = out.reshape(n_r, n_g, -1)  # noqa: B023
             return out.clamp(-1, 1) if layer.global_clamp else out
 
         for i, blk in enumerate(layer.blocks):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1282,7 +1281,8 @@ def train_splits_not_a_list(tmp):
 
 
 def train_fold_not_a_number(tmp):
-    return _fold_row(tmp, "seven", tmp / "tiny.yaml", r"'data.fold' \(--fold\) must be a fold number 0, 1, ... or 'all'")
+    return _fold_row(tmp, "seven", tmp / "tiny.yaml",
+                     r"'data.fold' \(--fold\) must be a fold number 0, 1, ... or 'all'")
 
 
 def train_too_few_cases_for_five_folds(tmp):

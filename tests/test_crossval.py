@@ -16,7 +16,8 @@ from glam3d.config import config_from_dict
 from glam3d.data import datasets as D
 from glam3d.errors import UserError
 
-_spec = importlib.util.spec_from_file_location("_glam3d_test_crossval_helpers", Path(__file__).with_name("test_train.py"))
+_spec = importlib.util.spec_from_file_location("_glam3d_test_crossval_helpers",
+                                               Path(__file__).with_name("test_train.py"))
 H = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(H)
 

@@ -90,7 +90,6 @@ def _processes_with(marker: str) -> list:
 def test_distributed_run_ends_flushed_and_leaves_no_workers(tmp_path):
     """A torchrun job ends through ``end_process`` (``os._exit`` past PyTorch's teardown of the process group DDP
     keeps alive): everything it printed and logged is out, and its DataLoader worker processes are gone with it."""
-    import os
     import time
     import uuid
 

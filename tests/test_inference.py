@@ -211,7 +211,8 @@ def test_inference_weights_equal_autocast_bit_for_bit(spec, shape):
     ref = run(model)
     cast = inference_weights(copy.deepcopy(model), torch.bfloat16)
     assert torch.equal(run(cast), ref)
-    layer_types = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+    layer_types = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d,
+                   torch.nn.ConvTranspose3d)
     n_cast = 0
     for (name, mod), orig in zip(cast.named_modules(), model.modules()):
         own = dict(mod.named_parameters(recurse=False))

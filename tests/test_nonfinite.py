@@ -298,7 +298,8 @@ runpy.run_module("glam3d.commands.train", run_name="__main__", alter_sys=True)
 """
 
 
-_ddp_spec = importlib.util.spec_from_file_location("_glam3d_test_nonfinite_ddp", Path(__file__).with_name("test_ddp.py"))
+_ddp_spec = importlib.util.spec_from_file_location("_glam3d_test_nonfinite_ddp",
+                                                   Path(__file__).with_name("test_ddp.py"))
 DDP = importlib.util.module_from_spec(_ddp_spec)
 _ddp_spec.loader.exec_module(DDP)  # its torchrun environment and free port
 
@@ -318,7 +319,8 @@ def test_ddp_ranks_agree_on_skipping(tmp_path):
     w2, w1 = tmp_path / "world2", tmp_path / "world1"
     common = [str(cfg_path), "--no-progress", "--device", "cpu"]
     p2 = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={DDP._free_port()}", str(mods / "nan_launcher.py"),
+                           "--master_addr=127.0.0.1", f"--master_port={DDP._free_port()}",
+                           str(mods / "nan_launcher.py"),
                            "2", "1", *common, "--out", str(w2), "--override", "data.batch_size=1"],
                           env=DDP._env(mods), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     p1 = subprocess.Popen([sys.executable, str(mods / "nan_launcher.py"), "2", "all", *common, "--out", str(w1),

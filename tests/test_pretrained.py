@@ -162,7 +162,7 @@ class RefSwin(nn.Module):
     def features(self, x):
         x = self.patch_embed.norm(self.patch_embed.proj(x).permute(0, 2, 3, 1))
         outs = []
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             for blk in layer.blocks:
                 x = blk(x)
             outs.append(self.norm(x) if layer.downsample is None else x)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -194,7 +193,8 @@ def test_demo_folder_is_claimed_with_a_marker(tmp_path, capsys):
     from preprocessing import cli as pre_cli
 
     old = tmp_path / "old_demo"
-    assert pre_cli.main(["phantom", "--out", str(old / "phantom_raw"), "--cases", "1", "--matrix", "32", "--quiet"]) == 0
+    assert pre_cli.main(["phantom", "--out", str(old / "phantom_raw"), "--cases", "1", "--matrix", "32",
+                         "--quiet"]) == 0
     for folder in (old, old / "phantom_raw"):
         (folder / MARKER).unlink(missing_ok=True)
     (old / "test_labels").mkdir()

@@ -1,4 +1,5 @@
-"""``glam3d predict``: segment new scans with trained checkpoints, writing label maps in each scan's geometry and format.
+"""``glam3d predict``: segment new scans with trained checkpoints, writing label maps in each scan's geometry and
+format.
 
 The checkpoint carries the preprocessing plan and the label values, so a user gives only the scans: image files
 (NIfTI, ``.mha``, ``.nrrd``, … anything SimpleITK reads), folders of them (nnU-Net's ``<case>_XXXX`` channel files
@@ -34,7 +35,7 @@ def add_parser(subparsers):
     from ..inference.cases import OUTPUT_FORMATS
 
     p = subparsers.add_parser("predict", help="segment scans (NIfTI / DICOM) with a trained checkpoint",
-                              description=__doc__.splitlines()[0], epilog=EPILOG,
+                              description=" ".join(__doc__.split("\n\n")[0].split()), epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
                    help="glam3d checkpoint (.pt); several: an ensemble (softmax averaged per window; the same "

@@ -1,8 +1,8 @@
 """Preprocessed 3D datasets for training: manifest, validation split, cached cases, seeded patch draws.
 
-A preprocessed dataset is ``ROOT/dataset.json`` + ``ROOT/cases/<id>.npz`` (see ``docs/reference/file-formats.md``). Only the
-manifest's ``training`` cases are ever read here; the validation split is carved from them (seeded) and
-``test`` cases are never touched.
+A preprocessed dataset is ``ROOT/dataset.json`` + ``ROOT/cases/<id>.npz`` (see
+``docs/reference/file-formats.md``). Only the manifest's ``training`` cases are ever read here; the validation
+split is carved from them (seeded) and ``test`` cases are never touched.
 
 Determinism: a training patch is a pure function of ``(seed, epoch, draw index)``. Epoch ``e`` draws
 ``iters_per_epoch * batch_size * world_size`` volumes in an order derived from ``(seed, e)`` (a concatenation

@@ -44,7 +44,7 @@ __all__ = ["Task", "VolumeTask", "ImageTask", "task_for", "ImageDraws", "collate
            "LOG_COLUMNS_2D"]
 
 LOG_COLUMNS_2D = ["epoch", "iteration", "lr", "train_loss", "epoch_time_s", "images_per_s", "nonfinite_steps",
-                  "val_mIoU", "val_mAcc", "val_aAcc", "best_mIoU"]  # per-class val_iou_<name> columns go before best_mIoU
+                  "val_mIoU", "val_mAcc", "val_aAcc", "best_mIoU"]  # per-class val_iou_<name> before best_mIoU
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -412,7 +412,7 @@ class Trainer:
     def restore(self, resume_state: Optional[dict]) -> None:
         """Network, optimiser, scheduler, scaler, RNG streams and :attr:`state` from the resume checkpoint; on a
         fresh start, per-rank random streams (dropout, drop-path)."""
-        cfg, env, tc, st = self.cfg, self.env, self.cfg.train, self.state
+        env, tc, st = self.env, self.cfg.train, self.state
         if resume_state is None:
             seed_everything(tc.seed + 1000 * env.rank)  # per-rank streams (dropout, drop-path)
             return
@@ -485,7 +485,7 @@ class Trainer:
         self._checked_output = False
 
     def log_start(self) -> None:
-        cfg, env, tc, st = self.cfg, self.env, self.cfg.train, self.state
+        env, tc, st = self.env, self.cfg.train, self.state
         device = env.device
         self.log.info(f"glam3d train: {self.model.glam3d_spec['name']} ({self.num_parameters / 1e6:.2f} M "
                       f"parameters) on {device}"

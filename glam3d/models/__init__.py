@@ -8,7 +8,8 @@ from .attention_map import global_attention_map, map_from_recorded, recording, u
 from .glam import GLAM_VARIANTS, GLAMLayer, GlobalAttention, GlobalBlock, WindowBlock
 from .nlu import NLU
 from .pretrained import load_pretrained
-from .registry import build_model, build_model_spec, check_model_spec, families, list_models, model_config, parse_model_spec
+from .registry import (build_model, build_model_spec, check_model_spec, families, list_models, model_config,
+                       parse_model_spec)
 from .window import WindowAttention, window_partition, window_reverse
 
 __all__ = ["GLAMLayer", "GLAM_VARIANTS", "GlobalBlock", "GlobalAttention", "WindowBlock", "WindowAttention",

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from .layers import DropPath, Mlp, add_mlp_, chunked_inference, init_weights_trunc_normal, linear, to_ntuple
 from .window import (WindowAttention, as_window_size, effective_window, pad_to_multiple, padded_shape,
-                     key_padding, partition_with_prefix, roll, shift_window_mask, shifted_window_index, window_classes,
+                     key_padding, partition_with_prefix, shift_window_mask, shifted_window_index, window_classes,
                      window_partition, window_reverse)
 
 __all__ = ["Attention", "WindowBlock", "GlobalBlock", "GlobalAttention", "GLAMLayer", "window_geometry",

@@ -172,7 +172,8 @@ class NnFormer(nn.Module):
             the position tables are sized from ``crop_size`` (authors variant: ``N_r * N_g`` rows per level).
         global_num_heads: heads of each stage's G-MSA, int or one per encoder stage (the decoder levels reuse
             stages 1-3's); default ``num_heads``. The paper leaves it open; it changes neither the parameters nor
-            the multiply-adds, only how the attention is split (head dimension 64 runs at the CPU flash kernel's matmul peak: ``docs/performance.md``).
+            the multiply-adds, only how the attention is split (head dimension 64 runs at the CPU flash kernel's
+            matmul peak: ``docs/performance.md``).
         glam_decoder: global tokens in the decoder stages too (with the encoder stage's count).
         glam_single_window: global tokens also in stages whose map is one window at ``crop_size`` (default);
             False: none there.

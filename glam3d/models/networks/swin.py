@@ -70,7 +70,7 @@ def swin_stage_resolutions(image_size: Sequence[int], patch_size: int = 4, num_s
     """Feature-map sizes ``[(H_0, W_0), ...]`` of every stage for an input ``(H, W)`` (padding included)."""
     h, w = (math.ceil(s / patch_size) for s in image_size)
     out = []
-    for i in range(num_stages):
+    for _ in range(num_stages):
         out.append((h, w))
         h, w = math.ceil(h / 2), math.ceil(w / 2)
     return out
