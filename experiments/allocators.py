@@ -32,7 +32,9 @@ Order: in each round the workloads run one after the other and, for each workloa
 interpreter; odd rounds reverse both orders (ABCDEF FEDCBA ...), so drift of a shared machine falls on every arm
 alike. Each process reports the workload's seconds, its peak RSS (``VmHWM``: torch, the network and the
 workload), page faults and system CPU time; the parent records the load average and the CPU time that other
-processes used while it ran (``/proc/stat`` busy time minus the child's own).
+processes used while it ran (``/proc/stat`` busy time minus the child's own). On a shared machine a process during
+which others used more than ``--max-busy`` (10 %) of the CPUs' time is run again, in its place in the order, once
+the CPUs are idle (at most ``--retries`` times); the result keeps every attempt and summarises the last.
 
 Summary per arm and workload: median seconds over the rounds, their min-max and interquartile range, the ratio
 to ``stock`` (median of the per-round ratios, each arm against the stock process of the same round and workload,
@@ -60,7 +62,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without installing glam3d
     sys.path.insert(0, ROOT)
 
-from glam3d.alloc import tune_from_environment  # noqa: E402  (no torch import)
+from glam3d.alloc import preloaded_allocator, tune_from_environment  # noqa: E402  (no torch import)
 
 #: the MALLOC_CONF that ``torch.backends.xeon.run_cpu --enable-jemalloc`` sets
 RUN_CPU_JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto"
@@ -109,16 +111,6 @@ def _proc_status(key: str) -> int:
     return 0
 
 
-def _mapped_allocators() -> List[str]:
-    """Which of jemalloc / tcmalloc is mapped into this process (the proof that an LD_PRELOAD took)."""
-    try:
-        with open("/proc/self/maps") as f:
-            maps = f.read()
-    except OSError:
-        return []
-    return [name for name in ("jemalloc", "tcmalloc") if f"lib{name}" in maps]
-
-
 def _worker(spec: dict) -> dict:
     """Run ``spec["workload"]`` once in this (fresh) process; returns its measurements."""
     import resource
@@ -130,11 +122,11 @@ def _worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     out = {"arm": spec["arm"], "workload": spec["workload"], "round": spec["round"],
-           "glam3d_profile": (state or {}).get("profile"), "mapped": _mapped_allocators()}
+           "glam3d_profile": (state or {}).get("profile"), "preloaded": preloaded_allocator()}
     if (state or {}).get("cache_error"):
         out["error"] = f"cache unavailable: {state['cache_error']}"
         return out
-    if ARMS[spec["arm"]][1] is not None and spec["arm"] not in out["mapped"]:
+    if ARMS[spec["arm"]][1] is not None and out["preloaded"] != spec["arm"]:
         out["error"] = f"LD_PRELOAD did not load {ARMS[spec['arm']][1]}"
         return out
     r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -231,6 +223,20 @@ def wait_until_quiet(threshold: float, minutes: int = 3, max_hours: float = 3.0,
         time.sleep(60)
 
 
+def wait_until_idle(max_fraction: float, max_seconds: float = 900, sample: float = 10.0, log=print) -> float:
+    """Sleep in ``sample``-second steps until the machine's CPUs were busy less than ``max_fraction`` of a step
+    (this process sleeps meanwhile: what is busy is someone else), or ``max_seconds`` passed. Returns the last
+    busy fraction seen."""
+    t0, cores = time.time(), os.cpu_count() or 1
+    while True:
+        b0 = _cpu_busy_seconds()[0]
+        time.sleep(sample)
+        frac = (_cpu_busy_seconds()[0] - b0) / (sample * cores)
+        if frac < max_fraction or time.time() - t0 > max_seconds:
+            return frac
+        log(f"other processes keep {100 * frac:.0f} % of the CPUs busy, waiting")
+
+
 def run_one(spec: dict, env: Dict[str, str], timeout: float) -> dict:
     """One child process; returns its JSON plus the machine load around it."""
     load0 = os.getloadavg()
@@ -269,7 +275,7 @@ def _quartiles(v: Sequence[float]) -> tuple:
 def summarise(runs: List[dict], arms: Sequence[str], workloads: Sequence[str]) -> List[dict]:
     """One row per workload and arm: seconds (median, min, max, IQR over rounds), ratio to stock (median and
     min-max of the per-round ratios), peak RSS (median, max), minor faults and system seconds (medians)."""
-    ok = [r for r in runs if "error" not in r]
+    ok = [r for r in runs if "error" not in r and not r.get("superseded")]
     by = {(r["workload"], r["arm"], r["round"]): r for r in ok}
     rows = []
     for w in workloads:
@@ -315,11 +321,13 @@ def verdicts(rows: List[dict], candidates: Sequence[str] = ("cache", "glibc-memo
 def load_summary(runs: List[dict]) -> dict:
     """Load average (1 min) at the start of every process, and the CPU other processes used meanwhile."""
     loads = [r["loadavg_start"][0] for r in runs if r.get("loadavg_start")]
+    cores = os.cpu_count() or 1
     other = sum(r.get("other_cpu_seconds", 0.0) for r in runs)
     wall = sum(r.get("process_seconds", 0.0) for r in runs)
     return {"loadavg_1min_min": min(loads, default=None), "loadavg_1min_median":
             statistics.median(loads) if loads else None, "loadavg_1min_max": max(loads, default=None),
-            "other_cpu_seconds": other, "other_cpu_fraction_of_2_cores": other / (2 * wall) if wall else None,
+            "other_cpu_seconds": other, "other_cpu_fraction": other / (cores * wall) if wall else None, "cores": cores,
+            "retried": sum(1 for r in runs if r.get("superseded")),
             "steal_seconds": sum(r.get("steal_seconds", 0.0) for r in runs)}
 
 
@@ -331,7 +339,8 @@ def to_markdown(res: dict) -> str:
              f"{cfg['rounds']} rounds, {len(res['runs'])} processes, {res['total_seconds'] / 60:.0f} min; "
              f"1-min load average at process starts {_f(ld['loadavg_1min_min'])}–{_f(ld['loadavg_1min_max'])} "
              f"(median {_f(ld['loadavg_1min_median'])}), other processes used "
-             f"{100 * (ld['other_cpu_fraction_of_2_cores'] or 0):.1f} % of the 2 cores"
+             f"{100 * (ld['other_cpu_fraction'] or 0):.1f} % of the {ld['cores']} cores"
+             f" ({ld['retried']} processes run again because others kept the CPUs busy)"
              + (f"; machine quiet before the start: {'yes' if quiet.get('quiet') else 'no'}" if quiet else "")
              + "_", "",
              "| workload | arm | median (s) | min–max (s) | IQR (s) | ratio to stock (min–max) | peak RSS (GB) | "
@@ -382,6 +391,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--wait-quiet", type=float, metavar="LOAD",
                    help="first wait until the 1-minute load average stayed below LOAD for 3 minutes (at most 3 h)")
     p.add_argument("--timeout", type=float, default=900, help="seconds one process may take (default 900)")
+    p.add_argument("--max-busy", type=float, default=0.1, metavar="FRACTION",
+                   help="a process during which other processes used more than FRACTION of the CPUs' time runs "
+                        "again, once they are idle (default 0.1)")
+    p.add_argument("--retries", type=int, default=3, help="at most this many reruns of one process (default 3)")
+    p.add_argument("--idle-wait", type=float, default=900, metavar="SECONDS",
+                   help="before a rerun, wait at most this long for idle CPUs (default 900)")
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(_worker(json.loads(a.worker))), flush=True)
@@ -390,8 +405,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(a.report) as f:
             print(to_markdown(json.load(f)), end="")
         return 0
-    if a.rounds < 1 or a.repeats < 1 or a.threads < 1:
-        p.error("--rounds, --repeats and --threads must be >= 1")
+    if a.rounds < 1 or a.repeats < 1 or a.threads < 1 or a.retries < 0 or a.max_busy <= 0:
+        p.error("--rounds, --repeats and --threads must be >= 1, --retries >= 0, --max-busy > 0")
     if "stock" not in a.arms:
         p.error("--arms must include stock (the ratios are to it)")
     from glam3d.utils.io import atomic_write_text
@@ -424,23 +439,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
            "runs": []}
     order = schedule(arms, a.workloads, a.rounds)
     t0 = time.perf_counter()
+    cores = os.cpu_count() or 1
     for i, (rnd, w, arm) in enumerate(order):
         env = dict(envs[arm], OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
         spec = {"arm": arm, "workload": w, "round": rnd, "threads": a.threads, "repeats": a.repeats,
                 "params": SIZES[a.size][w]}
-        r = run_one(spec, env, a.timeout)
-        res["runs"].append(r)
-        done = time.perf_counter() - t0
-        log(f"{i + 1}/{len(order)} round {rnd} {w} {arm}: "
-            + (r["error"] if "error" in r else f"{r['seconds']:.3f} s, peak {r['peak_rss'] / 1e9:.2f} GB")
-            + f"; load {r['loadavg_start'][0]:.2f}; ~{done / (i + 1) * (len(order) - i - 1) / 60:.0f} min left")
-        res["total_seconds"] = done
-        res["summary"] = summarise(res["runs"], arms, a.workloads)
-        res["verdicts"] = verdicts(res["summary"])
-        res["load"] = load_summary(res["runs"])
-        res["complete"] = i + 1 == len(order)
-        atomic_write_text(stem + ".json", json.dumps(res, indent=1) + "\n")
-        atomic_write_text(stem + ".md", to_markdown(res))
+        for attempt in range(a.retries + 1):
+            r = run_one(spec, env, a.timeout)
+            r["attempt"] = attempt
+            r["busy"] = r["other_cpu_seconds"] > a.max_busy * cores * r["process_seconds"]
+            again = r["busy"] and attempt < a.retries
+            if again:
+                r["superseded"] = True
+            res["runs"].append(r)
+            done = time.perf_counter() - t0
+            log(f"{i + 1}/{len(order)} round {rnd} {w} {arm}: "
+                + (r["error"] if "error" in r else f"{r['seconds']:.3f} s, peak {r['peak_rss'] / 1e9:.2f} GB")
+                + f"; load {r['loadavg_start'][0]:.2f}, others {r['other_cpu_seconds']:.1f} CPU s"
+                + (" (busy: run again)" if again else f"; ~{done / (i + 1) * (len(order) - i - 1) / 60:.0f} min left"))
+            res["total_seconds"] = done
+            res["summary"] = summarise(res["runs"], arms, a.workloads)
+            res["verdicts"] = verdicts(res["summary"])
+            res["load"] = load_summary(res["runs"])
+            res["complete"] = i + 1 == len(order) and not again
+            atomic_write_text(stem + ".json", json.dumps(res, indent=1) + "\n")
+            atomic_write_text(stem + ".md", to_markdown(res))
+            if not again:
+                break
+            wait_until_idle(a.max_busy, a.idle_wait, log=log)
     print(to_markdown(res), end="")
     return 0
 

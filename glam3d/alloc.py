@@ -122,6 +122,20 @@ def tune_allocator(enable: bool | str | None = None) -> Dict[str, object]:
 
 _STATE: Dict[str, object] = {}
 
+#: allocator libraries that replace glibc's malloc through ``LD_PRELOAD`` (PyTorch's CPU launcher offers both)
+PRELOAD_LIBRARIES = ("jemalloc", "tcmalloc")
+
+
+def preloaded_allocator() -> Optional[str]:
+    """``"jemalloc"`` or ``"tcmalloc"`` when that library is mapped into this process (``LD_PRELOAD`` took), else
+    ``None`` (also off Linux, where ``/proc/self/maps`` does not exist)."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return None
+    return next((name for name in PRELOAD_LIBRARIES if f"/lib{name}" in maps), None)
+
 
 def allocator_state() -> Dict[str, object]:
     """What the last :func:`tune_allocator` call put in effect (``{}`` when it was never called)."""

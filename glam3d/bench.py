@@ -70,7 +70,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .alloc import ENV_SWITCH, allocator_state, tune_allocator
+from .alloc import ENV_SWITCH, allocator_state, preloaded_allocator, tune_allocator
 from .commands.bench import SECTIONS  # the CLI's list (a light module: no torch import at parse time)
 from .inference.precision import autocast_to, inference_weights, resolve_amp
 
@@ -696,7 +696,8 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cuda_tf32": ({"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32,
                        "cudnn_version": torch.backends.cudnn.version()} if device.type == "cuda" else None),
-        "allocator": allocator_state()}}
+        "allocator": {**allocator_state(), "preloaded": preloaded_allocator(),
+                      "malloc_conf": os.environ.get("MALLOC_CONF")}}}
     res["setup"] = machine_setup(device, torch.get_num_threads(), cfg.sections)
 
     rows: Dict[str, dict] = {}
@@ -1126,15 +1127,20 @@ def _setup_label(res: dict) -> str:
 
 
 def _alloc(m) -> str:
+    """The allocator a result was measured with: glam3d's profile and what it set, and a library preloaded in
+    place of glibc's malloc (``jemalloc (LD_PRELOAD, MALLOC_CONF=...)``); ``default`` when neither."""
     a = m.get("allocator") or {}
+    lib = a.get("preloaded")
+    lib = f"{lib} (LD_PRELOAD{', MALLOC_CONF=' + a['malloc_conf'] if a.get('malloc_conf') else ''})" if lib else ""
     if not a.get("enabled"):
-        return "default"
+        return lib or "default"
     parts = (["THP"] if a.get("thp_env") == "1" and not a.get("torch_imported") else []) + \
         ([f"mmap>={int(a['mmap_threshold_env']) >> 10} KiB"] if a.get("mallopt") else []) + \
         (["no trim"] if a.get("mallopt") and a.get("trim_threshold_env") else []) + \
         ([f"CPU cache (slack {a['cache']['slack_bytes'] >> 20} MiB)"] if a.get("cache") else []) + \
         ([f"cache unavailable: {a['cache_error']}"] if a.get("cache_error") else [])
-    return (f"{a['profile']} profile: " if a.get("profile") else "") + ("+".join(parts) or "default")
+    return (f"{a['profile']} profile: " if a.get("profile") else "") + ("+".join(parts) or "default") + \
+        (f"; {lib}" if lib else "")
 
 
 def _partial(res: dict) -> str:

@@ -136,3 +136,33 @@ def test_commands_apply_the_profile_the_environment_asks_for(tmp_path):
     assert r["retained"] < 8 * 2**20
     off = allocator_child(AFTER_COMMAND, GLAM3D_ALLOC_TUNING="0")
     assert off["state"]["enabled"] is False and off["env"]["THP_MEM_ALLOC_ENABLE"] is None
+
+
+def _library(name: str):
+    """The Debian / Ubuntu path of an allocator library (``libjemalloc2``, ``libtcmalloc-minimal4``), or None."""
+    import glob
+    found = sorted(glob.glob(f"/usr/lib/*-linux-gnu/{name}")) + sorted(glob.glob(f"/usr/lib*/{name}"))
+    return found[0] if found else None
+
+
+PRELOADED = """
+    import ctypes, json
+    from glam3d.alloc import preloaded_allocator
+    libc = ctypes.CDLL(None)  # the symbols each library exports, looked up in the process's global scope
+    print(json.dumps({"name": preloaded_allocator(), "mallctl": hasattr(libc, "mallctl"),
+                      "tc_malloc": hasattr(libc, "tc_malloc")}))
+"""
+
+
+@pytest.mark.parametrize("name, library, symbol", [("jemalloc", "libjemalloc.so.2", "mallctl"),
+                                                   ("tcmalloc", "libtcmalloc_minimal.so.4", "tc_malloc")])
+def test_preloaded_allocator_is_named(name, library, symbol):
+    """``preloaded_allocator`` names the library that ``LD_PRELOAD`` put in place of glibc's malloc (the library's
+    own entry point is then in the process), and nothing in a process without one."""
+    path = _library(library)
+    if path is None:
+        pytest.skip(f"{library} is not installed")
+    r = allocator_child(PRELOADED, LD_PRELOAD=path)
+    assert r[symbol] and r["name"] == name
+    plain = allocator_child(PRELOADED, LD_PRELOAD="")
+    assert plain == {"stderr": plain["stderr"], "name": None, "mallctl": False, "tc_malloc": False}

@@ -519,6 +519,10 @@ def test_report_names_the_allocator_profile():
     failed = {**base, "profile": "memory", "cache_error": "g++: not found"}
     assert _alloc({"allocator": failed}).endswith("+cache unavailable: g++: not found")
     assert _alloc({"allocator": {"enabled": False}}) == "default"
+    # a library preloaded in place of glibc's malloc, with the jemalloc settings it ran with
+    je = {"enabled": False, "preloaded": "jemalloc", "malloc_conf": "oversize_threshold:1,background_thread:true"}
+    assert _alloc({"allocator": je}) == "jemalloc (LD_PRELOAD, MALLOC_CONF=oversize_threshold:1,background_thread:true)"
+    assert _alloc({"allocator": {"preloaded": "tcmalloc", "malloc_conf": None}}) == "tcmalloc (LD_PRELOAD)"
 
 
 def test_synthetic_nifti_ct_is_the_synthetic_planes(tmp_path):
