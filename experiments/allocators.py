@@ -3,15 +3,16 @@
 Arms (what a user sets in the environment of a ``glam3d`` command; every other allocator variable is cleared):
 
 * ``stock``: nothing set (PyTorch's CPU allocator on glibc's malloc, dynamic mmap threshold);
-* ``glibc-memory`` / ``glibc-speed``: ``GLAM3D_ALLOC_TUNING=memory`` / ``speed`` (:mod:`glam3d.alloc`: a fixed glibc
-  mmap threshold of 1 MiB + transparent huge pages / a 32 MiB threshold without heap trimming);
+* ``glibc-memory``: ``GLAM3D_ALLOC_TUNING=memory`` (:mod:`glam3d.alloc`'s profile: a fixed glibc mmap threshold
+  of 1 MiB + transparent huge pages);
 * ``jemalloc``: ``LD_PRELOAD=libjemalloc.so.2`` with the ``MALLOC_CONF`` that PyTorch's CPU launcher
   (``torch.backends.xeon.run_cpu --enable-jemalloc``) sets;
-* ``tcmalloc``: ``LD_PRELOAD=libtcmalloc_minimal.so.4`` (``run_cpu``'s default allocator; it sets nothing else);
-* ``cache``: ``GLAM3D_ALLOC_TUNING=cache`` (glam3d's C++ caching CPU allocator), where ``glam3d.cpu_cache`` exists.
+* ``tcmalloc``: ``LD_PRELOAD=libtcmalloc_minimal.so.4`` (``run_cpu``'s default allocator; it sets nothing else).
 
-An arm whose library or module is missing is left out with one line saying why (Debian / Ubuntu:
-``apt-get install libjemalloc2 libtcmalloc-minimal4``).
+An arm whose library is not installed (Debian / Ubuntu: ``apt-get install libjemalloc2 libtcmalloc-minimal4``) is
+left out with one line saying why. ``experiments/results/allocators-*.md`` also holds two arms glam3d no longer
+has (a glibc profile with a 32 MiB threshold and no heap trimming, and a C++ caching CPU allocator): neither beat
+the best library allocator beyond the spread, so neither was kept (``docs/performance.md``).
 
 Workloads (``--size full``; ``tiny`` is the same with the tiny networks and small volumes, to try the script):
 
@@ -24,8 +25,8 @@ Workloads (``--size full``; ``tiny`` is the same with the tiny networks and smal
 * ``long_ct``: nnFormer over a 256x128x256 int16 CT streamed disk to disk (``.npy`` in, labels ``.npy`` out,
   overlap 0, one window per forward: 4 slabs of 2 windows), as ``glam3d bench``'s long-CT lines.
 
-The volumes are smaller than ``glam3d bench``'s (128x256x256, 512x512x200) so that 4 rounds of 6 arms take about
-35 minutes on 2 cores; every window is a full 64x128x128 crop of the Synapse-size networks, so the allocator sees
+The volumes are smaller than ``glam3d bench``'s (128x256x256, 512x512x200) so that 4 rounds of 4 arms take about
+25 minutes on 2 cores; every window is a full 64x128x128 crop of the Synapse-size networks, so the allocator sees
 the same requests per forward.
 
 Order: in each round the workloads run one after the other and, for each workload, every arm in its own fresh
@@ -68,19 +69,17 @@ from glam3d.alloc import preloaded_allocator, tune_from_environment  # noqa: E40
 RUN_CPU_JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto"
 LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
-#: arm -> (environment it sets, library it preloads or None, glam3d module it needs or None)
+#: arm -> (environment it sets, library it preloads or None)
 ARMS: Dict[str, tuple] = {
-    "stock": ({}, None, None),
-    "glibc-memory": ({"GLAM3D_ALLOC_TUNING": "memory"}, None, None),
-    "glibc-speed": ({"GLAM3D_ALLOC_TUNING": "speed"}, None, None),
-    "jemalloc": ({"MALLOC_CONF": RUN_CPU_JEMALLOC_CONF}, "libjemalloc.so.2", None),
-    "tcmalloc": ({}, "libtcmalloc_minimal.so.4", None),
-    "cache": ({"GLAM3D_ALLOC_TUNING": "cache"}, None, "glam3d.cpu_cache"),
+    "stock": ({}, None),
+    "glibc-memory": ({"GLAM3D_ALLOC_TUNING": "memory"}, None),
+    "jemalloc": ({"MALLOC_CONF": RUN_CPU_JEMALLOC_CONF}, "libjemalloc.so.2"),
+    "tcmalloc": ({}, "libtcmalloc_minimal.so.4"),
 }
-#: arms that are an allocator library (the bar the C++ cache has to clear)
+#: arms that are an allocator library (the bar a glam3d profile has to clear to be worth its settings)
 LIBRARY_ARMS = ("stock", "jemalloc", "tcmalloc")
 #: environment variables an arm may set; all of them are cleared before an arm's own are applied
-ALLOCATOR_ENV = ("GLAM3D_ALLOC", "GLAM3D_CPU_CACHE", "MALLOC_", "THP_MEM", "LD_PRELOAD", "TCMALLOC_")
+ALLOCATOR_ENV = ("GLAM3D_ALLOC", "MALLOC_", "THP_MEM", "LD_PRELOAD", "TCMALLOC_")
 
 WORKLOADS = ("forward_glam", "forward_nnformer", "sw", "long_ct")
 SIZES = {
@@ -123,9 +122,6 @@ def _worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     out = {"arm": spec["arm"], "workload": spec["workload"], "round": spec["round"],
            "glam3d_profile": (state or {}).get("profile"), "preloaded": preloaded_allocator()}
-    if (state or {}).get("cache_error"):
-        out["error"] = f"cache unavailable: {state['cache_error']}"
-        return out
     if ARMS[spec["arm"]][1] is not None and out["preloaded"] != spec["arm"]:
         out["error"] = f"LD_PRELOAD did not load {ARMS[spec['arm']][1]}"
         return out
@@ -151,9 +147,6 @@ def _worker(spec: dict) -> dict:
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     out.update(minor_faults=r1.ru_minflt - r0.ru_minflt, sys_seconds=r1.ru_stime - r0.ru_stime,
                user_seconds=r1.ru_utime - r0.ru_utime)
-    if spec["arm"] == "cache":
-        from glam3d import cpu_cache
-        out["cache_installed"] = cpu_cache.installed()
     return out
 
 
@@ -171,10 +164,11 @@ def find_library(name: str) -> Optional[str]:
 
 def arm_environment(arm: str, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """The environment of an arm's child: ``base`` (default this process's) without any allocator variable, plus
-    the arm's own. Raises ``LookupError`` (one line) when the arm's library or module is not installed."""
-    import importlib.util
+    the arm's own. Raises ``LookupError`` (one line) when the arm's library is not installed or its glam3d profile
+    does not exist."""
+    from glam3d.alloc import PROFILES
 
-    env, lib, module = ARMS[arm]
+    env, lib = ARMS[arm]
     full = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith(ALLOCATOR_ENV)}
     full.update(env)
     if lib is not None:
@@ -182,8 +176,9 @@ def arm_environment(arm: str, base: Optional[Dict[str, str]] = None) -> Dict[str
         if path is None:
             raise LookupError(f"{lib} not found in {', '.join(LIB_DIRS)}")
         full["LD_PRELOAD"] = path
-    if module is not None and importlib.util.find_spec(module) is None:
-        raise LookupError(f"{module} is not in this glam3d")
+    profile = env.get("GLAM3D_ALLOC_TUNING")
+    if profile is not None and profile not in PROFILES:
+        raise LookupError(f"GLAM3D_ALLOC_TUNING={profile} is not a profile of this glam3d")
     return full
 
 
@@ -298,7 +293,7 @@ def summarise(runs: List[dict], arms: Sequence[str], workloads: Sequence[str]) -
     return rows
 
 
-def verdicts(rows: List[dict], candidates: Sequence[str] = ("cache", "glibc-memory", "glibc-speed")) -> List[dict]:
+def verdicts(rows: List[dict], candidates: Sequence[str] = ("glibc-memory",)) -> List[dict]:
     """Per workload and candidate arm: whether it beats the best library allocator (lowest median of
     :data:`LIBRARY_ARMS`) beyond the spread, i.e. its slowest round is faster than that allocator's fastest
     (``None`` with fewer than 3 rounds on either side: no spread to speak of)."""
@@ -422,9 +417,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             skipped[arm] = str(e)
             log(f"{arm}: left out ({e})")
     arms = [x for x in a.arms if x in envs]
-    if "cache" in envs:  # compile the C++ cache once before anything is timed
-        subprocess.run([sys.executable, "-c", "from glam3d import cpu_cache; cpu_cache.build_library()"],
-                       env=envs["cache"], cwd=ROOT, check=True)
     setup, torch_version = _setup(a.threads)
     os.makedirs(a.out, exist_ok=True)
     stem = os.path.join(a.out, f"allocators-{setup}" + ("" if a.size == "full" else f"-{a.size}"))

@@ -70,7 +70,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .alloc import ENV_SWITCH, allocator_state, preloaded_allocator, tune_allocator
+from .alloc import allocator_state, preloaded_allocator
 from .commands.bench import SECTIONS  # the CLI's list (a light module: no torch import at parse time)
 from .inference.precision import autocast_to, inference_weights, resolve_amp
 
@@ -1135,10 +1135,7 @@ def _alloc(m) -> str:
     if not a.get("enabled"):
         return lib or "default"
     parts = (["THP"] if a.get("thp_env") == "1" and not a.get("torch_imported") else []) + \
-        ([f"mmap>={int(a['mmap_threshold_env']) >> 10} KiB"] if a.get("mallopt") else []) + \
-        (["no trim"] if a.get("mallopt") and a.get("trim_threshold_env") else []) + \
-        ([f"CPU cache (slack {a['cache']['slack_bytes'] >> 20} MiB)"] if a.get("cache") else []) + \
-        ([f"cache unavailable: {a['cache_error']}"] if a.get("cache_error") else [])
+        ([f"mmap>={int(a['mmap_threshold_env']) >> 10} KiB"] if a.get("mallopt") else [])
     return (f"{a['profile']} profile: " if a.get("profile") else "") + ("+".join(parts) or "default") + \
         (f"; {lib}" if lib else "")
 
@@ -1346,8 +1343,6 @@ def save_result(res: dict, directory, partial: bool = False) -> Tuple[str, str]:
 def _main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "--worker":
-        if os.environ.get(ENV_SWITCH, "").strip().lower() == "cache":  # the parent's profile (torch is imported)
-            tune_allocator("cache")
         print(json.dumps(_worker(json.loads(argv[1]))), flush=True)
         return 0
     from .cli import main

@@ -151,8 +151,8 @@ def env(mods=None, **extra) -> dict:
     return e
 
 
-#: environment variables that choose or tune the CPU allocator (glam3d.alloc, glam3d.cpu_cache, glibc, PyTorch)
-ALLOCATOR_ENV = ("GLAM3D_ALLOC", "GLAM3D_CPU_CACHE", "MALLOC_", "THP_MEM")
+#: environment variables that choose or tune the CPU allocator (glam3d.alloc, glibc, PyTorch, a preloaded library)
+ALLOCATOR_ENV = ("GLAM3D_ALLOC", "MALLOC_", "THP_MEM", "LD_PRELOAD")
 
 
 def allocator_child(code: str, **env) -> dict:

@@ -142,16 +142,6 @@ def _check_classes(num_classes: Optional[int], plan: dict, ckpt_path: Path) -> N
                         ckpt_path)
 
 
-def _release_cached_blocks(reset_peak: bool = False) -> None:
-    """Return the opt-in caching CPU allocator's free blocks (``GLAM3D_ALLOC_TUNING=cache``) to the OS; nothing
-    when it is not installed (the default)."""
-    cache = sys.modules.get("glam3d.cpu_cache")
-    if cache is not None:
-        cache.empty_cache()
-        if reset_peak:
-            cache.reset_peak()
-
-
 # ------------------------------------------------------------------------------------------------ results
 @dataclass
 class CaseResult:
@@ -290,9 +280,6 @@ class Predictor:
         except ImportError as err:  # an optional dependency of the network (e.g. einops for SwinUNETR)
             raise UserError(f"cannot rebuild the network recorded in the checkpoint ({err})", ckpt_path) from None
         state = checkpoint_metadata(state)  # the loaded weights and optimiser state are not held during inference
-        # the network's random initial weights, replaced by the checkpoint's: not kept cached, nor counted in the
-        # peak that bounds what the (opt-in) caching allocator may keep
-        _release_cached_blocks(reset_peak=True)
         # CPU + bf16 (eager): the weights cast once instead of by autocast at every window (bit-identical labels)
         cast_weights = amp_dtype is not None and device.type == "cpu" and compile is None
         if cast_weights:
@@ -447,7 +434,6 @@ class Predictor:
                     write_volumes(tmp, [slabs], None, image.shape[:3], image.affine, dtype)
             seg.labels = None
             del slabs
-            _release_cached_blocks()
             if seg.probs is not None:
                 probs = seg.probs.array if isinstance(seg.probs, ScratchArray) else seg.probs.cpu().numpy()
                 seg.probs = None
@@ -539,7 +525,6 @@ class Predictor:
         labels, probs = (out if want_probs else (out, None))
         del x, arr, out  # the scan as read (held by the LazyScan) is not needed to restore the labels
         labels = _finished_labels(labels)
-        _release_cached_blocks()  # the forwards' cached blocks: restoring (numpy) would come on top of them
         _check_geometry(meta, image, case)
         return _Segmented(image, labels, probs, meta)
 
