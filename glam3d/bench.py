@@ -65,7 +65,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -472,7 +472,7 @@ def _predict_ct_prepare(spec: dict) -> dict:
     plan = make_plan(_spacing3(spec["spacing"]), {"scheme": "transunet"},
                      {str(i): i for i in range(1, getattr(model, "num_classes", 2))})
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "plan": plan,
-             "model_spec": {"name": spec["model"], "kwargs": {}},
+             "model_spec": dict(model.glam3d_spec),
              "config": {"val": {"roi_size": list(model.default_crop), "overlap": spec["overlap"],
                                 "sw_batch_size": spec["sw_batch_size"]}}}
     save_checkpoint(os.path.join(spec["dir"], "model.pt"), state)
@@ -845,7 +845,9 @@ def _summarise(res: dict, rows: Dict[str, dict], cfg: BenchConfig, t_start: floa
     ratios = {}
     for size in ("synapse", "tiny"):
         g, v, s = f"glam_nnformer_{size}", f"nnformer_{size}", f"swin_unetr_{size}"
-        glam = lambda key: _paired_with_ci(rows, g, v, f"{key}_all", f"glam_over_nnformer_{key}")  # noqa: E731
+
+        def glam(key, g=g, v=v):
+            return _paired_with_ci(rows, g, v, f"{key}_all", f"glam_over_nnformer_{key}")
         ratios[size] = {
             **glam("forward"), "glam_over_nnformer_forward_of_medians": _pair(rows, g, v, "forward_s"),
             **glam("sw"), "glam_over_swin_unetr_sw": _paired(rows, g, s, "sw_all"),

@@ -28,11 +28,12 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glam3d", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="glam3d", description="glam3d: GLAM transformers for 3D medical (and 2D) "
+                                     "image segmentation: train, predict, evaluate, inspect")
     parser.add_argument("--version", action="version", version=f"glam3d {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, mod in COMMANDS.items():
+    for mod in COMMANDS.values():
         module = importlib.import_module(f"glam3d.commands.{mod}")
         p = module.add_parser(sub)
         p.set_defaults(_run=module.run)

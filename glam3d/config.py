@@ -52,7 +52,7 @@ from .utils.bounded_yaml import NodeBudget, load_bounded
 @dataclass
 class ModelConfig:
     """The network: a registered variant (``glam3d models``) or ``"package.module:factory"`` for your own."""
-    name: str = "glam_nnformer_tiny"
+    name: str = "glam_nnformer_tiny"  # a registered network (`glam3d models`) or "package.module:factory"
     overrides: Dict[str, Any] = field(default_factory=dict)  # kwargs for build_model (num_global_tokens, gmsa, ...)
     init_checkpoint: Optional[str] = None  # start from these weights (same architecture), e.g. pre-training
     pretrained: Optional[str] = None  # ImageNet Swin checkpoint for the backbone (models.pretrained)
@@ -64,45 +64,50 @@ class AugmentConfig:
     flip_prob: float = 0.0  # per axis
     flip_axes: List[int] = field(default_factory=lambda: [0, 1, 2])  # spatial axes (D, H, W) that may flip
     rotate90_prob: float = 0.0  # quarter turns in the H-W plane
-    affine_prob: float = 0.0
+    affine_prob: float = 0.0  # random rotation (rotate_deg) and zoom (scale_range)
     rotate_deg: List[float] = field(default_factory=lambda: [15.0, 15.0, 15.0])  # +- degrees about D, H, W
     scale_range: float = 0.0  # isotropic zoom factor drawn from [1 - s, 1 + s] (with affine_prob)
-    intensity_scale_prob: float = 0.0
+    intensity_scale_prob: float = 0.0  # multiply the intensities (intensity_scale)
     intensity_scale: float = 0.1  # multiply by 1 + U(-s, s)
-    intensity_shift_prob: float = 0.0
+    intensity_shift_prob: float = 0.0  # shift the intensities (intensity_shift)
     intensity_shift: float = 0.1  # add U(-s, s)
-    noise_prob: float = 0.0
-    noise_std: float = 0.1
-    gamma_prob: float = 0.0
-    gamma_range: List[float] = field(default_factory=lambda: [0.7, 1.5])
+    noise_prob: float = 0.0  # add Gaussian noise (noise_std)
+    noise_std: float = 0.1  # standard deviation of the noise, in normalised intensity units
+    gamma_prob: float = 0.0  # gamma-transform the intensities (gamma_range)
+    gamma_range: List[float] = field(default_factory=lambda: [0.7, 1.5])  # gamma drawn from [low, high]
 
 
 @dataclass
 class DataConfig:
     """3D: preprocessed dataset (``dataset.json`` + ``cases/<id>.npz``) and patch sampling."""
     dataset: Literal["preprocessed"] = "preprocessed"  # a 2D dataset name selects Data2DConfig instead
-    root: str = ""
+    root: str = ""  # the preprocessed folder (dataset.json + cases/); `glam3d train --data` sets it
     roi_size: List[int] = field(default_factory=lambda: [64, 128, 128])  # (D, H, W) training crop
     batch_size: int = 2  # volumes drawn per step and rank; the step sees batch_size * num_samples patches
     num_samples: int = 1  # patches cropped from each drawn volume
     pos: float = 1.0  # foreground-centred : random crops = pos : neg
-    neg: float = 1.0
+    neg: float = 1.0  # weight of random (possibly background) crops against pos
     class_balanced: bool = True  # foreground crops pick a present class uniformly, then a voxel of it
     cache: Literal["memory", "none"] = "memory"  # MONAI CacheDataset of the loaded cases, or load per draw
     workers: int = 0  # DataLoader worker processes
     val_fraction: float = 0.2  # share of the *training* cases held out for validation (seeded)
     val_cases: Optional[List[str]] = None  # explicit validation case ids (overrides val_fraction)
+    # cross-validation (nnU-Net's): fold 0..num_folds-1 of ROOT/splits_final.json (made on first use, seeded as
+    # nnU-Net does; an existing one is used as it is), or "all" (every training case, no validation); null: the
+    # val_fraction / val_cases split. The run folder becomes OUTPUT/fold_<fold>.
+    fold: Optional[str] = None
+    num_folds: int = 5  # folds of a splits_final.json glam3d makes
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class SyntheticConfig:
     """``data.dataset: synthetic``: the set :func:`glam3d.data.natural.make_synthetic_ade20k` writes under root."""
-    num_train: int = 32
-    num_val: int = 8
+    num_train: int = 32  # training images written
+    num_val: int = 8  # validation images written
     size: List[int] = field(default_factory=lambda: [96, 128])  # (H, W)
-    num_classes: int = 5
-    seed: int = 0
+    num_classes: int = 5  # classes drawn in the images
+    seed: int = 0  # the set is the same for the same seed
 
 
 DATASETS_2D = ("ade20k", "cityscapes", "synthetic")
@@ -114,7 +119,7 @@ class Data2DConfig:
     """2D natural images (:mod:`glam3d.data.natural`), selected by ``data.dataset: ade20k | cityscapes |
     synthetic``. ``crop_size``, ``img_scale``, ``test_scale`` and ``cat_max_ratio`` left out take the dataset's
     defaults (``natural.DATA_DEFAULTS``: ADE20K 512² crops / short side 512, Cityscapes 769² / full size)."""
-    dataset: Literal["ade20k", "cityscapes", "synthetic"] = "ade20k"
+    dataset: Literal["ade20k", "cityscapes", "synthetic"] = "ade20k"  # which layout root holds
     root: str = ""  # ADE20K: folder holding ADEChallengeData2016/; Cityscapes: leftImg8bit/ + gtFine/
     crop_size: List[int] = field(default_factory=lambda: [512, 512])  # (H, W) training crop
     img_scale: Optional[List[int]] = field(default_factory=lambda: [2048, 512])  # (long, short) rescale base
@@ -123,7 +128,7 @@ class Data2DConfig:
     flip_prob: float = 0.5  # horizontal flip
     photometric: bool = True  # brightness / contrast / saturation / hue distortion
     mean: List[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # 0..255 RGB
-    std: List[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    std: List[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])  # 0..255 RGB, divides after mean
     test_scale: Optional[List[int]] = field(default_factory=lambda: [2048, 512])  # validation resize; null: none
     num_classes: Optional[int] = None  # optional check against the dataset
     train_split: Optional[str] = None  # default training / train
@@ -138,24 +143,24 @@ class Data2DConfig:
 class LossConfig:
     name: Literal["dice_ce", "ce"] = "dice_ce"  # 2D configs default to ce (cross-entropy)
     ignore_index: int = 255  # ce: label value left out of the loss (2D: unlabelled pixels)
-    dice_weight: float = 1.0
-    ce_weight: float = 1.0
+    dice_weight: float = 1.0  # weight of the soft Dice term (dice_ce)
+    ce_weight: float = 1.0  # weight of the cross-entropy term (dice_ce)
     include_background: bool = False  # Dice term over foreground classes only (nnU-Net)
     batch_dice: bool = False  # False: per-sample Dice averaged (independent of how the batch is split over ranks)
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 1e-2
+    name: Literal["sgd", "adamw"] = "sgd"  # the optimiser
+    lr: float = 1e-2  # peak learning rate (per step; not scaled with the number of ranks)
     momentum: float = 0.99  # SGD
     nesterov: bool = True  # SGD
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
-    weight_decay: float = 3e-5
-    schedule: Literal["poly", "warmup_poly", "warmup_cosine", "constant"] = "poly"
-    poly_power: float = 0.9
+    weight_decay: float = 3e-5  # decoupled for adamw, L2 for sgd
+    schedule: Literal["poly", "warmup_poly", "warmup_cosine", "constant"] = "poly"  # learning-rate schedule
+    poly_power: float = 0.9  # lr * (1 - progress) ** poly_power (poly schedules)
     warmup_epochs: float = 0.0  # linear warm-up from lr * warmup_start (warmup_* schedules)
-    warmup_start: float = 0.01
+    warmup_start: float = 0.01  # the warm-up starts at lr * warmup_start
     min_lr: float = 0.0  # floor of the cosine schedule
     step_per: Literal["iter", "epoch"] = "iter"  # "epoch": lr constant within an epoch (nnFormer's poly)
     grad_clip: Optional[float] = 12.0  # max global gradient norm; null: off
@@ -166,12 +171,12 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1000
-    iters_per_epoch: int = 250
+    epochs: int = 1000  # training length in epochs (glam3d train --epochs)
+    iters_per_epoch: int = 250  # optimiser steps per epoch (nnU-Net: 250)
     val_every: int = 50  # epochs between validations (and at the last epoch); 0: never
     amp: Literal["none", "bf16", "fp16"] = "bf16"  # bf16: CPU and GPU; fp16 (GradScaler): CUDA only
     compile: bool = False  # torch.compile the network
-    seed: int = 12345
+    seed: int = 12345  # seeds the split, the patch draws, the augmentation and the initial weights
     deterministic: bool = False  # torch.use_deterministic_algorithms; bit-exact resume on CPU
     deep_supervision: List[float] = field(default_factory=list)  # loss weights, full resolution first; []: off
     save_every_iters: int = 0  # also write checkpoints/last.pt every N iterations (0: only at epoch ends)
@@ -179,19 +184,27 @@ class TrainConfig:
     progress: bool = True  # tqdm bar per epoch (rank 0)
     find_unused_parameters: bool = False  # DDP: networks with parameters outside the loss graph
     sync_bn: bool = True  # 2D under DDP on CUDA: BatchNorm -> SyncBatchNorm (mmseg)
+    tensorboard: bool = True  # TensorBoard scalars in RUN/tb (needs the tensorboard package)
+    # a step whose loss or gradient is NaN/inf is skipped (no optimiser step) and counted; the run stops with an
+    # error after more than this many such steps in a row, or in all (0: at the first one)
+    max_nonfinite_in_a_row: int = 10
+    max_nonfinite_steps: int = 100  # the same rule: the run stops after more than this many skipped steps in all
 
 
 @dataclass
 class ValConfig:
     """Validation. 3D: sliding-window inference over whole validation volumes, per-class Dice. 2D: ``inference``
     whole image or sliding windows (``roi_size``, ``overlap``; constant blend), mIoU over the validation set."""
-    overlap: float = 0.5
+    overlap: float = 0.5  # sliding-window overlap, fraction of the window per axis
     mirror: bool = False  # 2D: horizontal flip added
-    sw_batch_size: int = 2
+    sw_batch_size: int = 2  # windows per forward
     mode: Literal["gaussian", "constant"] = "gaussian"  # 3D blend
     roi_size: Optional[List[int]] = None  # default: data.roi_size (3D) / data.crop_size (2D)
     max_cases: int = 0  # 0: all validation cases (2D: images)
     inference: Literal["whole", "slide"] = "whole"  # 2D only (3D always slides windows)
+    # fold runs (data.fold 0..N-1): at the end, predict the fold's validation cases from their source scans into
+    # RUN/fold_<K>/validation (best checkpoint, each scan's own geometry) and score them there (report.*)
+    export_folds: bool = True
 
 
 @dataclass
@@ -544,6 +557,8 @@ MAX_BATCH = 4096
 MAX_STEP_VOXELS = 2 ** 31
 #: DataLoader worker processes
 MAX_WORKERS = 256
+#: cross-validation folds (nnU-Net: 5; leave-one-out on a large dataset is beyond any use)
+MAX_FOLDS = 100
 
 
 def validate_config(cfg: Config, source: Optional[str] = None, network: bool = True) -> None:
@@ -571,6 +586,16 @@ def validate_config(cfg: Config, source: Optional[str] = None, network: bool = T
         need(cfg.data.pos >= 0 and cfg.data.neg >= 0 and cfg.data.pos + cfg.data.neg > 0, "data.pos",
              "and data.neg must be >= 0 and not both 0")
         need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+        need(2 <= cfg.data.num_folds <= MAX_FOLDS, "data.num_folds", f"must be in 2..{MAX_FOLDS}")
+        if cfg.data.fold is not None:
+            from .data.datasets import parse_fold
+
+            try:
+                parse_fold(cfg.data.fold)
+            except UserError as err:
+                raise UserError(str(err), source) from None
+            need(cfg.data.val_cases is None, "data.val_cases", "and data.fold (--fold) exclude each other: a fold's "
+                 "validation cases are those of splits_final.json")
         need(len(cfg.data.augment.gamma_range) == 2, "data.augment.gamma_range", "must be two numbers")
         need(len(cfg.data.augment.rotate_deg) == 3, "data.augment.rotate_deg", "must be 3 angles (D, H, W axes)")
         need(cfg.val.roi_size is None or (len(cfg.val.roi_size) == 3 and all(s > 0 for s in cfg.val.roi_size)),
@@ -585,6 +610,8 @@ def validate_config(cfg: Config, source: Optional[str] = None, network: bool = T
     need(cfg.train.val_every >= 0, "train.val_every", "must be >= 0")
     need(all(w >= 0 for w in cfg.train.deep_supervision), "train.deep_supervision", "weights must be >= 0")
     need(0.0 <= cfg.val.overlap < 1.0, "val.overlap", "must be in [0, 1)")
+    need(cfg.train.max_nonfinite_in_a_row >= 0, "train.max_nonfinite_in_a_row", "must be >= 0")
+    need(cfg.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
     _validate_bounds(cfg, need)
     if network:
         from .engine.preflight import check_config_network

@@ -115,21 +115,23 @@ def keep_largest_foreground_component(labels: np.ndarray, classes: Optional[Iter
 
 
 # ------------------------------------------------------------------------------------------------ decisions
-def apply_postprocessing(labels: np.ndarray, decision: Union[dict, str, None]) -> np.ndarray:
-    """``labels`` cleaned as ``decision`` says, as a new array (``labels`` untouched).
+def apply_postprocessing(labels: np.ndarray, decision: Union[dict, str, None], *,
+                         inplace: bool = False) -> np.ndarray:
+    """``labels`` cleaned as ``decision`` says, as a new array (``labels`` untouched) — or, with ``inplace``,
+    ``labels`` itself cleaned (e.g. a label map mapped from a file: no second copy of it in memory).
 
     ``decision``: a dict as written by :func:`write_decision` (``foreground_largest_component`` then
     ``classes_largest_component``), ``"all"`` (the largest component of every class present, no foreground step),
     or ``None`` (a copy, unchanged)."""
     labels = _check_labels(labels)
     if decision is None:
-        return labels.copy()
+        return labels if inplace else labels.copy()
     if isinstance(decision, str):
         if decision != "all":
             raise ValueError(f"decision must be a postprocessing dict, 'all' or None, got {decision!r}")
-        return keep_largest_component(labels)
+        return keep_largest_component(labels, inplace=inplace)
     check_decision(decision)
-    out = labels.copy()
+    out = labels if inplace else labels.copy()
     if decision["foreground_largest_component"]["apply"]:
         fg = decision["foreground_largest_component"].get("classes")
         keep_largest_foreground_component(out, fg, inplace=True)

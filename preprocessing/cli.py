@@ -43,14 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (img/, label/ are created)")
     p.add_argument("--cases", type=int, default=30, help="number of cases (1..40; BTCV ids, the 30 Synapse ids "
                                                          "first; default 30)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same cases (default 0)")
     p.add_argument("--matrix", type=int, default=512,
                    help="in-plane size (default 512 = 0.7 mm; the field of view is fixed, 128 gives ~2.8 mm)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="parallel processes over cases (default 1)")
     p.add_argument("--overwrite", action="store_true",
                    help="rewrite cases that already exist (in a folder glam3d made)")
     p.add_argument("--preview", type=Path, metavar="PNG", help="also write a PNG of slices with labels overlaid")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
     p = sub.add_parser("synapse", help="Synapse protocol (BTCV: 8 organs, 18/12 split)")
     p.add_argument("--raw", required=True, type=Path, help="BTCV folder with img/ and label/ "
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="table of every case (shape, spacing, orientation, range, labels) + warnings")
     p.add_argument("folder", type=Path, help="a BTCV, nnU-Net v2 or MSD dataset folder, or a folder of images")
 
-    for name, sp in sub.choices.items():
+    for sp in sub.choices.values():
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 

@@ -356,7 +356,8 @@ def _limit_threads():
 
 
 def run_pool(func, tasks, workers: int, desc: str, strict: bool = False, quiet: bool = False, on_result=None):
-    """Run ``func`` over ``tasks`` (in-process, or a process pool when ``workers`` > 1), tqdm progress; ``on_result(res)`` per result.
+    """Run ``func`` over ``tasks`` (in-process, or a process pool when ``workers`` > 1), tqdm progress;
+    ``on_result(res)`` per result.
     With ``strict``, stops at the first failed result (remaining work cancelled) and raises its UserError."""
     from tqdm import tqdm
 

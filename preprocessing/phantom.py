@@ -206,7 +206,6 @@ def _anatomy(p: _Painter, rng: np.random.Generator):
         p.paint(sl, m, hu(-850, 30))
 
     # ---- colon (with gas) and small bowel: unlabelled distractors ----
-    zc = [-110, -20, 20]
     for sx in (+1, -1):       # ascending (right) and descending (left) colon
         r = U(14, 20)
         sl, m = p.tube(2, [z + dz for z in (-120, -60, 0, 35)],

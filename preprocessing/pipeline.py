@@ -476,8 +476,8 @@ def resize_labels(lab: np.ndarray, out_shape, mode: str = "linear", out: np.ndar
         if len(values) == 1:
             continue
 
-        def onehot(v):
-            return _resample((sub == v).astype(np.float32), lab.shape, out_shape, "linear", (o0, o1), k0)
+        def onehot(v):  # called within this iteration only
+            return _resample((sub == v).astype(np.float32), lab.shape, out_shape, "linear", (o0, o1), k0)  # noqa: B023
 
         best = onehot(values[0])
         for v in values[1:]:

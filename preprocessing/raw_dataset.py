@@ -131,8 +131,8 @@ def label_map(meta: dict, path) -> Dict[int, str]:
         if value in out:
             raise UserError(f"field 'labels': labels {out[value]!r} and {name!r} share the value {value}", path)
         if name.strip().lower() == "ignore" and value != 0:
-            raise UserError(f"field 'labels': the 'ignore' label (nnU-Net's sparse annotation) is not supported; "
-                            f"glam3d trains on fully labelled maps", path)
+            raise UserError("field 'labels': the 'ignore' label (nnU-Net's sparse annotation) is not supported; "
+                            "glam3d trains on fully labelled maps", path)
         out[value] = name
     out.setdefault(0, "background")
     return dict(sorted(out.items()))
@@ -369,7 +369,7 @@ def _scan_training(ds: RawDataset, warnings: list) -> List[Case]:
             want = ds.root / "labelsTr" / f"{cid}{ds.file_ending if ds.layout == 'nnunet-v2' else '.nii.gz'}"
             err = f"{files[0]}: no label file (expected {want})"
         cases.append(Case(cid, files, lab, "training", err))
-    for cid, p in sorted(labels.items()):
+    for _, p in sorted(labels.items()):
         warnings.append(f"{p}: label without an image; ignored")
     return sorted(cases + lone, key=lambda c: c.id)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,7 +264,10 @@ def train_labels_out_of_range(tmp):
 
 
 def train_resume_truncated_checkpoint(tmp):
+    from glam3d.utils.ownership import claim
+
     run = tmp / "run"
+    claim(run, "training-run").record("checkpoints/")  # a glam3d run folder (its marker), whose last.pt is cut short
     (run / "checkpoints").mkdir(parents=True)
     ck = H.predict_checkpoint(run / "checkpoints" / "last.pt")
     ck.write_bytes(ck.read_bytes()[:1000])
@@ -1093,3 +1095,289 @@ def test_bad_input_evaluate(case, tmp_path, capsys):
     check_outputs(row)
     for folder in row.outputs:
         assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())
+
+
+# ================================================================================================================
+# predict: window sizes, output folders inside inputs or holding files glam3d did not write, ensembles, nnU-Net
+# channel-file names, image formats, postprocessing decisions (each row: one error line, nothing written)
+# ================================================================================================================
+def predict_roi_not_divisible(tmp):
+    _scans(tmp)
+    return _predict_row(tmp, [tmp / "scans"], "--roi-size", r"\[24, 32, 32\] must be divisible by the network's "
+                        r"\(16, 32, 32\)", "none", extra=["--roi-size", "24", "32", "32"])
+
+
+def predict_roi_zero(tmp):
+    _scans(tmp)
+    return _predict_row(tmp, [tmp / "scans"], "--roi-size", r"must be 3 positive sizes", "none",
+                        extra=["--roi-size", "0", "32", "32"])
+
+
+def predict_output_inside_input_folder(tmp):
+    _scans(tmp)
+    out = tmp / "scans" / "pred"
+    return _predict_row(tmp, [tmp / "scans"], out, r"--output is the --input folder .* or inside it", "none", out=out)
+
+
+def predict_output_inside_dicom_series(tmp):
+    folder = tmp / "dicom" / "ct"
+    folder.mkdir(parents=True)
+    _dicom_series(folder, "1.2.826.0.1.3680043.2.1125.7.303", [(20, 24)] * 6)
+    out = folder / "pred"
+    return _predict_row(tmp, [folder], out, r"--output is the --input folder", "none", out=out)
+
+
+def predict_foreign_file_in_output(tmp):
+    _scans(tmp)
+    ck = H.predict_checkpoint(tmp / "ck.pt")
+    out = tmp / "pred"
+    assert glam3d_cli.main(["predict", "--checkpoint", str(ck), "--input", str(tmp / "scans" / "s0.nii.gz"),
+                            "--output", str(out), "--quiet", "--device", "cpu"]) == 0
+    H.save_nii(np.ones((24, 20, 12), np.uint8), out / "s1.nii.gz")   # the user's file where glam3d's s1 would go
+    row = _predict_row(tmp, [tmp / "scans"], out / "s1.nii.gz", r"exists and was not written by glam3d .* never "
+                       r"replaced, --overwrite included", "none", ckpt=ck, extra=["--overwrite"])
+    row.inputs_inside = [out / "s0.nii.gz", out / "s1.nii.gz"]
+    return row
+
+
+def predict_output_holds_unrelated_files(tmp):
+    _scans(tmp)
+    out = tmp / "pred"
+    out.mkdir()
+    (out / "predictions.json").write_text('{"source": "another tool"}\n')
+    return _predict_row(tmp, [tmp / "scans"], out, r"is not empty \(predictions\.json\) and was not written by glam3d",
+                        "none", out=out)
+
+
+def predict_ensemble_plan_differs(tmp):
+    from glam3d.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    _scans(tmp)
+    a = H.predict_checkpoint(tmp / "ck.pt")
+    state = load_checkpoint(H.predict_checkpoint(tmp / "b0.pt", seed=1))
+    state["plan"]["target_spacing"] = [2.0, 2.0, 2.0]
+    save_checkpoint(tmp / "b.pt", state)
+    row = _predict_row(tmp, [tmp / "scans"], tmp / "b.pt", r"its preprocessing plan differs from .*ck\.pt's "
+                       r"\(target_spacing", "none", ckpt=a)
+    return _with_checkpoints(row, [a, tmp / "b.pt"])
+
+
+def predict_v2_file_not_channel_named(tmp):
+    from glam3d.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    _scans(tmp)
+    state = load_checkpoint(H.predict_checkpoint(tmp / "ck0.pt"))
+    state["source_layout"], state["file_ending"] = "nnunet-v2", ".nii.gz"   # data from an nnU-Net v2 folder
+    save_checkpoint(tmp / "v2.pt", state)
+    return _predict_row(tmp, [tmp / "scans"], tmp / "scans" / "s0.nii.gz", r"not named <case>_XXXX\.nii\.gz "
+                        r"\(nnU-Net v2", "none", ckpt=tmp / "v2.pt")
+
+
+def predict_unreadable_mha(tmp):
+    _scans(tmp)
+    bad = tmp / "scans" / "s9.mha"
+    bad.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_SHORT\n"
+                    b"ElementDataFile = LOCAL\n" + b"\x00" * 10)
+    return _predict_row(tmp, [tmp / "scans"], bad, r"not an image SimpleITK can read|cannot read the voxel data",
+                        good=["s0.nii.gz", "s1.nii.gz"])   # (its header reads: it fails when its voxels are read)
+
+
+def predict_decision_of_another_dataset(tmp):
+    _scans(tmp)
+    dec = tmp / "postprocessing.json"
+    dec.write_text(json.dumps({"format": "glam3d-postprocessing-v1", "classes_largest_component": [6, 99],
+                               "foreground_largest_component": {"apply": False}}))
+    return _predict_row(tmp, [tmp / "scans"], dec, r"names label value 99, which the checkpoint never writes", "none",
+                        extra=["--largest-component", str(dec)])
+
+
+def predict_decision_not_a_decision(tmp):
+    _scans(tmp)
+    dec = tmp / "postprocessing.json"
+    dec.write_text('{"apply": "yes"}\n')
+    return _predict_row(tmp, [tmp / "scans"], dec, r"not a glam3d postprocessing decision", "none",
+                        extra=["--largest-component", str(dec)])
+
+
+def _with_checkpoints(row: Row, checkpoints) -> Row:
+    """``row`` with ``--checkpoint`` naming several checkpoints (an ensemble)."""
+    i = row.argv.index("--checkpoint")
+    row.argv[i + 1:i + 2] = [str(c) for c in checkpoints]
+    return row
+
+PREDICT_ROWS = [
+    predict_roi_not_divisible, predict_roi_zero, predict_output_inside_input_folder,
+    predict_output_inside_dicom_series, predict_foreign_file_in_output, predict_output_holds_unrelated_files,
+    predict_ensemble_plan_differs, predict_v2_file_not_channel_named, predict_unreadable_mha,
+    predict_decision_of_another_dataset, predict_decision_not_a_decision,
+]
+CATALOGUE.update({f.__name__: f for f in PREDICT_ROWS})
+
+
+@pytest.mark.parametrize("case", [f.__name__ for f in PREDICT_ROWS])
+def test_bad_input_predict_outputs(case, tmp_path, capsys):
+    """The catalogue's contract for the rows of this section (collected here: they are added after
+    ``test_bad_input`` is parametrised)."""
+    row = CATALOGUE[case](tmp_path)
+    capsys.readouterr()
+    code = _main(row)(row.argv)
+    err = capsys.readouterr().err
+    assert code == 2, (code, err)
+    check_error_line(err, row)
+    check_outputs(row)
+
+
+@pytest.mark.parametrize("case", ["predict_roi_not_divisible", "predict_roi_zero", "predict_ensemble_plan_differs"])
+def test_predict_refused_before_heavy_work(case, tmp_path, capsys, monkeypatch):
+    """Window sizes and ensembles of different plans are refused before any network is built for real."""
+    from glam3d.models import registry
+
+    row = CATALOGUE[case](tmp_path)
+    built, real_build = [], registry.build_model
+    monkeypatch.setattr(registry, "build_model", lambda *a, **k: (
+        lambda m: (built.append({p.device.type for p in m.parameters() if p.numel() >= 1 << 16} or {"meta"}), m)[1])(
+        real_build(*a, **k)))
+    capsys.readouterr()
+    assert _main(row)(row.argv) == 2
+    assert all(devices == {"meta"} for devices in built), built
+
+
+# ================================================================================================================
+# train: cross-validation folds, run folders glam3d does not own, non-finite checkpoints
+# ================================================================================================================
+def _fold_row(tmp, fold, names, problem, splits=None, n=None):
+    row = _train_row(tmp, ["--fold", str(fold)], names, problem)
+    data = tmp / "data"
+    if n is not None:  # a dataset with n training cases instead
+        import shutil
+
+        shutil.rmtree(data)
+        H.T.make_dataset(data, n=n, n_test=0, shape=(16, 20, 20))
+    if splits is not None:
+        (data / "splits_final.json").write_text(splits if isinstance(splits, str) else json.dumps(splits))
+    row.outputs = [tmp / "run"]
+    return row
+
+
+def train_fold_beyond_the_splits(tmp):
+    from glam3d.data.datasets import crossval_splits
+
+    splits = crossval_splits([f"case{i:02d}" for i in range(4)], 2)
+    return _fold_row(tmp, 2, tmp / "data" / "splits_final.json", r"--fold 2: the splits have folds 0..1", splits)
+
+
+def train_splits_name_unknown_cases(tmp):
+    splits = [{"train": ["case00", "case01"], "val": ["BTCV_004"]}]
+    return _fold_row(tmp, 0, tmp / "data" / "splits_final.json",
+                     r"fold 0: 'val' names case\(s\) BTCV_004 that are not training cases", splits)
+
+
+def train_splits_not_json(tmp):
+    return _fold_row(tmp, 0, tmp / "data" / "splits_final.json", r"not valid JSON", "[{'train': ")
+
+
+def train_splits_not_a_list(tmp):
+    return _fold_row(tmp, 0, tmp / "data" / "splits_final.json", r"must be a list of folds", {"0": {"train": []}})
+
+
+def train_fold_not_a_number(tmp):
+    return _fold_row(tmp, "seven", tmp / "tiny.yaml",
+                     r"'data.fold' \(--fold\) must be a fold number 0, 1, ... or 'all'")
+
+
+def train_too_few_cases_for_five_folds(tmp):
+    return _fold_row(tmp, 0, tmp / "data" / "dataset.json",
+                     r"5-fold cross-validation needs at least 5 training cases, the dataset has 3", n=3)
+
+
+def _train_foreign_out(tmp, extra, make):
+    out = tmp / "mine"
+    make(out)
+    row = _train_row(tmp, extra, out, r"is not empty .* was not written by glam3d", run=out)
+    row.inputs_inside = [p for p in out.rglob("*") if p.is_file()]
+    return row
+
+
+def _their_checkpoints(out):
+    (out / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, out / "checkpoints" / "last.pt")  # a model of their own
+
+
+def _their_config(out):
+    out.mkdir()
+    (out / "config.yaml").write_text("model: unet\nlr: 0.01\n")
+
+
+def train_out_holds_their_checkpoints(tmp):
+    return _train_foreign_out(tmp, [], _their_checkpoints)
+
+
+def train_out_holds_their_checkpoints_overwrite(tmp):
+    return _train_foreign_out(tmp, ["--overwrite"], _their_checkpoints)
+
+
+def train_out_holds_their_config_overwrite(tmp):
+    return _train_foreign_out(tmp, ["--overwrite"], _their_config)
+
+
+def train_resume_nan_checkpoints(tmp):
+    """last.pt and last.pt.prev both with NaN weights (written around save_checkpoint): never resumed from."""
+    from glam3d.config import load_config
+    from glam3d.engine.checkpoint import load_checkpoint
+    from glam3d.engine.train import train
+
+    cfg_path, data, mods = H.train_setup(tmp)
+    run = tmp / "run"
+    sys.path.insert(0, str(mods))
+    try:
+        sys.modules.pop("glam3d_tinynet", None)
+        cfg = load_config(cfg_path, [f"output={run}", "train.progress=false"])
+        train(cfg, console=False)
+    finally:
+        sys.path.remove(str(mods))
+    ck = run / "checkpoints" / "last.pt"
+    for p in (ck, ck.with_name("last.pt.prev")):
+        state = load_checkpoint(p)
+        state["model"] = {k: torch.full_like(v, float("nan")) for k, v in state["model"].items()}
+        torch.save(state, p)
+    row = _train_row(tmp, ["--resume"], ck, r"weights hold NaN/inf .* diverged training run", run=run)
+    row.inputs_inside = list((run / "checkpoints").iterdir())
+    return row
+
+
+def train_init_checkpoint_nan_weights(tmp):
+    from glam3d.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(H.predict_checkpoint(tmp / "ck.pt"))
+    state["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    torch.save(state, tmp / "diverged.pt")
+    return _train_row(tmp, ["--override", f"model.init_checkpoint={tmp / 'diverged.pt'}"], tmp / "diverged.pt",
+                      r"weights hold NaN/inf")
+
+
+TRAIN_ROWS = {f.__name__: f for f in [
+    train_fold_beyond_the_splits, train_splits_name_unknown_cases, train_splits_not_json, train_splits_not_a_list,
+    train_fold_not_a_number, train_too_few_cases_for_five_folds, train_out_holds_their_checkpoints,
+    train_out_holds_their_checkpoints_overwrite, train_out_holds_their_config_overwrite,
+    train_resume_nan_checkpoints, train_init_checkpoint_nan_weights,
+]}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_ROWS))
+def test_bad_input_train(case, tmp_path, capsys, monkeypatch):
+    """The catalogue's contract for these train rows: exit 2, one line naming the file or folder and the problem,
+    nothing half written, and what the user had in the output folder untouched."""
+    row = TRAIN_ROWS[case](tmp_path)
+    if row.setup:
+        row.setup(monkeypatch)
+    before = {p: p.read_bytes() for p in row.inputs_inside}
+    capsys.readouterr()
+    code = _main(row)(row.argv)
+    err = capsys.readouterr().err
+    assert code == 2, (code, err)
+    check_error_line(err, row)
+    check_outputs(row)
+    assert {p: p.read_bytes() for p in row.inputs_inside} == before
+    if case.startswith(("train_fold", "train_splits", "train_too_few", "train_out")):  # refused before any file
+        assert not (tmp_path / "run").exists() and not (tmp_path / "mine" / ".glam3d-folder.json").exists()

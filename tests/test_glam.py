@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from glam3d.models import GLAMLayer
 
@@ -120,7 +119,7 @@ def test_gmsa_gives_full_range_interaction(ws, S):
 
 
 @pytest.mark.parametrize("ws,S", CASES + [((4, 4), (7, 9)), ((2, 4, 4), (3, 5, 7))])
-@pytest.mark.parametrize("options", [{}, {"global_pos_embed": True, "global_clamp": True}])
+@pytest.mark.parametrize("options", [{}, {"global_pos_embed": True, "global_clamp": True, "last_gmsa": True}])
 def test_shapes_padding_and_batch_isolation(ws, S, options):
     torch.manual_seed(0)
     layer = GLAMLayer(8, 2, 2, ws, num_global_tokens=4, input_resolution=S, **options).eval()
@@ -185,135 +184,31 @@ def test_bad_input():
         layer(torch.randn(1, 6, 4, 4, 4))
 
 
-# ------------------------------------------------------------------------------------------------------------
-# eq. 7 effective global attention map, against brute force
-# ------------------------------------------------------------------------------------------------------------
-def _brute_force_map(layer, x, query, block):
-    """Recompute W-MSA and G-MSA weights of `block` from its captured inputs with loops; return (*S) map."""
-    captured = {}
-    blk, gblk = layer.blocks[block], layer.gmsa[block]
-    h1 = blk.register_forward_pre_hook(lambda m, a: captured.__setitem__("blk", a))
-    h2 = gblk.register_forward_pre_hook(lambda m, a: captured.__setitem__("g", a))
-    with torch.no_grad():
-        layer(x)
-    h1.remove()
-    h2.remove()
-    xb, g = captured["blk"][0][:1], captured["blk"][1][:1]  # image 0: (1, *S, C), (1, N_r, N_g, C)
-    gin = captured["g"][0][:1]                              # (1, N_r*N_g, C)
-    B_, *S, C = xb.shape
-    d = len(S)
-    n_g = g.shape[2]
-    ws = [min(w, s) for w, s in zip(blk.window_size, S)]
-    sh = [(w // 2 if (blk.shift and s > w) else 0) for w, s in zip(blk.window_size, S)]
-    Sp = [math.ceil(s / w) * w for s, w in zip(S, ws)]
-    h = blk.attn.num_heads
-    E = C // h
-    bias, coords = _ref_bias(blk.attn.relative_position_bias_table, ws)
-    with torch.no_grad():
-        xn = blk.norm1(xb)
-        gn = blk.norm1(g)
-        xp = torch.zeros(1, *Sp, C)
-        xp[(slice(None),) + tuple(slice(0, s) for s in S)] = xn
-
-        def region(i, p):
-            if sh[i] == 0:
-                return 0
-            return 0 if p < Sp[i] - ws[i] else (1 if p < Sp[i] - sh[i] else 2)
-
-        A, where = [], {}
-        origins = list(itertools.product(*[range(0, s, w) for s, w in zip(Sp, ws)]))
-        for r, origin in enumerate(origins):
-            pos = [tuple(o + c for o, c in zip(origin, cc)) for cc in coords]  # rolled frame
-            orig = [tuple((p + t) % sp for p, t, sp in zip(pp, sh, Sp)) for pp in pos]  # map frame
-            for i, o in enumerate(orig):
-                where[o] = (r, i)
-            tok = torch.cat([gn[0, r], torch.stack([xp[(0,) + o] for o in orig])])
-            q, k, v = blk.attn.qkv(tok).split(C, dim=-1)
-            heads = []
-            for hh in range(h):
-                sl = slice(hh * E, (hh + 1) * E)
-                logits = (q[:, sl] @ k[:, sl].T) * E ** -0.5
-                for a, pa in enumerate(pos):
-                    for c, pc in enumerate(pos):
-                        logits[n_g + a, n_g + c] += bias[hh, a, c]
-                        if any(region(ii, pa[ii]) != region(ii, pc[ii]) for ii in range(d)):
-                            logits[n_g + a, n_g + c] -= 100.0
-                heads.append(torch.softmax(logits, -1))
-            A.append(torch.stack(heads).mean(0))
-        t = gblk.attn.qkv(gblk.norm1(gin))[0]
-        q, k, _ = t.split(C, dim=-1)
-        Bm = torch.stack([torch.softmax((q[:, s] @ k[:, s].T) * E ** -0.5, -1)
-                          for s in [slice(hh * E, (hh + 1) * E) for hh in range(gblk.attn.num_heads)]]).mean(0)
-    r, tq = where[tuple(query)]
-    alpha = A[r][n_g + tq, :n_g]
-    out = torch.zeros(*S)
-    for p in itertools.product(*[range(s) for s in S]):
-        r2, i = where[p]
-        out[p] = sum(alpha[kk] * Bm[r * n_g + kk, r2 * n_g + j] * A[r2][j, n_g + i]
-                     for kk in range(n_g) for j in range(n_g))
-    return out, A, Bm, r, alpha
-
-
-@pytest.mark.parametrize("ws,S,block,query", [((2, 2), (4, 6), 1, (1, 4)), ((2, 2), (5, 5), 0, (4, 0)),
-                                              ((2, 2, 2), (4, 4, 3), 1, (3, 0, 2))])
-def test_eq7_map_matches_brute_force(ws, S, block, query):
-    from glam3d.models.attention_map import global_attention_map, map_from_recorded, recording
+@pytest.mark.parametrize("variant,n_gmsa", [("paper", 2), ("authors", 3)])
+def test_every_gmsa_is_read_no_dead_parameters(variant, n_gmsa):
+    """Paper variant: a G-MSA between consecutive blocks (depth - 1); authors variant: one before every block
+    (depth). Every parameter, the position table included, gets a non-zero gradient from the map output alone."""
     torch.manual_seed(0)
-    layer = GLAMLayer(8, 2, 2, ws, num_global_tokens=2).eval()
-    x = torch.randn(2, 8, *S)
-    m = global_attention_map(layer, x, query, block=block)
-    assert m.shape == tuple(S) and (m >= 0).all()
-    ref, A, Bm, r, alpha = _brute_force_map(layer, x, query, block)
-    torch.testing.assert_close(m, ref, atol=1e-5, rtol=1e-4)
-    # total: sum_k alpha_k sum_{r',j} b (1 - attention of global token j to global tokens); padding tokens
-    # (cropped from the map) take their share, so the identity is checked on maps without padding
-    n_g = 2
-    n_r = len(A)
-    tot = sum(alpha[k] * Bm[r * n_g + k, r2 * n_g + j] * (1 - A[r2][j, :n_g].sum())
-              for k in range(n_g) for r2 in range(n_r) for j in range(n_g))
-    if all(s_ % w == 0 for s_, w in zip(S, ws)):
-        torch.testing.assert_close(m.sum(), tot, atol=1e-5, rtol=1e-4)
-    assert m.sum() <= alpha.sum() + 1e-6
-    mn = global_attention_map(layer, x, query, block=block, normalize=True, weighting="uniform")
-    torch.testing.assert_close(mn.sum(), torch.tensor(1.0))
-    # recording leaves the fast path on afterwards
-    assert not layer.blocks[block].attn.store_attn
-    with recording(layer, block):
-        layer(x)
-    torch.testing.assert_close(map_from_recorded(layer, query, block, image=0), m)
-
-
-def test_eq7_bad_arguments():
-    from glam3d.models.attention_map import global_attention_map
-    layer = GLAMLayer(8, 2, 2, (2, 2), num_global_tokens=0)
-    with pytest.raises(ValueError, match="num_global_tokens"):
-        global_attention_map(layer, torch.randn(1, 8, 4, 4), (0, 0))
-    layer = GLAMLayer(8, 2, 2, (2, 2), num_global_tokens=2)
-    with pytest.raises(ValueError, match="query"):
-        global_attention_map(layer, torch.randn(1, 8, 4, 4), (0, 9))
-    with pytest.raises(ValueError, match="block"):
-        global_attention_map(layer, torch.randn(1, 8, 4, 4), (0, 0), block=5)
-
-
-def test_last_gmsa_off_has_no_dead_parameters():
-    layer = GLAMLayer(8, 2, 2, (2, 2), num_global_tokens=2, last_gmsa=False)
-    assert len(layer.gmsa) == 1
-    layer(torch.randn(1, 8, 4, 4)).sum().backward()
-    assert all(p.grad is not None for p in layer.parameters())
-    from glam3d.models.attention_map import global_attention_map
-    assert global_attention_map(layer, torch.randn(1, 8, 4, 4), (0, 0), block=0).shape == (4, 4)
-    with pytest.raises(ValueError, match="block"):
-        global_attention_map(layer, torch.randn(1, 8, 4, 4), (0, 0), block=1)
+    layer = GLAMLayer(8, 3, 2, (2, 2), num_global_tokens=2, glam_variant=variant, input_resolution=(4, 4))
+    assert len(layer.gmsa) == n_gmsa and layer.global_pos_embed is not None
+    y = layer(torch.randn(2, 8, 4, 4))
+    (y * torch.randn_like(y)).sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    trailing = GLAMLayer(8, 3, 2, (2, 2), num_global_tokens=2, glam_variant=variant, last_gmsa=True)
+    assert len(trailing.gmsa) == n_gmsa + 1  # read only by callers of return_global
 
 
 @pytest.mark.parametrize("ws,S", CASES + [((4, 4), (7, 9)), ((2, 2, 2), (3, 5, 6))])
 @pytest.mark.parametrize("cross,last_gmsa", [(False, False), (True, False), (False, True)])
-def test_need_global_false_skips_only_dead_work(ws, S, cross, last_gmsa):
+@pytest.mark.parametrize("variant", ["paper", "authors"])
+def test_need_global_false_skips_only_dead_work(ws, S, cross, last_gmsa, variant):
     """``need_global=False`` drops the last block's global-token outputs (nobody reads them): the map output
     is the same, in inference and in training (same gradients), and no parameter loses its gradient."""
     torch.manual_seed(0)
     C = 8
-    layer = GLAMLayer(C, 2, 2, ws, num_global_tokens=3, cross_attention=cross, last_gmsa=last_gmsa)
+    layer = GLAMLayer(C, 2, 2, ws, num_global_tokens=3, cross_attention=cross, last_gmsa=last_gmsa,
+                      glam_variant=variant)
     x = torch.randn(2, *S, C, requires_grad=True)
     ctx = torch.randn(2, *S, C) if cross else None
     y_full, g_full = layer.forward_tokens(x, ctx)
@@ -351,12 +246,14 @@ def test_need_global_false_does_less_work():
 
 @pytest.mark.parametrize("ws,S,n_g,cross,B", [((2, 2, 2), (5, 6, 8), 3, False, 2), ((4, 4), (12, 9), 4, False, 1),
                                               ((2, 2, 2), (4, 4, 4), 0, True, 2), ((3, 3), (7, 7), 2, True, 2)])
-def test_class_attention_equals_full_mask_path(ws, S, n_g, cross, B, monkeypatch):
+@pytest.mark.parametrize("variant", ["paper", "authors"])
+def test_class_attention_equals_full_mask_path(ws, S, n_g, cross, B, variant, monkeypatch):
     """Shifted blocks attend per window class (windows and their global tokens reordered by class): the layer's
     outputs, global tokens and gradients equal those of the one-big-mask reference path."""
     from glam3d.models.glam import WindowBlock
     torch.manual_seed(0)
-    layer = GLAMLayer(8, 2, 2, ws, num_global_tokens=n_g, cross_attention=cross)
+    layer = GLAMLayer(8, 2, 2, ws, num_global_tokens=n_g, cross_attention=cross, glam_variant=variant,
+                      input_resolution=S)
     x = torch.randn(B, 8, *S, requires_grad=True)
     ctx = torch.randn(B, 8, *S) if cross else None
     res = []
@@ -376,13 +273,15 @@ def test_class_attention_equals_full_mask_path(ws, S, n_g, cross, B, monkeypatch
 @pytest.mark.parametrize("ws,S,n_g,cross,B", [((2, 2, 2), (5, 6, 8), 3, False, 2), ((4, 4), (12, 9), 4, False, 1),
                                               ((2, 2, 2), (4, 4, 4), 0, True, 2), ((3, 3), (7, 7), 2, True, 2)])
 @pytest.mark.parametrize("chunk", [1, 37, 10 ** 9])
-def test_chunked_inference_equals_autograd_path(ws, S, n_g, cross, B, chunk, monkeypatch):
+@pytest.mark.parametrize("variant", ["paper", "authors"])
+def test_chunked_inference_equals_autograd_path(ws, S, n_g, cross, B, chunk, variant, monkeypatch):
     """CPU inference runs window attention on groups of windows and the MLP on chunks of tokens (added in place,
     ``layers.CHUNK_TOKENS``): for any chunk size — one window or token at a time, sizes that cut window
     classes and images apart, one chunk — the outputs and global tokens equal the unchunked autograd path's."""
     from glam3d.models import layers
     torch.manual_seed(0)
-    layer = GLAMLayer(8, 3, 2, ws, num_global_tokens=n_g, cross_attention=cross).eval()
+    layer = GLAMLayer(8, 3, 2, ws, num_global_tokens=n_g, cross_attention=cross, glam_variant=variant,
+                      input_resolution=S).eval()
     x = torch.randn(B, *S, 8)  # channels-last tokens, as the networks pass them (forward_tokens)
     ctx = torch.randn(B, *S, 8) if cross else None
     y_ref, g_ref = layer.forward_tokens(x, ctx)  # autograd on (parameters require grad): no chunking

@@ -18,7 +18,7 @@ import torch
 
 import helpers as H
 from glam3d import cli as glam3d_cli
-from glam3d.engine.checkpoint import FORMAT, UnsafeCheckpoint, load_checkpoint, save_checkpoint
+from glam3d.engine.checkpoint import FORMAT, UnsafeCheckpoint, load_checkpoint
 from glam3d.errors import UserError
 
 

@@ -211,7 +211,8 @@ def test_inference_weights_equal_autocast_bit_for_bit(spec, shape):
     ref = run(model)
     cast = inference_weights(copy.deepcopy(model), torch.bfloat16)
     assert torch.equal(run(cast), ref)
-    layer_types = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+    layer_types = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d,
+                   torch.nn.ConvTranspose3d)
     n_cast = 0
     for (name, mod), orig in zip(cast.named_modules(), model.modules()):
         own = dict(mod.named_parameters(recurse=False))
@@ -388,7 +389,7 @@ def test_out_receives_d_ranges_in_order():
 
 def test_one_argmax_per_cell_and_the_chunked_argmax_equal(monkeypatch):
     """A finished cell becomes labels in one argmax (+ cast + copy: on a GPU each is a kernel launch the host
-    pays for; change 31) unless its int64 temporary would pass ``_ARGMAX_ELEMENTS``; chunked by planes the
+    pays for) unless its int64 temporary would pass ``_ARGMAX_ELEMENTS``; chunked by planes the
     labels are the same."""
     import math
 

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 import helpers as H
 from glam3d import cli as glam3d_cli
+from glam3d.utils.ownership import MARKER
 from preprocessing import cli as pre_cli
 
 CASES = ["0005", "0006", "0007", "0009", "0010"]
@@ -125,7 +125,9 @@ def test_two_predict_processes_same_folder(tmp_path, predict_inputs):
     man = H.load_json(out / "predictions.json")             # valid JSON, every case recorded
     assert sorted(man["cases"]) == ["s0", "s1", "s2", "s3"]
     assert all(c["status"] == "written" for c in man["cases"].values())
-    assert not H.temp_litter(out) and not [p for p in out.iterdir() if p.name.startswith(".")]
+    # nothing hidden but the folder's ownership marker, which lists every output
+    assert not H.temp_litter(out) and [p.name for p in out.iterdir() if p.name.startswith(".")] == [MARKER]
+    assert set(H.load_json(out / MARKER)["entries"]) == set(names) | {"predictions.json"}
 
 
 def test_manifest_merge_is_serialised(tmp_path):

@@ -98,7 +98,7 @@ def test_evaluate_segmentation_oracle():
             return nn.functional.one_hot(lab, 3).permute(0, 3, 1, 2).float()
 
     data = []
-    for i in range(3):
+    for _i in range(3):
         lab = torch.randint(0, 3, (8, 9))
         img = torch.stack([lab.float(), torch.zeros(8, 9), torch.zeros(8, 9)])
         lab[0, 0] = 255

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from glam3d.models import build_model, build_model_spec, check_model_spec, list_models, parse_model_spec
-from glam3d.models.complexity import count_macs, count_macs_by_name, count_parameters, format_table, model_table
+from glam3d.models.complexity import (build_meta, count_macs, count_macs_by_name, count_parameters, format_table,
+                                      model_table)
 
 torch.set_num_threads(1)
 
@@ -33,17 +34,23 @@ def test_nnformer_synapse_params_and_macs():
     assert abs(n_ds / 149.5e6 - 1) < 0.02, n_ds  # + the two extra deep-supervision heads
     macs = count_macs(m, (1, 1, 64, 128, 128))
     assert abs(macs / 211.5e9 - 1) < 0.03, macs
-    assert m.glam3d_spec == {"name": "nnformer_synapse", "kwargs": {}}
+    assert m.glam3d_spec["name"] == "nnformer_synapse" and m.glam3d_spec["version"] == 2
+    assert m.glam3d_spec["kwargs"]["embed_dim"] == 192 and m.glam3d_spec["kwargs"]["num_global_tokens"] == 0
 
 
 def test_glam_nnformer_synapse_builds():
     m = _meta("glam_nnformer_synapse")
-    # stages 3-4 (8^3 map / window 8, 4^3 / 4) are one window: no global tokens there
-    assert m.num_global_tokens == [10, 10, 0, 0]
+    # stages 3-4 (8^3 map / window 8, 4^3 / 4) are one window: global tokens there too (learned memory), every
+    # encoder stage and decoder level a GLAM layer with G-MSA; skipping them stays an option
     assert m.single_window == [False, False, True, True]
-    # G-MSA adds parameters; NLU has fewer than the transposed-conv patch expanding it replaces
-    assert count_parameters(_meta("glam_nnformer_synapse", nlu=False)) > count_parameters(_meta("nnformer_synapse"))
-    assert count_parameters(m) < count_parameters(_meta("glam_nnformer_synapse", nlu=False))
+    assert m.num_global_tokens == [10, 10, 10, 10] and m.glam_variant == "authors"
+    assert all(s.num_global_tokens == 10 and s.use_gmsa for s in list(m.stages) + list(m.dec_stages))
+    assert _meta("glam_nnformer_synapse", glam_single_window=False).num_global_tokens == [10, 10, 0, 0]
+    # G-MSA adds parameters; the attention-only NLU has fewer than the transposed-conv patch expanding it
+    # replaces, the authors' NLU block (patch-expanding residual, MLP) more
+    no_nlu = count_parameters(_meta("glam_nnformer_synapse", nlu=False))
+    assert no_nlu > count_parameters(_meta("nnformer_synapse"))
+    assert count_parameters(_meta("glam_nnformer_synapse", nlu_form="attention")) < no_nlu < count_parameters(m)
 
 
 @pytest.mark.parametrize("name", ["nnformer_tiny", "glam_nnformer_tiny"])
@@ -101,7 +108,7 @@ def test_global_num_heads_changes_only_gmsa():
     sd = {k: v * 30 if ".gmsa." in k and k.endswith("qkv.weight") else v for k, v in a.state_dict().items()}
     a.load_state_dict(sd)
     b.load_state_dict(sd)  # strict: same keys and shapes
-    assert [g.attn.num_heads for g in b.stages[0].gmsa] == [1] and b.stages[1].gmsa[0].attn.num_heads == 2
+    assert [g.attn.num_heads for g in b.stages[0].gmsa] == [1, 1] and b.stages[1].gmsa[0].attn.num_heads == 2
     assert b.dec_stages[0].gmsa[0].attn.num_heads == 1 and a.stages[0].gmsa[0].attn.num_heads == 2
     assert all(blk.attn.num_heads == 2 for blk in b.stages[0].blocks)  # W-MSA keeps num_heads
     shape = (1, 1, 32, 64, 64)
@@ -126,7 +133,7 @@ def test_model_specs():
     assert parse_model_spec("glam_nnformer_tiny:global_num_heads=[1,2,4,8]:nlu=false") == \
         ("glam_nnformer_tiny", {"global_num_heads": [1, 2, 4, 8], "nlu": False})
     m = build_model_spec("glam_nnformer_tiny:num_global_tokens=4")
-    assert m.num_global_tokens == [4, 4, 0, 0] and m.glam3d_spec["kwargs"] == {"num_global_tokens": 4}
+    assert m.num_global_tokens == [4, 4, 4, 4] and m.glam3d_spec["kwargs"]["num_global_tokens"] == 4
     assert check_model_spec("glam_nnformer_synapse:global_num_heads=[3,6,12,24]").startswith("glam_nnformer")
     for spec, msg in (("glam_nnformer_tiny:nosuch=1", "unexpected keyword"), ("glam_nnformer_tiny:nlu", "key=value"),
                       ("glam_nnformer_tiny:global_num_heads=7", "global_num_heads"),
@@ -193,6 +200,35 @@ def test_model_table_and_command(capsys):
     cmd.add_parser(parser.add_subparsers())
     assert cmd.run(parser.parse_args(["models", "--names", "nnformer_tiny"])) == 0
     assert "nnformer_tiny" in capsys.readouterr().out
+
+
+def test_markdown_model_table_is_the_command_output(capsys):
+    """``glam3d models --markdown`` (the README's table) prints, per row, the parameters and MACs counted here
+    directly, for registered names and for specs with options; the overheads are over the vanilla twin."""
+    from glam3d.models.complexity import markdown_table
+    from glam3d.commands import models as cmd
+    names = ["nnformer_tiny", "glam_nnformer_tiny", "glam_nnformer_tiny:glam_variant=paper"]
+    parser = argparse.ArgumentParser()
+    cmd.add_parser(parser.add_subparsers())
+    assert cmd.run(parser.parse_args(["models", "--markdown", "--names", *names])) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == markdown_table(names)
+    lines = printed.splitlines()
+    assert lines[0].startswith("| model |") and len(lines) == 2 + len(names)
+    cells = {ln.split("|")[1].strip().strip("`"): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines[2:]}
+    base = _meta("nnformer_tiny")
+    p0, m0 = count_parameters(base), count_macs(base, (1, 1, 32, 64, 64))
+    for name in names:
+        net = build_meta(name)
+        p, m = count_parameters(net), count_macs(net, (1, 1, 32, 64, 64))
+        crop, params, macs, over = cells[name]
+        assert crop == "32×64×64" and params == f"{p / 1e6:.2f}" and macs == f"{m / 1e9:.2f}"
+        if name == "nnformer_tiny":
+            assert over == ""
+        else:
+            assert over == f"{100 * (p - p0) / p0:+.2f} % params, {100 * (m - m0) / m0:+.2f} % MACs (`nnformer_tiny`)"
+    with pytest.raises(ValueError, match="unknown model"):
+        model_table(["nosuch_tiny:nlu=false"])
 
 
 @pytest.mark.parametrize("name", ["nnformer_tiny", "glam_nnformer_tiny"])

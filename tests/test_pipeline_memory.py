@@ -102,8 +102,8 @@ def test_body_bbox_equals_monai(small_slabs, thr):
     assert pl.body_bbox(empty, [1, 1, 1], {"body_threshold": -500.0}) == [[0, 8]] * 3
 
 
-def _nifti(path, data, affine=np.eye(4), dtype=None):
-    img = nib.Nifti1Image(data, affine)
+def _nifti(path, data, affine=None, dtype=None):
+    img = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
     if dtype is not None:
         img.set_data_dtype(dtype)
     nib.save(img, str(path))
@@ -525,7 +525,7 @@ def test_restored_probabilities_release_a_mapped_source(tmp_path, monkeypatch):
     pl.release_pages(probs)
     base, most = _rss_file_kb(), 0
     for slabs in pl.restored_probabilities(probs, meta, plan):
-        for slab in slabs:
+        for _slab in slabs:
             most = max(most, _rss_file_kb() - base)
     assert arr.shape[1:] == (64, 256, 256)
     assert most * 1024 < 8 << 20, most  # (a class map: 16 MB; the three: 48 MB)

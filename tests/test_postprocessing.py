@@ -70,7 +70,7 @@ def test_matches_monai_keep_largest_connected_component():
     from monai.transforms import KeepLargestConnectedComponent
 
     rng = np.random.default_rng(0)
-    for trial in range(4):
+    for _trial in range(4):
         lab = rng.choice(4, size=(20, 18, 16), p=[0.7, 0.1, 0.1, 0.1]).astype(np.uint8)
         ref = KeepLargestConnectedComponent(applied_labels=[1, 2, 3], is_onehot=False, independent=True)(
             torch.from_numpy(lab.astype(np.int64))[None])

@@ -13,6 +13,7 @@ from glam3d import cli
 from glam3d.cli import main
 from glam3d.engine.checkpoint import save_checkpoint
 from glam3d.models import registry
+from glam3d.utils.ownership import MARKER
 
 pipeline = pytest.importorskip("preprocessing.pipeline")
 
@@ -123,11 +124,12 @@ def test_geometry_round_trip_exact(tmp_path, orientation, capsys):
 @pytest.mark.parametrize("orientation", ["LPS", "oblique"])
 def test_geometry_round_trip_resampled(tmp_path, orientation):
     img, lab, raw = make_scan(orientation)
-    nib.save(img, tmp_path / "scan.nii")
+    (tmp_path / "scans").mkdir()
+    nib.save(img, tmp_path / "scans" / "scan.nii")
     ck = write_checkpoint(tmp_path / "ck.pt", [2.0, 1.2, 1.1])  # resampling both ways
     out = tmp_path / "pred"
-    assert main(["predict", "--checkpoint", str(ck), "--input", str(tmp_path), "--output", str(out),
-                 "--quiet", "--probabilities"]) == 0
+    assert main(["predict", "--checkpoint", str(ck), "--input", str(tmp_path / "scans"), "--output", str(out),
+                 "--quiet", "--probabilities", "--format", "nii.gz"]) == 0
     seg = nib.load(out / "scan.nii.gz")
     assert seg.shape == img.shape and np.allclose(seg.affine, img.affine, atol=1e-6)
     pred = np.asanyarray(seg.dataobj)
@@ -168,7 +170,7 @@ def test_predict_reads_the_scan_lazily(tmp_path, monkeypatch):
     # decoded into the (new) output folder, mapped, unlinked: nothing but the outputs is left there
     assert spilled == [("memmap", tmp_path / "lazy")]
     # (and so were the labels, written row by row and mapped back for restoring: no hidden file either)
-    assert sorted(p.name for p in (tmp_path / "lazy").iterdir()) == ["predictions.json", "scan.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "lazy").iterdir()) == [MARKER, "predictions.json", "scan.nii.gz"]
     (tmp_path / "scr").mkdir()
     assert main(args + ["--output", str(tmp_path / "o2"), "--scratch", str(tmp_path / "scr")]) == 0
     assert main(args + ["--output", str(tmp_path / "o3"), "--scratch", "none"]) == 0   # read into memory
@@ -187,7 +189,7 @@ def test_predict_reads_the_scan_lazily(tmp_path, monkeypatch):
 
 def test_inference_settings_keep_zero_overlap():
     """A checkpoint validated at overlap 0 (or without mirroring) is predicted that way: 0 is a setting, not a
-    gap to fill with the 0.5 default (it was, before the twelfth session); the CLI still wins."""
+    gap to fill with the 0.5 default; the CLI still wins."""
     import argparse
 
     from glam3d.inference.predictor import inference_settings
@@ -204,21 +206,36 @@ def test_inference_settings_keep_zero_overlap():
 
 
 def test_skip_existing_and_overwrite(tmp_path, capsys):
+    """A rerun skips a case only when predictions.json shows the same checkpoint and options made it; --overwrite
+    predicts it again; a file glam3d did not write is never replaced, --overwrite or not (one line naming it)."""
     img, _, raw = make_scan("RAS")
     nib.save(img, tmp_path / "a.nii.gz")
     ck = write_checkpoint(tmp_path / "ck.pt", [3.0, 1.5, 1.5])
     out = tmp_path / "pred"
-    out.mkdir()
-    sentinel = nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine)
-    nib.save(sentinel, out / "a.nii.gz")
     args = ["predict", "--checkpoint", str(ck), "--input", str(tmp_path / "a.nii.gz"), "--output", str(out),
             "--quiet"]
     assert main(args) == 0
+    assert "1 written, 0 skipped" in capsys.readouterr().out
+    mtime = (out / "a.nii.gz").stat().st_mtime_ns
+    assert main(args) == 0
     assert "0 written, 1 skipped" in capsys.readouterr().out
-    assert not np.asanyarray(nib.load(out / "a.nii.gz").dataobj).any()  # kept
+    assert (out / "a.nii.gz").stat().st_mtime_ns == mtime  # kept
     assert main(args + ["--overwrite"]) == 0
+    assert "1 written, 0 skipped" in capsys.readouterr().out
     assert np.array_equal(np.asanyarray(nib.load(out / "a.nii.gz").dataobj), raw)
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != MARKER]  # no temporary files
+    # a user's file in a folder glam3d never wrote: the folder is refused, the file stays
+    user = tmp_path / "user"
+    user.mkdir()
+    sentinel = nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine)
+    nib.save(sentinel, user / "a.nii.gz")
+    before = (user / "a.nii.gz").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert main(args[:-3] + ["--output", str(user), "--quiet", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {user}:") and "not written by glam3d" in err
+        assert len(err.strip().splitlines()) == 1
+        assert (user / "a.nii.gz").read_bytes() == before and sorted(p.name for p in user.iterdir()) == ["a.nii.gz"]
 
 
 def test_refusals(tmp_path, capsys):
@@ -384,7 +401,7 @@ def test_probabilities_go_through_scratch_and_equal_the_in_memory_ones(tmp_path,
         out = tmp_path / name
         assert main(["predict", "--checkpoint", str(ck), "--input", str(tmp_path / "scan.nii.gz"), "--output",
                      str(out), "--quiet", "--probabilities", *extra]) == 0
-        assert sorted(p.name for p in out.iterdir()) == ["predictions.json", "scan.nii.gz",
+        assert sorted(p.name for p in out.iterdir()) == [MARKER, "predictions.json", "scan.nii.gz",
                                                          "scan_probabilities.nii.gz"]
         outs[name] = nib.load(out / "scan_probabilities.nii.gz")
     assert len(made) == 1 and made[0][0] == 4  # only the run with a scratch folder mapped its maps there

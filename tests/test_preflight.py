@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from glam3d.engine import preflight as P
 from glam3d.errors import UserError

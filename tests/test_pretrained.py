@@ -162,7 +162,7 @@ class RefSwin(nn.Module):
     def features(self, x):
         x = self.patch_embed.norm(self.patch_embed.proj(x).permute(0, 2, 3, 1))
         outs = []
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             for blk in layer.blocks:
                 x = blk(x)
             outs.append(self.norm(x) if layer.downsample is None else x)
@@ -254,11 +254,12 @@ def test_glam_backbone_new_keys_exact(ref, tmp_path, image):
     bb = our_backbone(num_global_tokens=3)
     rep = load_pretrained(bb, path, verbose=False)
     own = bb.state_dict()
-    glam_keys = sorted(k for k in own if ".global_tokens" in k or ".gmsa." in k)
+    glam_keys = sorted(k for k in own if ".global_tokens" in k or ".global_pos_embed" in k or ".gmsa." in k)
     assert glam_keys and all(f"stages.{i}.global_tokens" in glam_keys for i in range(4))
     assert rep.new == sorted(glam_keys + [f"out_norms.{i}.{p}" for i in range(3) for p in ("weight", "bias")])
     groups = rep.new_groups()
-    assert groups["global_tokens"] == [f"stages.{i}.global_tokens" for i in range(4)]
+    assert groups["global_tokens"] == sorted(f"stages.{i}.{n}" for i in range(4)
+                                             for n in ("global_tokens", "global_pos_embed"))
     assert groups["gmsa"] == sorted(k for k in glam_keys if ".gmsa." in k)
     assert len(groups["backbone_other"]) == 6 and groups["head"] == []
     # the window-attention weights are the reference's
@@ -293,7 +294,8 @@ def test_full_models_prefixes_and_decoder_from_encoder(ref, tmp_path, image):
     g = rep.new_groups()
     assert all(k.startswith("backbone.") for k in rep.loaded)
     assert g["head"] and all(k.startswith(("decode_head.", "auxiliary_head.")) for k in g["head"])
-    assert g["global_tokens"] == [f"backbone.stages.{i}.global_tokens" for i in range(4)]
+    assert g["global_tokens"] == sorted(f"backbone.stages.{i}.{n}" for i in range(4)
+                                        for n in ("global_tokens", "global_pos_embed"))
     assert rep.decoder_from_encoder == []
 
     un = build_model("swin_unet_tiny", **common).eval()

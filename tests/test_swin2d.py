@@ -89,10 +89,16 @@ def test_backbone_feature_maps_and_padding():
         bb(torch.randn(1, 1, 32, 32))
 
 
-def test_global_pos_embed_option_builds_from_default_crop():
-    m = small("glam_swin_upernet_tiny", global_pos_embed=True, global_clamp=True)
-    # 64x64 crop -> stage 0 map 16x16, window 4 -> 4x4 window grid
-    assert tuple(m.backbone.stages[0].global_pos_embed.shape) == (10, 8, 4, 4)
+@pytest.mark.parametrize("variant", ["paper", "authors"])
+def test_global_pos_embed_builds_from_default_crop(variant):
+    from glam3d.models.networks.swin import authors_pos_rows
+    m = small("glam_swin_upernet_tiny", global_clamp=True, glam_variant=variant)
+    # paper: 64x64 crop -> stage 0 map 16x16, window 4 -> 4x4 window grid; authors: their (45 N_g / 2^i)^2 rows
+    want = [(10, 8 * 2 ** i, *(4 // 2 ** i,) * 2) if variant == "paper" else (authors_pos_rows(i, 10), 8 * 2 ** i)
+            for i in range(3)]
+    assert [tuple(s.global_pos_embed.shape) for s in m.backbone.stages[:3]] == want
+    assert authors_pos_rows(0, 10) == 450 ** 2 and authors_pos_rows(2, 10) == 112 ** 2
+    assert small("glam_swin_upernet_tiny", global_pos_embed=False).backbone.stages[0].global_pos_embed is None
     with torch.no_grad():
         assert m.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 5, 64, 64)
 
@@ -105,6 +111,24 @@ def test_published_parameter_counts(name, lo, hi):
         glam = build_model("glam_" + name)
     assert lo < n_params(m) < hi
     assert n_params(glam) > n_params(m)  # G-MSA layer per block + global tokens
+
+
+def test_glam_swin_upernet_base_counts_the_papers_197m():
+    """Paper table 6: GLAM-Swin-UperNet-B has 197 M parameters. The authors variant builds their block: Swin-
+    UperNet-B (121.3 M) + bare G-MSA before each of the 24 blocks (4 C^2 + 4 C each, 28.0 M) + their position
+    tables of (45 N_g / 2^i)^2 x C per level (48.5 M) + tokens; the paper variant's full G-MSA layers (12 C^2) sit
+    between blocks only (20 of them) and its tables cover the crop's windows."""
+    with torch.device("meta"):
+        authors = build_model("glam_swin_upernet_base", num_classes=150, glam_variant="authors")
+        paper = build_model("glam_swin_upernet_base", num_classes=150, glam_variant="paper")
+        vanilla = build_model("swin_upernet_base", num_classes=150)
+    assert abs(n_params(authors) / 197e6 - 1) < 0.015, n_params(authors)
+    gmsa = sum(p.numel() for n, p in authors.named_parameters() if ".gmsa." in n)
+    tables = sum(p.numel() for n, p in authors.named_parameters() if n.endswith("global_pos_embed"))
+    assert sum(len(s.gmsa) for s in authors.backbone.stages) == 24
+    assert abs(gmsa / 28.0e6 - 1) < 0.01 and abs(tables / 48.5e6 - 1) < 0.01
+    assert sum(len(s.gmsa) for s in paper.backbone.stages) == 20
+    assert n_params(vanilla) < n_params(paper) < n_params(authors)
 
 
 @pytest.mark.parametrize("name", ["glam_swin_upernet_tiny", "glam_swin_unet_tiny"])

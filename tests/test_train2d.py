@@ -211,7 +211,7 @@ def _fake_official_swin(model) -> dict:
     """An official-layout Swin state dict holding this model's backbone weights + 1 (and a classifier head)."""
     sd = {}
     for k, v in model.backbone.state_dict().items():
-        if "global_tokens" in k or ".gmsa." in k or k.endswith(("relative_position_index", "attn_mask")):
+        if "global_" in k or ".gmsa." in k or k.endswith(("relative_position_index", "attn_mask")):
             continue
         if k.startswith("stages."):
             sd["layers." + k[len("stages."):]] = v + 1

@@ -1,5 +1,4 @@
 """N-D window helpers and WindowAttention (2D and 3D)."""
-import itertools
 import math
 
 import pytest

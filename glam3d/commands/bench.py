@@ -69,12 +69,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "throughput ratio is then the median per-round ratio, with a 95%% interval from 6 rounds "
                         "(default 1)")
     p.add_argument("--scaling-model", metavar="NAME", help="model for the volume-growth lines")
-    p.add_argument("--scaling-volumes", type=_volume, nargs="+", metavar="DxHxW")
+    p.add_argument("--scaling-volumes", type=_volume, nargs="+", metavar="DxHxW",
+                   help="volumes of the volume-growth lines")
     p.add_argument("--long-ct-model", metavar="NAME",
                    help="model for the long-CT lines (default nnformer_synapse; nnformer_tiny with --quick)")
     p.add_argument("--long-ct-volumes", type=_volume, nargs="+", metavar="DxHxW",
                    help="default 200x512x512 1000x512x512")
-    p.add_argument("--long-ct-overlap", type=float, default=0.0)
+    p.add_argument("--long-ct-overlap", type=float, default=0.0, help="sliding-window overlap of the long-CT lines "
+                                                                       "(default 0)")
     p.add_argument("--long-ct-in-memory", action="store_true",
                    help="long CT: int16 input array and labels in memory (default: .npy on disk to .npy on disk)")
     p.add_argument("--long-ct-sw-batch-size", type=int, default=1, metavar="N",

@@ -8,13 +8,20 @@ saved).
 Each step is the same code path a user runs alone (``glam3d-preprocess``, ``glam3d train``, ``glam3d predict``,
 ``glam3d evaluate``); a rerun of the demo resumes: finished cases, a finished training run and existing
 predictions are kept.
+
+The work folder (``--out``) is claimed through :mod:`glam3d.utils.ownership` (kind ``demo``): its marker is written
+first and lists :data:`DEMO_ENTRIES` before they are made; ``--overwrite`` deletes only those. A folder with other
+content and no marker is refused (one line naming it), unless it is a demo folder written before markers existed
+(:func:`adopt_demo`).
 """
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 from ..errors import UserError
 
@@ -25,8 +32,10 @@ TARGET_MINUTES = 15.0
 # organ, both body sides) in one patch, which is what lets the tiny network learn the anatomy in ~1000 CPU steps;
 # predictions are still written, and scored, in each scan's own geometry (~2.8 mm at --matrix 128)
 DEMO_SPACING = (4.0, 4.0, 4.0)
-# what a demo folder holds: --overwrite deletes a folder only when it holds nothing else
-DEMO_ENTRIES = {"phantom_raw", "phantom_pre", "run", "predictions", "test_labels", "report", "phantom_preview.png"}
+# what a demo folder holds (listed in its ownership marker before they are made; --overwrite deletes only these)
+DEMO_KIND = "demo"
+DEMO_ENTRIES = ("phantom_raw/", "phantom_pre/", "run/", "predictions/", "test_labels/", "report/",
+                "phantom_preview.png")
 
 
 def add_parser(subparsers):
@@ -40,12 +49,73 @@ def add_parser(subparsers):
     p.add_argument("--spacing", nargs=3, type=float, default=list(DEMO_SPACING), metavar=("SZ", "SY", "SX"),
                    help=f"preprocessing target spacing in mm (default {' '.join(f'{v:g}' for v in DEMO_SPACING)}; "
                         f"the evaluation is always in each scan's own geometry)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the phantoms and the training (default 0)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="training config override, e.g. train.epochs=4 (repeatable)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes for phantoms/preprocessing")
-    p.add_argument("--overwrite", action="store_true", help="start from scratch (deletes the --out folder first)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from scratch (deletes what an earlier demo wrote into --out, nothing else)")
     return p
+
+
+def _marker_kind(folder: Path) -> Optional[str]:
+    from ..utils.ownership import read_marker
+
+    try:
+        marker = read_marker(folder)
+    except UserError:
+        return None
+    return marker["kind"] if marker else None
+
+
+def _only_files(folder: Path, pattern: str) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and all(
+        p.is_file() and not p.is_symlink() and re.fullmatch(pattern, p.name) for p in folder.iterdir())
+
+
+def adopt_demo(folder: Path) -> Optional[list]:
+    """The entries of a ``glam3d demo`` folder written before ownership markers, or None: its ``phantom_raw/`` is a
+    glam3d phantom set, and each other demo entry there is what the demo writes (``phantom_pre/`` a glam3d
+    preprocessed dataset, ``run/`` a glam3d run folder, ``predictions/`` glam3d predictions, ``test_labels/``
+    only ``label*.nii.gz``, ``report/`` only evaluate's report files, the preview a PNG). Other files in the folder
+    are the user's: not listed, never touched."""
+    from preprocessing.output import PHANTOM, PREPROCESSED, adopt_phantom, adopt_preprocessed
+
+    from ..engine.run_folder import RUN_KIND, adopt_run
+    from ..inference.manifest import FORMAT, read_manifest
+
+    def is_dataset(p, kind, adopt):
+        return p.is_dir() and (_marker_kind(p) == kind or (_marker_kind(p) is None and adopt(p) is not None))
+
+    checks = {
+        "phantom_raw": lambda p: is_dataset(p, PHANTOM, adopt_phantom),
+        "phantom_pre": lambda p: is_dataset(p, PREPROCESSED, adopt_preprocessed),
+        "run": lambda p: is_dataset(p, RUN_KIND, adopt_run),
+        "predictions": lambda p: p.is_dir() and read_manifest(p / "predictions.json").get("format") == FORMAT,
+        "test_labels": lambda p: _only_files(p, r"label\d+\.nii\.gz"),
+        "report": lambda p: _only_files(p, r"(report\.(json|csv|md|png)|summary\.json|\..+\.tmp.*)"),
+        "phantom_preview.png": lambda p: p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n",
+    }
+    present = [e for e in DEMO_ENTRIES if (folder / e.rstrip("/")).exists()]
+    if "phantom_raw/" not in present or not all(checks[e.rstrip("/")](folder / e.rstrip("/")) for e in present):
+        return None
+    return present
+
+
+def claim_demo_folder(out: Path, overwrite: bool):
+    """Claim ``out`` for the demo (see the module doc); ``overwrite`` deletes what an earlier demo listed."""
+    from ..utils.ownership import claim
+
+    try:
+        owned = claim(out, DEMO_KIND, tool="glam3d demo", adopt=adopt_demo, log=lambda m: print(f"note: {m}"))
+    except UserError as err:
+        if overwrite:
+            raise UserError(f"--overwrite: refusing to delete anything here: {err}") from None
+        raise
+    if overwrite:
+        owned.clear()
+    owned.record(*DEMO_ENTRIES)
+    return owned
 
 
 def run(args) -> int:
@@ -56,12 +126,7 @@ def run(args) -> int:
 
     out: Path = args.out
     config_path(args.config)  # a missing config fails here, before any work
-    if args.overwrite and out.exists():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES)
-        if foreign:
-            raise UserError(f"--overwrite: refusing to delete a folder that holds more than a demo run "
-                            f"(e.g. {foreign[0]})", out)
-        shutil.rmtree(out)
+    claim_demo_folder(out, args.overwrite)
     raw, pre, run_dir = out / "phantom_raw", out / "phantom_pre", out / "run"
     pred, gt, report = out / "predictions", out / "test_labels", out / "report"
     t0 = time.time()

@@ -12,6 +12,7 @@ EPILOG = """\
 examples:
   glam3d show overlay --image img0001.nii.gz --pred preds/img0001.nii.gz --gt label0001.nii.gz --out case1.png
   glam3d show attention --checkpoint best.pt --image img0001.nii.gz --voxel 40 250 200 --out attn.png
+  glam3d show attention --checkpoint best.pt --image img0001.nii.gz --voxel 40 250 200 --term patch --out p.png
 """
 
 
@@ -26,24 +27,31 @@ def add_parser(subparsers):
     o.add_argument("--image", required=True, metavar="IMG", help="the scan (NIfTI)")
     o.add_argument("--pred", required=True, metavar="PRED", help="predicted label map on the scan's grid")
     o.add_argument("--gt", metavar="GT", help="ground-truth label map on the scan's grid")
-    o.add_argument("--out", required=True, metavar="PNG")
+    o.add_argument("--out", required=True, metavar="PNG", help="the figure to write")
     o.add_argument("--slices", type=int, nargs="+", default=[4], metavar="N",
                    help="one number: how many slices (auto, through organ centroids); several: axial indices "
                         "of the RAS+ volume")
     a = sub.add_parser("attention", help="GLAM effective global attention of one voxel (paper eq. 7)",
                        description="Runs the checkpoint's network on a window around the voxel and draws the "
                                    "global-attention map of that voxel (through the global tokens) over the scan.")
-    a.add_argument("--checkpoint", required=True, metavar="CKPT")
+    a.add_argument("--checkpoint", required=True, metavar="CKPT", help="a trained GLAM checkpoint")
     a.add_argument("--image", required=True, metavar="IMG", help="the scan (NIfTI)")
     a.add_argument("--voxel", required=True, type=int, nargs=3, metavar=("Z", "Y", "X"),
                    help="query voxel, indices of the scan as stored, in (z, y, x) = (k, j, i) order "
                         "(SimpleITK / nnU-Net array order)")
-    a.add_argument("--stage", type=int, default=0, help="GLAM encoder stage (0 = highest resolution)")
-    a.add_argument("--block", type=int, default=-1, help="block within the stage (default: last)")
+    a.add_argument("--stage", type=int, default=0,
+                   help="GLAM layer, in the network's order (encoder stages first; 0 = highest resolution)")
+    a.add_argument("--block", type=int, default=-1,
+                   help="the map through the G-MSA between block B and block B+1 of the layer (default: the last "
+                        "such pair)")
+    a.add_argument("--term", choices=("patch", "window", "sum"), default="sum",
+                   help="eq. 7's patch-level term (through the window tokens), its window-level term (through the "
+                        "previous global tokens, one value per window) or their sum (the paper's G_k; default)")
     a.add_argument("--weighting", choices=("query", "uniform"), default="query",
-                   help="weight the window's global tokens by the query's attention to them, or uniformly")
-    a.add_argument("--out", required=True, metavar="PNG")
-    a.add_argument("--device", default="auto")
+                   help="weight the window's global tokens by the query's attention to them (in the block that "
+                        "reads them), or uniformly")
+    a.add_argument("--out", required=True, metavar="PNG", help="the figure to write")
+    a.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     return p
 
 
@@ -110,9 +118,9 @@ def _attention(args) -> int:
     device = _resolve_device(args.device, -1)
     model = model_from_checkpoint(state, args.checkpoint).to(device).eval()
     state = checkpoint_metadata(state)
-    layers = [m for m in model.modules() if isinstance(m, GLAMLayer) and m.num_global_tokens and m.gmsa is not None]
+    layers = [m for m in model.modules() if isinstance(m, GLAMLayer) and m.hops()]
     if not layers:
-        raise UserError("this network has no GLAM layer with global tokens and G-MSA: no global attention map",
+        raise UserError("this network has no GLAM layer with a G-MSA between two blocks: no global attention map",
                         args.checkpoint)
     if not 0 <= args.stage < len(layers):
         raise UserError(f"--stage {args.stage}: the network has {len(layers)} GLAM stages (0..{len(layers) - 1})")
@@ -130,23 +138,26 @@ def _attention(args) -> int:
     src = tuple(slice(l, min(l + r, n)) for l, r, n in zip(lo, roi, vol.shape[1:]))
     win[(slice(None),) + tuple(slice(0, s.stop - s.start) for s in src)] = vol[(slice(None),) + src]
     q_local = [qi - l for qi, l in zip(q, lo)]
-    n_gmsa = len(layer.gmsa)  # blocks followed by a G-MSA (the map needs one)
-    if not -n_gmsa <= args.block < n_gmsa:
-        raise UserError(f"--block {args.block}: stage {args.stage} has G-MSA after blocks 0..{n_gmsa - 1}")
-    block = args.block % n_gmsa
+    n_hops = len(layer.hops())  # G-MSA between block B and B+1 (the map needs both)
+    if not -n_hops <= args.block < n_hops:
+        raise UserError(f"--block {args.block}: stage {args.stage}'s G-MSA paths start at blocks 0..{n_hops - 1}")
+    block = args.block % n_hops
     try:
         with torch.no_grad(), am.recording(layer, block):
             model(win[None].to(device))
         fshape = layer.blocks[block].last_geometry["spatial_shape"]
         q_feat = [min(int(v * f // r), f - 1) for v, f, r in zip(q_local, fshape, roi)]
-        m = am.map_from_recorded(layer, q_feat, block=block, weighting=args.weighting, normalize=True)
+        m = am.map_from_recorded(layer, q_feat, block=block, weighting=args.weighting, term=args.term,
+                                 normalize=True)
     except ValueError as err:
         raise UserError(f"attention map: {err}") from None
     up = am.upsample_map(m.cpu(), roi).numpy()
     ext = [s.stop - s.start for s in src]
     up = up[tuple(slice(0, e) for e in ext)]
     img_win = win[0].numpy()[tuple(slice(0, e) for e in ext)]
-    title = (f"GLAM global attention (eq. 7), stage {args.stage}, block {block}, query voxel "
+    terms = "patch + window terms" if args.term == "sum" else f"{args.term} term"
+    title = (f"GLAM global attention (eq. 7, {terms}), "
+             f"stage {args.stage}, blocks {block}-{block + 1}, query voxel "
              f"{tuple(args.voxel)} of {Path(args.image).name}; feature map {tuple(fshape)}")
     codes = tuple(plan.get("orientation", "RAS"))[::-1]  # axis codes of (D, H, W)
     render_attention(img_win, up, q_local, args.out, spacing=plan["target_spacing"], title=title, axcodes=codes)

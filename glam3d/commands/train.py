@@ -7,6 +7,9 @@ Examples::
     glam3d train synapse_glam_nnformer --out runs/glam_s1 --override train.seed=1
     glam3d train synapse_glam_nnformer --out runs/glam_s1 --resume
     torchrun --nproc_per_node=4 -m glam3d train synapse_glam_nnformer
+    for k in 0 1 2 3 4; do glam3d train synapse_glam_nnformer --data data/synapse_nn --fold $k --out runs/cv; done
+    glam3d evaluate --pred runs/cv/fold_*/validation --gt data/synapse_nn/dataset.json --only-predicted \
+        --out runs/cv/cv_report
 
 Also runnable without the dispatcher: ``python -m glam3d.commands.train CONFIG ...``.
 """
@@ -33,6 +36,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="set a config key, e.g. optim.lr=3e-4 or data.roi_size=[32,64,64] (repeatable)")
     p.add_argument("--out", metavar="DIR", help="run folder (default: the config's 'output')")
     p.add_argument("--data", metavar="DIR", help="preprocessed dataset folder (same as --override data.root=DIR)")
+    p.add_argument("--fold", metavar="K|all",
+                   help="cross-validation fold of DIR/splits_final.json (nnU-Net's format; made on first use, 5 "
+                        "folds): 0..4, or 'all' (every training case, no validation); the run folder becomes "
+                        "OUT/fold_K, and at the end the fold's validation cases are predicted and scored in "
+                        "OUT/fold_K/validation (same as --override data.fold=K)")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last "
                                                           "checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in the output folder")
@@ -48,6 +56,8 @@ def build_config(args):
     overrides = list(args.override)
     if args.data:
         overrides.append(f"data.root={args.data}")
+    if args.fold is not None:
+        overrides.append(f"data.fold={args.fold}")
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.deterministic:
@@ -78,6 +88,11 @@ def run(args) -> int:
         what, best = "best mean val Dice", summary.get("best_mean_dice")
     print(f"run folder: {summary['run_dir']}  {what}: {'n/a' if best is None else f'{best:.4f}'}  "
           f"checkpoint: {summary['checkpoint_best'] or summary['checkpoint_last']}")
+    val = summary.get("validation")
+    if val:
+        dice = val.get("mean_dice")
+        print(f"fold validation: {val['cases']} cases predicted into {val['folder']}"
+              + (f"  mean Dice {dice:.4f}  report: {val['report']}" if dice is not None else ""))
     return 0
 
 

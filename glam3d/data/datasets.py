@@ -1,8 +1,8 @@
 """Preprocessed 3D datasets for training: manifest, validation split, cached cases, seeded patch draws.
 
-A preprocessed dataset is ``ROOT/dataset.json`` + ``ROOT/cases/<id>.npz`` (see ``docs/INTERNALS.md``). Only the
-manifest's ``training`` cases are ever read here; the validation split is carved from them (seeded) and
-``test`` cases are never touched.
+A preprocessed dataset is ``ROOT/dataset.json`` + ``ROOT/cases/<id>.npz`` (see
+``docs/reference/file-formats.md``). Only the manifest's ``training`` cases are ever read here; the validation
+split is carved from them (seeded) and ``test`` cases are never touched.
 
 Determinism: a training patch is a pure function of ``(seed, epoch, draw index)``. Epoch ``e`` draws
 ``iters_per_epoch * batch_size * world_size`` volumes in an order derived from ``(seed, e)`` (a concatenation
@@ -164,6 +164,99 @@ def make_split(ids: Sequence[str], val_fraction: float, val_cases: Optional[Sequ
     return {"seed": int(seed), "train": train, "val": val}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# cross-validation folds (nnU-Net's splits_final.json)
+# ----------------------------------------------------------------------------------------------------------------
+SPLITS_FILE = "splits_final.json"
+#: nnU-Net v2's seed for its 5-fold split (``generate_crossval_split(..., seed=12345)``)
+SPLITS_SEED = 12345
+
+
+def crossval_splits(ids: Sequence[str], num_folds: int = 5, seed: int = SPLITS_SEED, source=None) -> List[dict]:
+    """``num_folds`` folds over the training case ``ids``, as nnU-Net v2 makes ``splits_final.json``: the ids
+    sorted, their indices shuffled by ``numpy.random.RandomState(seed)`` and cut into consecutive chunks (the first
+    ``n % num_folds`` one case larger), i.e. scikit-learn's ``KFold(num_folds, shuffle=True, random_state=seed)``
+    over the sorted ids. Fold ``k`` validates on chunk ``k`` and trains on the rest; both lists in sorted order.
+
+    Returns ``[{"train": [...], "val": [...]}, ...]``. :class:`UserError` (naming ``source``, the dataset) when
+    there are fewer cases than folds."""
+    ids = sorted(str(i) for i in ids)
+    if len(set(ids)) != len(ids):
+        raise UserError("duplicate training case ids", source)
+    if num_folds < 2:
+        raise ValueError(f"num_folds must be >= 2, got {num_folds}")
+    if len(ids) < num_folds:
+        raise UserError(f"{num_folds}-fold cross-validation needs at least {num_folds} training cases, the dataset has "
+                        f"{len(ids)} (data.num_folds)", source)
+    order = np.arange(len(ids))
+    np.random.RandomState(seed).shuffle(order)
+    sizes = np.full(num_folds, len(ids) // num_folds, dtype=int)
+    sizes[: len(ids) % num_folds] += 1
+    splits, start = [], 0
+    for size in sizes:
+        val = set(order[start:start + size].tolist())
+        start += size
+        splits.append({"train": [c for i, c in enumerate(ids) if i not in val],
+                       "val": [c for i, c in enumerate(ids) if i in val]})
+    return splits
+
+
+def read_splits(path, ids: Sequence[str]) -> List[dict]:
+    """The folds of a ``splits_final.json`` (nnU-Net's format: a list of ``{"train": [...], "val": [...]}``),
+    checked against the dataset's training case ``ids``: every id it names is a training case, no case is in both
+    lists of a fold. One-line :class:`UserError` naming the file otherwise."""
+    path = Path(path)
+    try:
+        splits = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"not valid JSON ({err.msg} at line {err.lineno})", path) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read ({type(err).__name__}: {err})", path) from None
+    if not isinstance(splits, list) or not splits:
+        raise UserError(f"must be a list of folds [{{\"train\": [...], \"val\": [...]}}, ...] (nnU-Net's "
+                        f"splits_final.json), got {_type_name(splits)}", path)
+    known = set(str(i) for i in ids)
+    for k, fold in enumerate(splits):
+        if not isinstance(fold, dict) or not isinstance(fold.get("train"), list) or \
+                not isinstance(fold.get("val"), list):
+            raise UserError(f"fold {k} must be an object with 'train' and 'val' lists of case ids", path)
+        for key in ("train", "val"):
+            bad = [c for c in fold[key] if not isinstance(c, str)]
+            if bad:
+                raise UserError(f"fold {k}: '{key}' holds {_type_name(bad[0])} ({bad[0]!r}), not a case id", path)
+            unknown = [c for c in fold[key] if c not in known]
+            if unknown:
+                more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+                raise UserError(f"fold {k}: '{key}' names case(s) {', '.join(unknown[:3])}{more} that are not "
+                                f"training cases of the dataset", path)
+        both = sorted(set(fold["train"]) & set(fold["val"]))
+        if both:
+            raise UserError(f"fold {k}: case {both[0]} is in both 'train' and 'val'", path)
+        if not fold["train"]:
+            raise UserError(f"fold {k}: 'train' lists no case", path)
+    return splits
+
+
+def parse_fold(value) -> object:
+    """A fold as given (``--fold``, ``data.fold``): an int ``>= 0`` or ``"all"``; :class:`UserError` otherwise."""
+    text = str(value).strip()
+    if text == "all":
+        return "all"
+    if text.isdigit():
+        return int(text)
+    raise UserError(f"config key 'data.fold' (--fold) must be a fold number 0, 1, ... or 'all', got {value!r}")
+
+
+def fold_split(splits: List[dict], fold, path=None) -> dict:
+    """``{"train", "val"}`` of ``fold`` (an int, or ``"all"``: every case of the folds, no validation)."""
+    if fold == "all":
+        ids = sorted({c for f in splits for key in ("train", "val") for c in f[key]})
+        return {"train": ids, "val": []}
+    if not 0 <= fold < len(splits):
+        raise UserError(f"--fold {fold}: the splits have folds 0..{len(splits) - 1}", path)
+    return {"train": list(splits[fold]["train"]), "val": list(splits[fold]["val"])}
+
+
 def case_entries(root, manifest: dict, ids: Sequence[str]) -> List[dict]:
     """``[{"id", "image": abs path, "label": abs path, "channels": C}]`` for the given training ids (files must
     exist inside ROOT; ``channels``: what ``modality`` declares, checked when a case is loaded)."""
@@ -183,6 +276,21 @@ def case_entries(root, manifest: dict, ids: Sequence[str]) -> List[dict]:
                 raise UserError(f"case {cid}: file listed in dataset.json is missing", p)
         out.append({"id": cid, "image": str(image), "label": str(label), "channels": channels})
     return out
+
+
+def case_shape(path, key: str = "image") -> Optional[tuple]:
+    """The shape of array ``key`` in a case archive (``.npz``), read from its header only (no voxel is
+    decompressed); None when the file holds no such array or cannot be read that way."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, _ = read(fh)
+        return tuple(int(s) for s in shape)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,5 +431,6 @@ def check_label_range(cases: CaseCache, num_classes: int, source=None) -> None:
                             f"labels", source)
 
 
-__all__ = ["read_manifest", "case_ids", "label_names", "in_channels", "make_split", "case_entries", "CaseCache",
+__all__ = ["read_manifest", "case_ids", "label_names", "in_channels", "make_split", "crossval_splits", "read_splits",
+           "parse_fold", "fold_split", "SPLITS_FILE", "case_entries", "case_shape", "CaseCache",
            "PatchDataset", "EpochSampler", "collate_patches", "validation_volumes", "check_label_range"]

@@ -2,10 +2,13 @@
 
 Layout (``format = "glam3d-checkpoint-v1"``)::
 
-    {"format", "model_spec": {"name", "kwargs"}, "model": state_dict, "optimizer", "scheduler", "scaler",
+    {"format", "model_spec": {"name", "version", "kwargs"}, "model": state_dict, "optimizer", "scheduler", "scaler",
      "epoch", "iteration", "rng", "config", "plan", "labels", "metrics"}
 
-Only ``format``, ``model_spec`` and ``model`` are required; the engine fills the rest.
+Only ``format``, ``model_spec`` and ``model`` are required; the engine fills the rest. ``model_spec`` is the
+network's ``glam3d_spec`` (:mod:`glam3d.models.registry`): version 2 records every constructor argument, so a
+later change of a default never changes what a checkpoint rebuilds; a spec without version is rebuilt with the
+defaults of its time (:func:`model_from_checkpoint`).
 
 A checkpoint never holds NaN/inf weights: :func:`save_checkpoint` refuses a state whose ``model`` or
 ``optimizer`` tensors are not all finite (nothing written, the previous file untouched), and
@@ -233,22 +236,102 @@ def model_from_checkpoint(state: dict, path=None, strict: bool = True, assign: b
     network is sized on the meta device — a spec whose weights alone exceed the CPU's memory (where it is built)
     or ``device``'s (where it will run, when given) is refused with one line giving both numbers.
 
+    The network is rebuilt by :func:`glam3d.models.registry.build_from_spec`: a version-2 spec from exactly its
+    recorded arguments; a spec without version (written before every argument was recorded) with the defaults
+    of that time (:data:`~glam3d.models.registry.LEGACY_OPTIONS`), the weights of the G-MSA its 2D networks ran
+    after each GLAM level's last block (output read by nothing) dropped, and one note on stderr saying so.
+
     ``assign`` (inference from a mapped checkpoint, :func:`load_checkpoint` ``mmap=True``): the network's
     parameters *become* the checkpoint's tensors (``load_state_dict(assign=True)``) instead of being copied
     into, so the weights exist once — as pages of the mapped file — instead of twice while the network is
     built (0.6 GB for a Synapse-size nnFormer). The mapping is private: nothing is ever written to the file."""
-    from ..models.registry import build_model
+    from ..models.registry import build_from_spec, legacy_options, spec_version
     from .preflight import check_checkpoint_network
 
     spec = state.get("model_spec") or {}
-    check_checkpoint_network(spec, path, device)  # sized on the meta device before it is built for real
+    try:
+        legacy = isinstance(spec, dict) and spec_version(spec) < 2
+        assumed = legacy_options(spec)
+    except ValueError as err:  # a version this glam3d does not read
+        raise UserError(f"cannot rebuild the network recorded in the checkpoint ({err})", path) from None
+    sized = dict(spec, kwargs={**assumed, **(spec.get("kwargs") or {})}) if assumed else spec
+    check_checkpoint_network(sized, path, device)  # sized on the meta device before it is built for real
     check_finite_weights(state["model"], path)
     try:
-        model = build_model(spec["name"], **dict(spec.get("kwargs", {})))
+        model = build_from_spec(spec)
     except (KeyError, ValueError, TypeError) as err:
         raise UserError(f"cannot rebuild the network recorded in the checkpoint ({err})", path) from None
-    load_model_weights(model, state["model"], path=path, strict=strict, assign=assign, checked=True)
+    weights, dropped = state["model"], []
+    if legacy and _legacy_trailing_gmsa(spec):
+        dropped = legacy_dead_weights(model, weights)
+        gone = set(dropped)
+        weights = {k: v for k, v in weights.items() if k not in gone}
+    try:
+        load_model_weights(model, weights, path=path, strict=strict, assign=assign, checked=True)
+    except NonFiniteCheckpoint:
+        raise
+    except UserError as err:
+        if not assumed:
+            raise
+        raise UserError(f"{err}; its model_spec has no version, so it was rebuilt with the defaults of glam3d "
+                        f"before model spec version 2 ({_options(assumed)})") from None
+    if legacy and _uses_glam_or_nlu(model):
+        _legacy_note(spec, assumed, dropped, path)
     return model
+
+
+def legacy_dead_weights(model: torch.nn.Module, weights: dict) -> list:
+    """Names in ``weights`` (a checkpoint's ``model``, possibly ``module.``-prefixed) of the G-MSA that 2D networks
+    ran after each GLAM level's last block before model spec version 2: ``<level>.gmsa.<n>.*`` where ``n`` is the
+    number of G-MSA the rebuilt level has. Its output was read by nothing (the global tokens end with the level),
+    so the network computes the same without it."""
+    from ..models.glam import GLAMLayer
+
+    prefixes = tuple(f"{name}.gmsa.{len(layer.gmsa) if layer.gmsa is not None else 0}."
+                     for name, layer in model.named_modules()
+                     if isinstance(layer, GLAMLayer) and layer.num_global_tokens)
+    if not prefixes:
+        return []
+    own = model.state_dict()
+    return [k for k in weights if (k[len("module."):] if k.startswith("module.") else k).startswith(prefixes)
+            and k not in own]
+
+
+def _legacy_trailing_gmsa(spec: dict) -> bool:
+    from ..models.registry import LEGACY_TRAILING_GMSA, resolve
+
+    try:
+        return resolve(spec["name"])[0].name in LEGACY_TRAILING_GMSA
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _uses_glam_or_nlu(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has global tokens or NLU: the parts whose defaults changed with model spec version 2."""
+    from ..models.glam import GLAMLayer
+    from ..models.nlu import NLU
+
+    return any((isinstance(m, GLAMLayer) and m.num_global_tokens) or isinstance(m, NLU) for m in model.modules())
+
+
+def _options(options: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in options.items()) or "no option changed since"
+
+
+def _legacy_note(spec: dict, assumed: dict, dropped: list, path) -> None:
+    """One line on stderr: the checkpoint predates model spec version 2, the options assumed, what was dropped."""
+    import sys
+
+    where = f"{path}: " if path is not None else ""
+    note = (f"note: {where}the checkpoint predates model spec version 2; {spec.get('name')} rebuilt with the "
+            f"defaults it was trained with ({_options(assumed)})")
+    if dropped:
+        note += (f"; {_tensors(len(dropped))} of the G-MSA after each GLAM level's last block dropped (its output "
+                 f"was read by nothing)")
+    if (spec.get("kwargs") or {}).get("global_pos_embed"):
+        note += ("; global_pos_embed=True: that glam3d added the position into the global tokens, today it enters "
+                 "G-MSA's attention input only, so the outputs differ from the trained network's")
+    print(note, file=sys.stderr)
 
 
 def load_model_weights(model: torch.nn.Module, weights: dict, path=None, strict: bool = True,

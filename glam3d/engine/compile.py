@@ -11,11 +11,12 @@ Usage::
     net = compile_network(model, inference=True, device="cpu", batch_size=2)  # glam3d predict --compile
     labels = predict_volume(net, image, roi, sw_batch_size=2)  # every forward a (2, C, *roi) batch: one graph
 
-What it buys: on a GPU the eager forward at batch 1 waits on kernel dispatch (``experiments/PERFORMANCE.md``,
-"On a GPU"); fewer, fused kernels (and CUDA graphs with ``mode="reduce-overhead"``) are what should pay there
-(``glam3d bench --sections compiled``; not yet measured on a GPU). On the project's 2-core CPU (fp32,
+What it buys: on a GPU the eager forward at batch 1 waits on kernel dispatch (``docs/performance.md``,
+"Where GLAM-nnFormer's extra time goes"); fewer, fused kernels (and CUDA graphs with
+``mode="reduce-overhead"``) are what should pay there
+(``glam3d bench --sections compiled``; not yet measured on a GPU). On a 2-core CPU (fp32,
 Synapse-size networks) compiling takes 40–140 s per network and the compiled forward is no faster than the tuned
-eager one (compiled / eager 0.99–1.10; PERFORMANCE.md change 18). Training compiles forward and backward.
+eager one (compiled / eager 0.99–1.10 in two benchmark runs). Training compiles forward and backward.
 """
 from __future__ import annotations
 

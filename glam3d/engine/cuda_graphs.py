@@ -3,7 +3,7 @@
 At the batch sizes of a sliding window (1-4 windows) a GPU forward of these networks waits on the host: every
 one of its ~700-1,000 kernels is dispatched from Python, ≈ 28 µs each, so fp32 and bf16 take the same time and
 GLAM's extra small ops (global tokens joined to and split from the windows, G-MSA's second layer) cost time in
-proportion to their number, not their FLOPs (``experiments/PERFORMANCE.md``, "On a GPU"). A CUDA graph records
+proportion to their number, not their FLOPs (``docs/performance.md``). A CUDA graph records
 the kernels of one forward once and launches them all from one call: the time becomes the kernels' own.
 Unlike ``torch.compile(mode="reduce-overhead")`` (``glam3d predict --compile reduce-overhead``) nothing is
 compiled: capturing costs a few forwards (well under a second), the kernels are the eager ones.

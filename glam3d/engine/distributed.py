@@ -168,3 +168,29 @@ def broadcast_object(obj, env: DistEnv, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn, env: DistEnv):
+    """``fn()`` on rank 0 only (a write every rank depends on: the run folder, a shared file); every rank returns
+    rank 0's result, or raises the :class:`~glam3d.errors.UserError` rank 0 raised, with its line — so a refusal
+    stops all ranks alike instead of leaving the others waiting at the next collective. Another exception on rank
+    0 is re-raised there and reported to the others as a ``RuntimeError``."""
+    if not env.distributed:
+        return fn()
+    outcome, crash = None, None
+    if env.is_main:
+        try:
+            outcome = ("ok", fn())
+        except UserError as err:
+            outcome = ("user", str(err))
+        except BaseException as err:  # noqa: BLE001 - reported to the other ranks, then re-raised here
+            outcome, crash = ("crash", f"{type(err).__name__}: {err}"), err
+    outcome = broadcast_object(outcome, env)
+    if crash is not None:
+        raise crash
+    kind, value = outcome
+    if kind == "user":
+        raise UserError(value)
+    if kind == "crash":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value

@@ -1,5 +1,7 @@
 """Run-folder logging: ``train.log`` (text), ``log.csv`` (one row per epoch), ``curves.png`` (learning curves),
-TensorBoard events under ``tb/`` when ``tensorboard`` is installed. Only rank 0 writes (``enabled=False`` elsewhere).
+TensorBoard scalars under ``tb/`` (every numeric column of the epoch's row, by epoch; on by default,
+``train.tensorboard``; without the ``tensorboard`` package one warning line says how to install it). Only rank 0
+writes (``enabled=False`` elsewhere).
 
 ``log.csv`` and ``curves.png`` are rewritten atomically after every epoch; on resume, rows of epochs that are
 about to be re-run are dropped, so the file always describes the weights in ``checkpoints/last.pt``.
@@ -16,8 +18,9 @@ from typing import Dict, List, Optional
 
 from ..utils.io import atomic_path, atomic_write_text
 
-BASE_COLUMNS = ["epoch", "iteration", "lr", "train_loss", "epoch_time_s", "patches_per_s", "val_mean_dice",
-                "best_mean_dice"]
+BASE_COLUMNS = ["epoch", "iteration", "lr", "train_loss", "epoch_time_s", "patches_per_s", "nonfinite_steps",
+                "val_mean_dice", "best_mean_dice"]
+TENSORBOARD_HINT = "pip install tensorboard (or pip install 'glam3d[tensorboard]')"
 
 
 class RunLogger:
@@ -29,6 +32,7 @@ class RunLogger:
         self.columns = BASE_COLUMNS[:-1] + [f"val_dice_{n}" for n in self.class_names] + BASE_COLUMNS[-1:]
         self.rows: List[Dict] = []
         self.tb = None
+        self.file_handler = None
         self.logger = _logging.getLogger(f"glam3d.train.{id(self)}")
         self.logger.setLevel(_logging.INFO)
         self.logger.propagate = False
@@ -39,6 +43,7 @@ class RunLogger:
         fh = _logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
         fh.setFormatter(_logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         self.logger.addHandler(fh)
+        self.file_handler = fh
         if console:
             ch = _logging.StreamHandler(sys.stderr)
             ch.setFormatter(_logging.Formatter("%(message)s"))
@@ -46,11 +51,7 @@ class RunLogger:
         if resume_epoch is not None:
             self.rows = [r for r in read_log_csv(self.run_dir / "log.csv") if int(r["epoch"]) <= resume_epoch]
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # optional dependency
-                self.tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
-            except Exception:  # tensorboard not installed (or broken): CSV + PNG only
-                self.tb = None
+            self.tb = _summary_writer(self.run_dir / "tb", self.warning)
 
     # ------------------------------------------------------------------------------------------------------------
     def info(self, msg: str) -> None:
@@ -58,6 +59,12 @@ class RunLogger:
 
     def warning(self, msg: str) -> None:
         self.logger.warning(f"warning: {msg}")
+
+    def to_file(self, msg: str) -> None:
+        """A line in ``train.log`` only (e.g. the error the command line prints itself)."""
+        if self.file_handler is not None:
+            self.file_handler.handle(self.logger.makeRecord(self.logger.name, _logging.INFO, __file__, 0, msg, None,
+                                                            None))
 
     def log_epoch(self, row: Dict) -> None:
         if not self.enabled:
@@ -86,6 +93,22 @@ class RunLogger:
             self.logger.removeHandler(h)
         if self.tb is not None:
             self.tb.close()
+
+
+def _summary_writer(folder: Path, warn):
+    """A TensorBoard ``SummaryWriter`` on ``folder``; None (after one warning line saying how to install it) when
+    the ``tensorboard`` package is missing or broken."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional dependency
+    except ImportError:
+        warn(f"TensorBoard logging is off: the tensorboard package is not installed; {TENSORBOARD_HINT}, or set "
+             f"train.tensorboard=false")
+        return None
+    try:
+        return SummaryWriter(log_dir=str(folder))
+    except Exception as err:  # noqa: BLE001 - a broken installation: CSV + PNG only, said once
+        warn(f"TensorBoard logging is off: {type(err).__name__}: {err}")
+        return None
 
 
 def _fmt(v):

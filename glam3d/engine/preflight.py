@@ -48,19 +48,28 @@ def meta_network(name: str, kwargs: Optional[dict] = None):
     it cannot be built that way (the caller then builds it for real). A spec that does not build (unknown name,
     bad option, a size PyTorch refuses: negative, overflowing) raises ``ValueError``/``TypeError``; one with more
     than :data:`MAX_BLOCKS` blocks raises :class:`TooManyBlocks` before anything is built."""
-    import torch
-
     from ..models.registry import build_model
 
     kwargs = dict(kwargs or {})
-    depths = kwargs.get("depths")
+    return build_on_meta(lambda: build_model(name, **kwargs), kwargs)
+
+
+def build_on_meta(build, kwargs: Optional[dict] = None):
+    """``build()`` (any network builder: a registry name, a ``package.module:factory``) run so that nothing large
+    is allocated: on the meta device, else with only the large tensors there (see :func:`meta_network`); ``None``
+    when the builder cannot run that way. ``kwargs`` (what it builds with) are checked for more than
+    :data:`MAX_BLOCKS` blocks first (:class:`TooManyBlocks`); a builder that fails raises ``ValueError`` /
+    ``TypeError`` (a RuntimeError as ``ValueError``, its first line)."""
+    import torch
+
+    depths = (kwargs or {}).get("depths")
     if isinstance(depths, (list, tuple)) and all(isinstance(d, int) for d in depths) and sum(depths) > MAX_BLOCKS:
         raise TooManyBlocks(f"depths={_short(depths)} makes {sum(depths):,} transformer blocks; no network here "
                             f"has more than {MAX_BLOCKS}")
     for mode in (lambda: torch.device("meta"), _large_on_meta):
         try:
             with mode():
-                return build_model(name, **kwargs)
+                return build()
         except NotImplementedError:
             continue
         except RuntimeError as err:  # the meta device cannot run what the builder computes, or the spec is bad
@@ -352,6 +361,22 @@ def check_config_network(cfg, source=None) -> None:
         raise UserError(f"config key 'model.overrides': {err}", source) from None
     except (ValueError, TypeError, KeyError):
         return
+    if model is not None:
+        check_training_network(model, cfg, source)
+
+
+def check_factory_network(cfg, factory, kwargs: dict, source=None) -> None:
+    """:func:`check_training_network` for a ``package.module:factory`` network (``cfg.model.name``), built with
+    ``kwargs`` (the dataset's classes and channels included) on the meta device: a window the network does not
+    accept, or weights beyond the machine, are refused before the run folder is touched. A factory that cannot
+    build on the meta device is not checked; one that fails to build at all is a one-line :class:`UserError`."""
+    name = cfg.model.name
+    try:
+        model = build_on_meta(lambda: factory(**kwargs), kwargs)
+    except TooManyBlocks as err:
+        raise UserError(f"config key 'model.overrides': {err}", source) from None
+    except (ValueError, TypeError, KeyError, AttributeError, ImportError) as err:
+        raise UserError(f"config key 'model': cannot build {name!r} ({_one_line(err)})", source) from None
     if model is not None:
         check_training_network(model, cfg, source)
 

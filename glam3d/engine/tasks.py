@@ -43,8 +43,8 @@ from .losses import CrossEntropy, DeepSupervisionLoss, WeightedOutputsLoss, dice
 __all__ = ["Task", "VolumeTask", "ImageTask", "task_for", "ImageDraws", "collate_images", "per_class_dice",
            "LOG_COLUMNS_2D"]
 
-LOG_COLUMNS_2D = ["epoch", "iteration", "lr", "train_loss", "epoch_time_s", "images_per_s", "val_mIoU", "val_mAcc",
-                  "val_aAcc", "best_mIoU"]  # per-class val_iou_<name> columns go before best_mIoU
+LOG_COLUMNS_2D = ["epoch", "iteration", "lr", "train_loss", "epoch_time_s", "images_per_s", "nonfinite_steps",
+                  "val_mIoU", "val_mAcc", "val_aAcc", "best_mIoU"]  # per-class val_iou_<name> before best_mIoU
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -87,6 +87,9 @@ class Task:
         """The ``split.json`` of the run: ``train`` and ``val`` (case ids, or empty lists) and what else
         describes where the data came from."""
         raise NotImplementedError
+
+    def note_small_cases(self, trainer) -> None:
+        """Say (one log line) which cases are smaller than the training window, and what is done with them."""
 
     def adapt_model(self, model: torch.nn.Module, log) -> torch.nn.Module:
         """The network as trained (e.g. SyncBatchNorm under DDP); the same parameters and keys."""
@@ -184,10 +187,17 @@ class VolumeTask(Task):
         return class_names[1:]
 
     def make_split(self, trainer, manifest: dict) -> dict:
+        """``split.json``: kept from the run folder on resume; a cross-validation fold's
+        (:func:`glam3d.engine.crossval.fold_split`, ``data.fold``); else carved from the training cases
+        (``data.val_fraction`` / ``data.val_cases``, seeded)."""
         cfg = self.cfg
         split_path = trainer.run_dir / "split.json"
         if trainer.resume and split_path.is_file():  # kept from the run folder on resume
             split = json.loads(split_path.read_text())
+        elif cfg.data.fold is not None:
+            from .crossval import fold_split
+
+            split = fold_split(cfg, manifest, trainer.log, self.env)
         else:
             split = D.make_split(D.case_ids(manifest), cfg.data.val_fraction, cfg.data.val_cases, cfg.train.seed)
         split["data_root"] = str(Path(cfg.data.root).resolve())
@@ -213,6 +223,25 @@ class VolumeTask(Task):
 
     def samples_per_step(self) -> int:
         return self.cfg.data.batch_size * self.cfg.data.num_samples
+
+    def note_small_cases(self, trainer) -> None:
+        """Cases smaller than ``data.roi_size`` on some axis (read from their archives' headers) are trained on
+        zero-padded patches (the padding labelled background) and validated by windows zero-padded the same way,
+        as ``glam3d predict`` pads a scan smaller than its window: one note names them."""
+        if not self.env.is_main:
+            return
+        roi = list(self.cfg.data.roi_size)
+        ids = list(trainer.split["train"]) + list(trainer.split["val"])
+        small = []
+        for e in D.case_entries(self.cfg.data.root, trainer.manifest, ids):
+            shape = D.case_shape(e["image"])
+            if shape is not None and any(s < r for s, r in zip(shape[-3:], roi)):
+                small.append(f"{e['id']} {'x'.join(str(v) for v in shape[-3:])}")
+        if small:
+            more = f" and {len(small) - 3} more" if len(small) > 3 else ""
+            trainer.log.info(f"note: {len(small)} case(s) smaller than data.roi_size {'x'.join(map(str, roi))} on "
+                             f"some axis ({', '.join(small[:3])}{more}): their patches are zero-padded (labelled "
+                             f"background), as predict pads a scan smaller than its window")
 
     def build_loss(self) -> torch.nn.Module:
         return DeepSupervisionLoss(self.base_loss(), self.cfg.train.deep_supervision)

@@ -1,13 +1,20 @@
 """The training engine: one loop from a laptop CPU to many GPUs on many nodes.
 
 ``train(cfg)`` trains any registered 3D segmentation network (or ``"package.module:factory"``) on a preprocessed
-dataset and returns a summary dict. The run folder (``cfg.output``) is self-describing::
+dataset and returns a summary dict. The run folder (``cfg.output``; ``OUTPUT/fold_<K>`` for a cross-validation
+fold, ``data.fold``) is self-describing::
 
+    RUN/.glam3d-folder.json  ownership marker, written first (glam3d.engine.run_folder)
     RUN/config.yaml          the resolved config
-    RUN/split.json           training / validation case ids (carved from the training cases, seeded)
+    RUN/split.json           training / validation case ids (carved from the training cases, seeded; or the fold)
     RUN/train.log            text log;  RUN/log.csv: one row per epoch;  RUN/curves.png: learning curves
+    RUN/tb/                  TensorBoard scalars
     RUN/checkpoints/last.pt  end of the latest epoch (or every train.save_every_iters iterations)
     RUN/checkpoints/best.pt  best mean validation Dice
+    RUN/validation/          a fold's validation cases predicted and scored (glam3d.engine.crossval)
+
+A step with a NaN/inf loss or gradient is skipped and counted, too many stop the run
+(:mod:`glam3d.engine.nonfinite`); a checkpoint never holds NaN/inf weights.
 
 Usage::
 
@@ -53,6 +60,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -67,15 +75,16 @@ from ..inference.precision import cpu_bf16_native
 from ..utils.io import atomic_write_json, atomic_write_text, sweep_stale_temps
 from . import distributed as dist
 from .callbacks import CallbackList, as_callbacks
-from .checkpoint import (UnsafeCheckpoint, load_checkpoint, load_model_weights, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (NonFiniteCheckpoint, UnsafeCheckpoint, check_finite_weights, find_non_finite,
+                         load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state)
 from .logging import RunLogger
-from .optim import build_optimizer, build_scheduler, clip_gradients
+from .nonfinite import NonFiniteGuard, grad_norm
+from .optim import build_optimizer, build_scheduler
+from .run_folder import claim_run, has_run
 from .tasks import AMP_DTYPES, Task, task_for
 
-__all__ = ["train", "Trainer", "TrainState", "build_network", "has_run", "numerics", "seed_everything"]
-
-RUN_FILES = ["config.yaml", "split.json", "train.log", "log.csv", "curves.png", "checkpoints", "tb", "val"]
+__all__ = ["train", "Trainer", "TrainState", "build_network", "has_run", "numerics", "seed_everything",
+           "run_folder_path"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,25 +126,37 @@ def numerics(deterministic: bool, compile: bool = False):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
-def build_network(mcfg, num_classes: int, in_channels: int) -> torch.nn.Module:
-    """A registered variant via ``build_model(name, num_classes=K, **overrides)`` (``in_channels`` added when the
-    dataset has a different channel count), or ``"package.module:factory"`` called with
-    ``num_classes, in_channels, **overrides``. Sets ``model.glam3d_spec`` so checkpoints can rebuild it."""
+def network_factory(name: str):
+    """The callable a ``"package.module:factory"`` network name points at (UserError when it cannot be imported)."""
+    mod_name, attr = name.split(":", 1)
+    try:
+        return getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"config key 'model.name': cannot import {name!r} ({err})") from None
+
+
+def factory_overrides(mcfg, num_classes: int, in_channels: int) -> dict:
+    """The keyword arguments a network is built with: ``model.overrides`` plus the dataset's ``num_classes`` (and,
+    for a factory, ``in_channels``); UserError when the config's ``num_classes`` contradicts the dataset."""
     overrides = dict(mcfg.overrides)
     overrides.setdefault("num_classes", num_classes)
     if overrides["num_classes"] != num_classes:
         raise UserError(f"config key 'model.overrides.num_classes' is {overrides['num_classes']} but the dataset "
                         f"has {num_classes} labels")
+    if ":" in mcfg.name:
+        overrides.setdefault("in_channels", in_channels)
+    return overrides
+
+
+def build_network(mcfg, num_classes: int, in_channels: int) -> torch.nn.Module:
+    """A registered variant via ``build_model(name, num_classes=K, **overrides)`` (``in_channels`` added when the
+    dataset has a different channel count), or ``"package.module:factory"`` called with
+    ``num_classes, in_channels, **overrides``. Sets ``model.glam3d_spec`` so checkpoints can rebuild it."""
+    overrides = factory_overrides(mcfg, num_classes, in_channels)
     name = mcfg.name
     try:
         if ":" in name:
-            mod_name, attr = name.split(":", 1)
-            try:
-                factory = getattr(importlib.import_module(mod_name), attr)
-            except (ImportError, AttributeError) as err:
-                raise UserError(f"config key 'model.name': cannot import {name!r} ({err})") from None
-            overrides.setdefault("in_channels", in_channels)
-            model = factory(**overrides)
+            model = network_factory(name)(**overrides)
         else:
             from ..models.registry import build_model
 
@@ -162,10 +183,13 @@ def _load_cfg(cfg) -> Config:
     raise TypeError(f"train() needs a Config, a dict or a YAML path, got {type(cfg).__name__}")
 
 
-def has_run(run_dir: Path) -> bool:
-    """A folder holds a run once it has a checkpoint (a start that died before its first epoch end does not
-    count: there is nothing to keep or resume)."""
-    return any((run_dir / "checkpoints" / n).is_file() for n in ("last.pt", "best.pt"))
+def run_folder_path(cfg: Config) -> Path:
+    """The run folder: ``cfg.output`` (``{name}`` replaced), or ``OUTPUT/fold_<K>`` for a cross-validation fold
+    (``data.fold``)."""
+    fold = getattr(cfg.data, "fold", None)
+    if fold is None:
+        return cfg.run_dir
+    return cfg.run_dir / f"fold_{D.parse_fold(fold)}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,13 +250,14 @@ class Trainer:
     state, or fresh per-rank random streams), :meth:`parallelize` (DDP, ``torch.compile``), :meth:`build_data`
     (training set, loader, validation set, loss), :meth:`log_start`; then per epoch :meth:`train_epoch` (its
     iterations: :meth:`train_step`) and :meth:`end_epoch` (:meth:`validate`, :meth:`save`, the log row); and
-    :meth:`finish` (the summary). A subclass overrides a hook; a :class:`~glam3d.engine.callbacks.Callback`
-    watches them from outside.
+    :meth:`finish` (the summary) and :meth:`export` (a cross-validation fold's validation cases predicted and
+    scored). A subclass overrides a hook; a :class:`~glam3d.engine.callbacks.Callback` watches them from outside.
 
     Attributes after :meth:`build_data`: ``cfg``, ``env``, ``task``, ``run_dir``, ``log``, ``state``
     (:class:`TrainState`), ``model`` (the bare network), ``net`` (what the loop calls: DDP / compiled),
     ``optimizer``, ``scheduler``, ``scaler``, ``amp`` (``none`` | ``bf16`` | ``fp16``), ``loader``, ``sampler``,
-    ``loss_fn``, ``val_set``, ``split``, ``manifest``, ``class_names``, ``K``, ``in_channels``.
+    ``loss_fn``, ``val_set``, ``split``, ``manifest``, ``class_names``, ``K``, ``in_channels``, ``guard`` (the
+    :class:`~glam3d.engine.nonfinite.NonFiniteGuard`), ``step_skipped`` (whether the last step was skipped).
     """
 
     def __init__(self, cfg: Config, env: dist.DistEnv, *, resume: bool = False, overwrite: bool = False,
@@ -241,9 +266,10 @@ class Trainer:
         self.callbacks: CallbackList = as_callbacks(callback)
         self.console = console
         self.task = task if task is not None else task_for(cfg, env)
-        self.run_dir = cfg.run_dir
+        self.run_dir = run_folder_path(cfg)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.state = TrainState()
+        self.step_skipped = False
 
     # -- the run --------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -262,10 +288,13 @@ class Trainer:
                 row = self.train_epoch(epoch)
                 self.end_epoch(epoch, row)
             summary = self.finish()
+            self.export(summary)
             self.callbacks.on_train_end(self, summary)
             return summary
         except BaseException as err:
-            if not isinstance(err, (UserError, KeyboardInterrupt)):
+            if isinstance(err, UserError):  # the CLI prints its one line; the run's log keeps it too
+                self.log.to_file(f"error: {err}")
+            elif not isinstance(err, KeyboardInterrupt):
                 self.log.info(f"training failed: {type(err).__name__}: {err}")
             raise
         finally:
@@ -276,52 +305,84 @@ class Trainer:
         """The task's data (read before any file is created), the run folder, the resume state (returned; None
         without resume) and the logger (``self.log``)."""
         self.manifest = self.task.read_data()  # before creating any file
-        self._prepare_run_dir()
-        resume_state, resume_note = self._load_resume_state() if self.resume else (None, None)
         self.class_names = D.label_names(self.manifest)
         self.K, self.in_channels = len(self.class_names), D.in_channels(self.manifest)
+        self.check_network()  # before creating any file
+        self.log = pending = PendingLog()  # what is said before the run folder is taken goes to its log later
+        if not self.resume:  # a fresh start's split (e.g. a fold of splits_final.json), refused before any file
+            self.split = self.task.make_split(self, self.manifest)
+        notes = self._prepare_run_dir()
+        resume_state, resume_note = self._load_resume_state() if self.resume else (None, None)
         self.log = RunLogger(self.run_dir, self.task.log_class_names(self.class_names), enabled=self.env.is_main,
                              resume_epoch=int(resume_state["epoch"]) if resume_state else None,
-                             console=self.console)
+                             console=self.console, tensorboard=self.cfg.train.tensorboard)
         columns = self.task.log_columns(self.class_names)
         if columns is not None:
             self.log.columns = columns
+        for note in notes:
+            self.log.info(f"note: {note}")
+        pending.replay(self.log)
         if resume_note:
             self.log.warning(resume_note)
+        if resume_state is not None:
+            self._keep_legacy_architecture(resume_state)
         return resume_state
 
-    def _prepare_run_dir(self) -> None:
-        run_dir, last = self.run_dir, self.ckpt_dir / "last.pt"
-        if self.resume:
-            if not last.is_file() and not last.with_name("last.pt.prev").is_file():
-                raise UserError(f"--resume: nothing to resume in {run_dir} (no checkpoints/last.pt)")
-        elif has_run(run_dir):
-            if not self.overwrite:
-                raise UserError(f"{run_dir} already holds a training run; use --resume to continue it, "
-                                f"--overwrite to replace it, or --out for another folder")
-        dist.barrier(self.env)  # every rank has checked before rank 0 touches anything
-        if self.env.is_main:
-            ours = (run_dir / "config.yaml").is_file() and (run_dir / "split.json").is_file()
-            if not self.resume and (self.overwrite or ours):  # replace a previous run (or one that never saved)
-                for name in RUN_FILES:
-                    p = run_dir / name
-                    if p.is_dir():
-                        shutil.rmtree(p)
-                    elif p.exists():
-                        p.unlink()
+    def _keep_legacy_architecture(self, resume_state: dict) -> None:
+        """A run resumed from a checkpoint whose model spec has no version (written before checkpoints recorded
+        every network argument) is rebuilt with the defaults it was trained with: the options
+        :func:`~glam3d.models.registry.legacy_options` names go into ``model.overrides`` (the config's own win),
+        with one note, and the run's ``config.yaml`` records them from then on."""
+        if ":" in self.cfg.model.name:
+            return
+        from ..models.registry import legacy_options
+
+        try:
+            legacy = legacy_options(resume_state.get("model_spec") or {})
+        except (TypeError, ValueError):
+            return
+        legacy = {k: v for k, v in legacy.items() if k not in self.cfg.model.overrides}
+        if legacy:
+            self.cfg.model.overrides = {**legacy, **self.cfg.model.overrides}
+            shown = ", ".join(f"{k}={v!r}" for k, v in legacy.items())
+            self.log.info(f"note: {self.resume_path}: the checkpoint predates model spec version 2; the network is "
+                          f"rebuilt with the defaults it was trained with ({shown}), now recorded in config.yaml")
+
+    def check_network(self) -> None:
+        """A ``package.module:factory`` network built on the meta device and checked as a registered one is by
+        :func:`~glam3d.config.validate_config`: windows it accepts, weights that fit the machine (nothing is
+        allocated, no file written)."""
+        cfg = self.cfg
+        if ":" not in cfg.model.name:
+            return
+        from ..config import config_source
+        from .preflight import check_factory_network
+
+        check_factory_network(cfg, network_factory(cfg.model.name),
+                              factory_overrides(cfg.model, self.K, self.in_channels), config_source(cfg))
+
+    def _prepare_run_dir(self) -> list:
+        """Claim the run folder (:func:`glam3d.engine.run_folder.claim_run`: refusals, the ownership marker, the
+        entries of a replaced run deleted) on rank 0, a refusal stopping every rank; returns notes for the log."""
+        notes: list = []
+
+        def prepare():
+            claim_run(self.run_dir, resume=self.resume, overwrite=self.overwrite, log=notes.append)
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            for folder in (run_dir, self.ckpt_dir):  # leftovers of a killed writer
+            for folder in (self.run_dir, self.ckpt_dir):  # leftovers of a killed writer
                 sweep_stale_temps(folder)
-        dist.barrier(self.env)
+            return notes
+
+        return dist.on_main(prepare, self.env)
 
     def _load_resume_state(self):
-        """``(state, warning or None)`` from ``checkpoints/last.pt``; when that file is missing, truncated or corrupt
-        (e.g. the disk filled up), fall back to ``last.pt.prev`` (the checkpoint before it) with a one-line
-        warning. Both bad: the UserError about ``last.pt``."""
+        """``(state, warning or None)`` from ``checkpoints/last.pt``; when that file is missing, truncated, corrupt
+        (e.g. the disk filled up) or holds NaN/inf weights, fall back to ``last.pt.prev`` (the checkpoint before
+        it) with a one-line warning. Both bad: the UserError about ``last.pt``."""
         self.resume_path = last = self.ckpt_dir / "last.pt"
         prev = last.with_name("last.pt.prev")
         try:
-            return load_checkpoint(last), None
+            return _finite_checkpoint(last), None
         except UnsafeCheckpoint:
             raise  # code planted in the run folder: stop, do not quietly carry on from another file
         except UserError as err:
@@ -329,7 +390,7 @@ class Trainer:
                 raise
             first = err
         try:
-            state = load_checkpoint(prev)
+            state = _finite_checkpoint(prev)
         except UserError:
             raise first from None
         self.resume_path = prev
@@ -340,7 +401,8 @@ class Trainer:
         its pretrained backbone or ``model.init_checkpoint`` on a fresh start) on the device, the optimiser,
         the scheduler and the grad scaler."""
         cfg, env, tc = self.cfg, self.env, self.cfg.train
-        self.split = self.task.make_split(self, self.manifest)
+        if self.resume:  # the run's own split.json (read once the folder is known to be the run's)
+            self.split = self.task.make_split(self, self.manifest)
         if env.is_main:
             atomic_write_json(self.run_dir / "split.json", self.split)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
@@ -367,11 +429,12 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[self.amp]
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.guard = NonFiniteGuard(tc.max_nonfinite_in_a_row, tc.max_nonfinite_steps, env)
 
     def restore(self, resume_state: Optional[dict]) -> None:
         """Network, optimiser, scheduler, scaler, RNG streams and :attr:`state` from the resume checkpoint; on a
         fresh start, per-rank random streams (dropout, drop-path)."""
-        cfg, env, tc, st = self.cfg, self.env, self.cfg.train, self.state
+        env, tc, st = self.env, self.cfg.train, self.state
         if resume_state is None:
             seed_everything(tc.seed + 1000 * env.rank)  # per-rank streams (dropout, drop-path)
             return
@@ -392,6 +455,7 @@ class Trainer:
         m = saved.get("metrics", {})
         st.best, st.best_epoch = float(m.get(self.task.best_key, float("-inf"))), int(m.get("best_epoch", 0))
         st.last_val = dict(m.get("last_val", {}))
+        self.guard.load_state_dict(saved.get("nonfinite"))
         if st.step:
             st.partial = dict(saved.get("partial_epoch", st.partial))
         ranks = saved.get("rng_ranks")
@@ -443,7 +507,7 @@ class Trainer:
         self._checked_output = False
 
     def log_start(self) -> None:
-        cfg, env, tc, st = self.cfg, self.env, self.cfg.train, self.state
+        env, tc, st = self.env, self.cfg.train, self.state
         device = env.device
         self.log.info(f"glam3d train: {self.model.glam3d_spec['name']} ({self.num_parameters / 1e6:.2f} M "
                       f"parameters) on {device}"
@@ -456,6 +520,7 @@ class Trainer:
         elif self.amp == "bf16" and device.type == "cpu" and not cpu_bf16_native():
             self.log.info("train.amp=bf16 on a CPU without native bf16 (AVX512-BF16 / AMX): emulated, slower than "
                           "float32 here (train.amp=none)")
+        self.task.note_small_cases(self)
 
     # -- an epoch -------------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
@@ -466,6 +531,7 @@ class Trainer:
         self.sampler.set_epoch(epoch, start_step * cfg.data.batch_size)
         self.net.train()
         loss_sum, n_seen, t_prev = float(st.partial["loss_sum"]), int(st.partial["n"]), float(st.partial["time"])
+        self.guard.epoch_count = int(st.partial.get("nonfinite", 0))
         t0 = time.time()
         per_step = self.task.samples_per_step()
         bar = _progress(tc.iters_per_epoch, start_step, f"epoch {epoch + 1}/{tc.epochs}",
@@ -474,35 +540,43 @@ class Trainer:
             self.callbacks.on_step_start(self, epoch, step)
             lv = self.train_step(batch)
             st.iteration += 1
-            if not math.isfinite(lv):
-                self.log.warning(f"non-finite loss at epoch {epoch + 1} iteration {step}")
-            loss_sum += lv
-            n_seen += 1
+            if self.step_skipped:
+                if self.guard.epoch_count == 1:
+                    self.log.warning(f"non-finite loss or gradient at epoch {epoch + 1} iteration {step}: step "
+                                     f"skipped (the epoch's line counts them)")
+                self.guard.stop_if_too_many(self.run_dir, epoch + 1, step, weights_finite=self._weights_finite())
+            else:
+                loss_sum += lv
+                n_seen += 1
             if bar is not None:
                 el = time.time() - t0
-                bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}",
+                bar.set_postfix(loss=f"{loss_sum / max(n_seen, 1):.4f}",
                                 patch_s=f"{(step + 1 - start_step) * per_step * env.world_size / max(el, 1e-9):.1f}",
                                 refresh=False)
                 bar.update(1)
             if tc.save_every_iters and st.iteration % tc.save_every_iters == 0 and step + 1 < tc.iters_per_epoch:
                 self.save("last.pt", epoch, step + 1,
-                          partial={"loss_sum": loss_sum, "n": n_seen, "time": t_prev + time.time() - t0})
+                          partial={"loss_sum": loss_sum, "n": n_seen, "time": t_prev + time.time() - t0,
+                                   "nonfinite": self.guard.epoch_count})
         if bar is not None:
             bar.close()
         epoch_time = t_prev + time.time() - t0
         stats = dist.all_reduce_sum(torch.tensor([loss_sum, float(n_seen)], dtype=torch.float64), env)
-        train_loss = float(stats[0] / max(stats[1], 1))
+        train_loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
         st.final_loss = train_loss
         row = {"epoch": epoch + 1, "iteration": st.iteration, "lr": self.optimizer.param_groups[0]["lr"],
                "train_loss": train_loss, "epoch_time_s": epoch_time,
                "patches_per_s": (tc.iters_per_epoch - start_step) * per_step * env.world_size
-               / max(time.time() - t0, 1e-9)}
+               / max(time.time() - t0, 1e-9), "nonfinite_steps": self.guard.epoch_count}
         self.task.train_row(row)
         return row
 
     def train_step(self, batch: dict) -> float:
-        """One optimiser step on ``batch`` (``{"image", "label"}``); returns the loss."""
-        device, tc = self.env.device, self.cfg.train
+        """One optimiser step on ``batch`` (``{"image", "label"}``); returns the loss. A step whose loss or
+        gradient is NaN/inf on any rank is skipped (:class:`~glam3d.engine.nonfinite.NonFiniteGuard`):
+        ``self.step_skipped`` says so, the weights and optimiser state are left as they were; the schedule
+        advances as for any iteration."""
+        device, tc, clip = self.env.device, self.cfg.train, self.cfg.optim.grad_clip
         image = batch["image"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True).long()
         self.optimizer.zero_grad(set_to_none=True)
@@ -512,18 +586,38 @@ class Trainer:
             self._checked_output = True
             self._check_output(out, self.K, tc.deep_supervision)
         loss = self.loss_fn(out, label)
+        params = [p for p in self.model.parameters() if p.requires_grad]
         if self.scaler is not None:
+            # gradient overflow is the scaler's to handle (it skips the step and lowers its scale): only the loss
+            # is checked here; update() still runs, so the scaler's state stays consistent
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            clip_gradients(self.model.parameters(), self.cfg.optim.grad_clip)
-            self.scaler.step(self.optimizer)
+            skip = self.guard.check(loss, None)
+            if not skip:
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
-            clip_gradients(self.model.parameters(), self.cfg.optim.grad_clip)
-            self.optimizer.step()
-        self.scheduler.step()
+            loss.backward()  # every rank runs it (DDP all-reduces the gradients in it), whatever its loss
+            norm = grad_norm(params)
+            skip = self.guard.check(loss, norm)
+            if not skip:
+                if clip is not None:
+                    torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+                self.optimizer.step()
+        self.step_skipped = skip
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+        else:
+            self.scheduler.step()
         return float(loss.detach())
+
+    def _weights_finite(self) -> bool:
+        return not find_non_finite(self.model.state_dict())
 
     def _check_output(self, out, K: int, ds_weights) -> None:
         first = out if isinstance(out, torch.Tensor) else out[0]
@@ -555,6 +649,9 @@ class Trainer:
             os.replace(self.ckpt_dir / ".best.pt.tmp", self.ckpt_dir / "best.pt")
         msg = (f"epoch {epoch + 1}/{tc.epochs}  loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
                f"{row['epoch_time_s']:.1f} s ({row['patches_per_s']:.1f} {task.unit}/s)")
+        if row.get("nonfinite_steps"):
+            msg += (f"  {row['nonfinite_steps']} step(s) skipped: non-finite loss or gradient "
+                    f"({self.guard.total} in all)")
         if val_due:
             msg += task.val_message(st.last_val, st.best, st.best_epoch)
         self.log.info(msg)
@@ -582,6 +679,14 @@ class Trainer:
         the config, plan and labels, the best score. Every rank takes part (RNG states are gathered); rank 0
         writes."""
         env, st = self.env, self.state
+        # every rank holds the same weights: each refuses NaN/inf alike, before any collective
+        bad = find_non_finite(self.model.state_dict()) + [f"optimizer.{n}" for n in
+                                                           find_non_finite(self.optimizer.state_dict())]
+        if bad:
+            raise NonFiniteCheckpoint(f"training stopped at epoch {epoch + (epoch_iteration > 0)}: the network's "
+                                      f"weights or optimiser state became NaN/inf ({len(bad)} tensors, e.g. {bad[0]}); "
+                                      f"no checkpoint was written, checkpoints/{name} holds the last finite ones "
+                                      f"(lower optim.lr, set optim.grad_clip, or check the data)", self.run_dir)
         rng = rng_state()
         ranks = dist.all_gather_object(rng, env) if env.distributed else None
         if not env.is_main:
@@ -600,12 +705,16 @@ class Trainer:
             "metrics": {self.task.best_key: st.best if st.best_epoch else float("-inf"), "best_epoch": st.best_epoch,
                         "last_val": st.last_val},
             "world_size": env.world_size,
+            "nonfinite": self.guard.state_dict(),
         }
         if ranks is not None:
             state["rng_ranks"] = ranks
         if partial is not None:
             state["partial_epoch"] = partial
-        save_checkpoint(self.ckpt_dir / name, state, keep_previous=(name == "last.pt"))
+        try:
+            save_checkpoint(self.ckpt_dir / name, state, keep_previous=(name == "last.pt"))
+        except NonFiniteCheckpoint as err:  # (checked above on every rank; kept as the file's own guarantee)
+            raise NonFiniteCheckpoint(f"training stopped: {err}", self.run_dir) from None
 
     def finish(self) -> dict:
         """The run's summary (every rank waits for the others first)."""
@@ -620,11 +729,60 @@ class Trainer:
             "time_s": time.time() - self.t_start, "world_size": env.world_size, "device": str(env.device),
             "num_parameters": self.num_parameters, "rank": env.rank,
             "split": {"train": self.split["train"], "val": self.split["val"]},
+            "nonfinite_steps": self.guard.total,
         }
         self.task.finish_summary(summary, st.best, st.best_epoch)
         self.log.info(f"done: {st.iteration} iterations in {summary['time_s']:.1f} s; "
                       f"{self.task.best_text(summary, st.best, st.best_epoch)}; checkpoints in {self.ckpt_dir}")
         return summary
+
+    def export(self, summary: dict) -> None:
+        """A cross-validation fold (``data.fold`` 0..N-1, ``val.export_folds``): its validation cases predicted
+        from their source scans with the best checkpoint into ``RUN/validation`` and scored there
+        (:func:`glam3d.engine.crossval.export_validation`); ``summary["validation"]`` says what was done."""
+        cfg = self.cfg
+        if self.task.name != "3d" or cfg.data.fold is None or not cfg.val.export_folds or not self.split.get("val"):
+            return
+        from .crossval import export_validation
+
+        ckpt = Path(summary["checkpoint_best"] or summary["checkpoint_last"])
+        summary["validation"] = export_validation(self.run_dir, ckpt, self.manifest, Path(cfg.data.root),
+                                                  self.split["val"], self.env, self.log)
+
+
+class PendingLog:
+    """Stands in for the run's :class:`~glam3d.engine.logging.RunLogger` until the run folder is taken: keeps the
+    lines, :meth:`replay` writes them to the real log."""
+
+    def __init__(self):
+        self.lines: list = []
+
+    def info(self, msg: str) -> None:
+        self.lines.append(("info", msg))
+
+    def warning(self, msg: str) -> None:
+        self.lines.append(("warning", msg))
+
+    def to_file(self, msg: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def replay(self, log) -> None:
+        for level, msg in self.lines:
+            getattr(log, level)(msg)
+
+
+def _finite_checkpoint(path: Path) -> dict:
+    """:func:`~glam3d.engine.checkpoint.load_checkpoint`, refusing (:class:`NonFiniteCheckpoint`) weights or
+    optimiser state that hold NaN/inf: a resume must not carry on from a diverged state."""
+    state = load_checkpoint(path)
+    check_finite_weights(state["model"], path)
+    bad = find_non_finite(state.get("optimizer"))
+    if bad:
+        raise NonFiniteCheckpoint(f"the checkpoint's optimiser state holds NaN/inf (e.g. {bad[0]}); refused", path)
+    return state
 
 
 def _unused_parameters(model, in_channels, roi, device, ds_weights, batch: int = 1) -> list:
@@ -652,8 +810,18 @@ def _unused_parameters(model, in_channels, roi, device, ds_weights, batch: int =
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
-    if not enabled:
+    """A tqdm bar on a terminal only: in a piped or redirected log (a cluster job's file) carriage-return frames
+    would pile up, so there the epoch's own log line is all that is written."""
+    if not enabled or not _is_terminal(sys.stderr):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
+                file=sys.stderr)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False

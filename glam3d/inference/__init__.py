@@ -5,8 +5,12 @@
 * :mod:`~glam3d.inference.sliding_window`: :func:`~glam3d.inference.sliding_window.predict_volume`, the
   slab-streaming sliding window whose memory does not grow with the scan's length;
 * :mod:`~glam3d.inference.precision`: the autocast policy and the weights cast once for it;
-* :mod:`~glam3d.inference.cases`: which scans an input path holds, and reading them (NIfTI, DICOM);
-* :mod:`~glam3d.inference.manifest`: the ``predictions.json`` record of a prediction folder.
+* :mod:`~glam3d.inference.cases`: which scans an input path holds (image files in any SimpleITK format, nnU-Net
+  channel files grouped into cases, DICOM series), reading them, and where their outputs go;
+* :mod:`~glam3d.inference.outputs`: a label map written in the input's format and geometry;
+* :mod:`~glam3d.inference.components`: the largest-component postprocessing a slab of planes at a time;
+* :mod:`~glam3d.inference.manifest`: the ``predictions.json`` record of a prediction folder (provenance per case)
+  and the folder's ownership.
 
 The disk-backed arrays the sliding window reads and writes are in :mod:`glam3d.utils.ooc`.
 

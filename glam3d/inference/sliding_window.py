@@ -32,6 +32,9 @@ Example::
 
     labels = predict_volume(model, image, roi_size=(64, 128, 128), overlap=0.5, mirror=True, device="cuda")
 
+    # an ensemble (e.g. the 5 folds of a cross-validation): each window through every network, softmax averaged
+    labels = predict_volume([fold0, fold1, fold2, fold3, fold4], image, roi_size=(64, 128, 128))
+
     # a long CT on disk, int16 HU, labels straight to disk (glam3d.utils.ooc):
     with NpySlabWriter("labels.npy", shape) as out:
         predict_volume(model, NpySlabReader("ct.npy"), (64, 128, 128), overlap=0,
@@ -203,7 +206,11 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
 
     Args:
         model: network (or any callable) mapping ``(B, C, *roi)`` to logits ``(B, K, *roi)``; a list/tuple output
-            (deep supervision) uses its first, full-resolution element. Put in ``eval()`` mode here.
+            (deep supervision) uses its first, full-resolution element. Put in ``eval()`` mode here. A list or
+            tuple of networks is an ensemble: every batch of windows goes through each of them and their softmax
+            (each averaged over the mirrorings first) is averaged before the windows are blended, so the blending
+            and its memory are those of one network; blending being linear, the probabilities equal the average
+            of the networks' separately blended ones up to float32 rounding. They must predict the same classes.
         image: ``(C, D, H, W)`` (or ``(C, H, W)``): a tensor (any device) or numpy array of any real dtype (e.g.
             int16 HU; kept in its dtype, each window is cast to float32 when it is cut out), or a *lazy source*:
             any object with ``.shape`` and ``source[:, d0:d1]`` returning that ``D``-range as an array/tensor,
@@ -255,11 +262,15 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
         ``return_probs``.
     """
     nd, roi = _check_args(image, roi_size, overlap, sw_batch_size, mode)
-    device = torch.device(device) if device is not None else _model_device(model)
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models:
+        raise ValueError("model: an empty list of networks")
+    device = torch.device(device) if device is not None else _model_device(models[0])
     stitch = torch.device(stitch_device) if stitch_device is not None else device
     amp_dtype = resolve_amp(amp, device)
-    if hasattr(model, "eval"):
-        model.eval()
+    for m in models:
+        if hasattr(m, "eval"):
+            m.eval()
     chans = int(image.shape[0])
     size0 = tuple(int(s) for s in image.shape[1:])
     if out is not None and tuple(getattr(out, "shape", size0)) != size0:
@@ -415,7 +426,7 @@ def predict_volume(model: Callable, image, roi_size, overlap: float = 0.5, sw_ba
         x = xb.to(device=device)
         del xb
         with autocast:
-            res = _softmax_tta(model, x, flips)
+            res = _ensemble_softmax(models, x, flips)
         del x
         if tuple(res.shape[2:]) != roi or res.shape[0] != len(batch_w):
             raise ValueError(f"model output {tuple(res.shape)} does not match the window batch "
@@ -531,6 +542,22 @@ def _softmax_tta(model, x, flips):
     if len(flips) > 1:
         total = total / len(flips)
     return total
+
+
+def _ensemble_softmax(models, x, flips):
+    """The networks' softmax (each averaged over the flips, :func:`_softmax_tta`) averaged over the networks; one
+    network: its own, untouched (bit for bit what a single network gives)."""
+    total = _softmax_tta(models[0], x, flips)
+    if len(models) == 1:
+        return total
+    for m in models[1:]:
+        p = _softmax_tta(m, x, flips)
+        if p.shape != total.shape:
+            raise ValueError(f"the ensemble's networks disagree: {tuple(total.shape)} vs {tuple(p.shape)} "
+                             f"(classes per window)")
+        total = total + p
+        del p
+    return total / len(models)
 
 
 def _make_progress(progress, total):

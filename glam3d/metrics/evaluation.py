@@ -150,7 +150,8 @@ def evaluate_folders(pred_dir, gt_dir, labels="synapse", convention: str = "glam
     ``pred_dir``: one folder or a list (the folds' validation outputs; a case in two is an error). ``gt_dir``: a
     folder or a preprocessed dataset.json. ``labels``: anything :func:`~glam3d.metrics.labels.load_label_set`
     takes. ``nsd_tolerance``: ``None`` (the default per-organ tolerances), ``False`` (no NSD), a number of mm, a
-    ``{name: mm}`` dict (the organs it leaves out keep their default) or a list of ``--nsd-tolerance`` items. Every truth needs a prediction (else a
+    ``{name: mm}`` dict (the organs it leaves out keep their default) or a list of ``--nsd-tolerance`` items.
+    Every truth needs a prediction (else a
     :class:`UserError` naming the case) unless ``only_predicted``, which leaves those truths out and lists them.
 
     Besides the cases the dict holds (keys starting with ``__``, read by :func:`~glam3d.metrics.report.write_report`):

@@ -330,7 +330,8 @@ def _provenance_lines(summary) -> list[str]:
             continue
         code = man.get("code", {}) or {}
         where = f" ({folder})" if folder else ""
-        lines.append(f"- predicted{where} with glam3d {code.get('glam3d', '?')}, commit {code.get('git_commit') or '?'}")
+        lines.append(f"- predicted{where} with glam3d {code.get('glam3d', '?')}, "
+                     f"commit {code.get('git_commit') or '?'}")
         if man.get("inference"):
             lines.append("  - inference: " + ", ".join(f"{k}={v}" for k, v in man["inference"].items()))
         if man.get("seed") is not None:

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-__all__ = ["count_parameters", "count_macs", "count_macs_by_name", "build_meta", "model_table", "format_table"]
+__all__ = ["count_parameters", "count_macs", "count_macs_by_name", "build_meta", "model_table", "format_table",
+           "format_markdown", "markdown_table"]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -77,18 +78,24 @@ def count_macs_by_name(name: str, input_shape: Sequence[int] | None = None, **ov
 
 
 def model_table(names: Sequence[str] | None = None) -> List[Dict]:
-    """One row per registered variant (or per name in ``names``, full variant names or family names):
-    ``{"name", "family", "size", "crop", "params_M", "macs_G", "twin", "params_overhead_pct",
-    "macs_overhead_pct"}``; overheads are relative to the family's vanilla twin at the same size (None if none).
-    A network whose optional dependency is missing gets ``None`` figures and ``"unavailable"``: the one-line
-    reason (with the command that installs it).
+    """One row per registered variant (or per name in ``names``: full variant names, family names, or specs
+    ``NAME:key=value...`` measured with their options): ``{"name", "family", "size", "crop", "params_M",
+    "macs_G", "twin", "params_overhead_pct", "macs_overhead_pct"}``; overheads are relative to the family's
+    vanilla twin at the same size (None if none). A network whose optional dependency is missing gets ``None``
+    figures and ``"unavailable"``: the one-line reason (with the command that installs it).
     """
-    from .registry import families, list_models
+    from .registry import families, list_models, parse_model_spec
     all_names = list_models()
     if names:
         wanted = []
         for n in names:
-            hits = [v for v in all_names if v == n or v.startswith(n + "_")]
+            base = parse_model_spec(n)[0] if ":" in n else None
+            if base is not None:
+                if base not in all_names:
+                    raise ValueError(f"names: unknown model {base!r} in {n!r}; known: {', '.join(all_names)}")
+                hits = [n]
+            else:
+                hits = [v for v in all_names if v == n or v.startswith(n + "_")]
             if not hits:
                 raise ValueError(f"names: unknown model {n!r}; known: {', '.join(all_names)}")
             wanted += [h for h in hits if h not in wanted]
@@ -97,26 +104,27 @@ def model_table(names: Sequence[str] | None = None) -> List[Dict]:
     fams = families()
     cache: Dict[str, tuple] = {}
 
-    def measure(variant: str) -> tuple:
-        if variant not in cache:
-            m = build_meta(variant)
-            cache[variant] = (count_parameters(m), count_macs(m, (1, m.in_channels, *m.default_crop)),
-                              tuple(m.default_crop))
-        return cache[variant]
+    def measure(spec: str) -> tuple:
+        if spec not in cache:
+            m = build_meta(spec)
+            cache[spec] = (count_parameters(m), count_macs(m, (1, m.in_channels, *m.default_crop)),
+                           tuple(m.default_crop))
+        return cache[spec]
 
     rows = []
-    for variant in wanted:
+    for spec in wanted:
+        variant = parse_model_spec(spec)[0]
         fam = next(f for f in sorted(fams, key=len, reverse=True) if variant.startswith(f + "_")
                    and variant[len(f) + 1:] in fams[f].sizes)
         size = variant[len(fam) + 1:]
         try:
-            params, macs, crop = measure(variant)
+            params, macs, crop = measure(spec)
         except ImportError as err:  # an optional dependency of this network is missing (the message says which)
-            rows.append({"name": variant, "family": fam, "size": size, "crop": None, "params_M": None,
+            rows.append({"name": spec, "family": fam, "size": size, "crop": None, "params_M": None,
                          "macs_G": None, "twin": None, "params_overhead_pct": None, "macs_overhead_pct": None,
                          "unavailable": str(err)})
             continue
-        row = {"name": variant, "family": fam, "size": size, "crop": crop, "params_M": params / 1e6,
+        row = {"name": spec, "family": fam, "size": size, "crop": crop, "params_M": params / 1e6,
                "macs_G": macs / 1e9, "twin": None, "params_overhead_pct": None, "macs_overhead_pct": None}
         twin = fams[fam].twin
         if twin and size in fams[twin].sizes:
@@ -129,14 +137,35 @@ def model_table(names: Sequence[str] | None = None) -> List[Dict]:
 
 def format_table(rows: List[Dict]) -> str:
     """Plain-text table of :func:`model_table` rows."""
-    head = f"{'model':<26} {'crop':<14} {'params (M)':>11} {'MACs (G)':>10}  {'GLAM overhead vs twin':<30}"
+    width = max([26] + [len(r["name"]) for r in rows])
+    head = f"{'model':<{width}} {'crop':<14} {'params (M)':>11} {'MACs (G)':>10}  {'GLAM overhead vs twin':<30}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.get("unavailable"):
-            lines.append(f"{r['name']:<26} not available: {r['unavailable']}")
+            lines.append(f"{r['name']:<{width}} not available: {r['unavailable']}")
             continue
         crop = "x".join(str(c) for c in r["crop"])
         over = "" if r["twin"] is None else (f"{r['params_overhead_pct']:+.2f}% params, "
                                               f"{r['macs_overhead_pct']:+.2f}% MACs ({r['twin']})")
-        lines.append(f"{r['name']:<26} {crop:<14} {r['params_M']:>11.2f} {r['macs_G']:>10.2f}  {over}")
+        lines.append(f"{r['name']:<{width}} {crop:<14} {r['params_M']:>11.2f} {r['macs_G']:>10.2f}  {over}")
     return "\n".join(lines)
+
+
+def format_markdown(rows: List[Dict]) -> str:
+    """The same rows as a Markdown table (the README's model table is this output, so the figures have one
+    source): model, crop, parameters (M), MACs (G) per crop, GLAM overhead over the vanilla twin."""
+    lines = ["| model | crop | params (M) | MACs (G) | GLAM overhead vs twin |", "|---|---|---:|---:|---|"]
+    for r in rows:
+        if r.get("unavailable"):
+            lines.append(f"| `{r['name']}` | — | — | — | not available: {r['unavailable']} |")
+            continue
+        crop = "×".join(str(c) for c in r["crop"])
+        over = "" if r["twin"] is None else (f"{r['params_overhead_pct']:+.2f} % params, "
+                                              f"{r['macs_overhead_pct']:+.2f} % MACs (`{r['twin']}`)")
+        lines.append(f"| `{r['name']}` | {crop} | {r['params_M']:.2f} | {r['macs_G']:.2f} | {over} |")
+    return "\n".join(lines)
+
+
+def markdown_table(names: Sequence[str] | None = None) -> str:
+    """``format_markdown(model_table(names))``: what ``glam3d models --markdown`` prints."""
+    return format_markdown(model_table(names))

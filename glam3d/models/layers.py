@@ -20,7 +20,8 @@ _LINEAR_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwi
 def _fused_ok(x: torch.Tensor, lin: nn.Linear) -> bool:
     """oneDNN fused linear applies: CPU fp32 inference (no autograd, no autocast), not under ``torch.compile``
     (which fuses bias and GELU itself)."""
-    return (_LINEAR_POINTWISE is not None and not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+    return (_LINEAR_POINTWISE is not None and not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.dtype == torch.float32
             and lin.weight.dtype == torch.float32 and lin.bias is not None and torch.backends.mkldnn.is_available()
             and not (torch.is_grad_enabled() and (x.requires_grad or lin.weight.requires_grad))
             and not torch.is_autocast_enabled("cpu")

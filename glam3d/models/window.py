@@ -314,7 +314,7 @@ def key_padding(num_prefix: int, n_p: int, multiple: int) -> int:
     when that would add more than an eighth (or ``multiple`` is 0, or there is no prefix).
 
     SDPA's CPU flash kernel runs markedly slower on key lengths that are not a multiple of the vector width
-    (AVX-512: 16 floats): 512 windows x 6 heads, head dim 32, on the Xeon VM: 74 keys 35 ms, 80 keys (6 of them
+    (AVX-512: 16 floats): 512 windows x 6 heads, head dim 32, on an AVX-512/AMX CPU: 74 keys 35 ms, 80 keys (6 of them
     masked) 27 ms; bf16 36 -> 22 ms. GLAM's ``N_g + N_p`` (10 + 64, 10 + 49, 10 + 512) is such a length."""
     L = num_prefix + n_p
     pad = -L % multiple if multiple and num_prefix else 0

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import to_ntuple
+from ..registry import records_arguments
 
 __all__ = ["SwinUNETRNet", "build_swin_unetr", "SWIN_UNETR_SIZES"]
 
@@ -24,6 +25,7 @@ def _require_einops() -> None:
                           "pip install 'glam3d[swinunetr]' (or pip install einops)") from None
 
 
+@records_arguments
 class SwinUNETRNet(nn.Module):
     """MONAI ``SwinUNETR`` (Hatamizadeh et al. 2022) behind the glam3d forward contract."""
 

@@ -19,14 +19,15 @@ Notes on fidelity: the relative position index here is the standard row-major on
 formula for 3D windows maps some distinct offsets to the same table row); the table size, hence the parameter
 count, is the same. Weights are initialised timm-style (trunc normal .02 for linear layers).
 
-GLAM-nnFormer adds global tokens + G-MSA to every window stage of the encoder and of the decoder, and may
-replace patch expanding by NLU (:class:`~glam3d.models.nlu.NLU`). Switches (the paper's ablations):
-``num_global_tokens`` (int or one per encoder stage; 0 = nnFormer), ``gmsa``, ``nlu``, ``glam_decoder``,
-``global_pos_embed``, ``global_clamp``. A stage whose map (at ``crop_size``) is covered by one window
-(``N_r == 1``, stages 3-4 of the Synapse config) already has global attention; GLAM there adds nothing but
-extra tokens, so such stages get no global tokens unless ``glam_single_window=True``. Global tokens do not
-leave their stage, so the G-MSA after a stage's last block, which could influence nothing, is not built
-(``GLAMLayer(last_gmsa=False)``); with depth 2 each stage has one G-MSA, between its two blocks.
+GLAM-nnFormer adds global tokens + G-MSA to every window stage of the encoder (the last one is the
+bottleneck) and to every decoder level, and replaces patch expanding by NLU (:class:`~glam3d.models.nlu.NLU`).
+Switches (the paper's ablations and the two readings of its block): ``num_global_tokens`` (int or one per
+encoder stage; 0 = nnFormer), ``glam_variant`` (``"authors"`` default, ``"paper"``), ``gmsa``, ``nlu``,
+``nlu_form``, ``glam_decoder``, ``global_pos_embed``, ``global_clamp``. Stages whose map (at ``crop_size``) is one
+window (``N_r == 1``: stages 3-4 of the Synapse config) keep their global tokens: G-MSA there has nothing to
+connect, but the tokens still carry learned memory into every window attention (paper sec. 3); with
+``glam_single_window=False`` such stages have none. Global tokens do not leave their level, so no G-MSA runs
+after a level's last block (it would be dead): see :class:`~glam3d.models.glam.GLAMLayer`.
 
 Usage::
 
@@ -41,9 +42,10 @@ from typing import List, Sequence
 import torch
 import torch.nn as nn
 
-from ..glam import GLAMLayer, window_geometry
+from ..glam import DEFAULT_GLAM_VARIANT, GLAMLayer, check_glam_variant, window_geometry
 from ..layers import conv_as_gemm, gemm_conv_pays, to_ntuple
-from ..nlu import NLU
+from ..nlu import NLU, NLU_FORMS
+from ..registry import records_arguments
 
 __all__ = ["ConvStem", "PatchMerging", "PatchExpanding", "NnFormer", "build_nnformer", "build_glam_nnformer",
            "NNFORMER_SIZES"]
@@ -67,7 +69,7 @@ def _cf(x: torch.Tensor) -> torch.Tensor:
 def _channels_last_input(x: torch.Tensor) -> torch.Tensor:
     """A one-channel CPU image ``(B, 1, *S)`` viewed with channels-last strides: the same memory (a size-1 axis's
     stride is free) and the same values out of the convolution, but oneDNN then writes the stem convolution's
-    output channels-last instead of computing in that layout and copying it back (bf16 on the Xeon VM: 28 -> 6 ms
+    output channels-last instead of computing in that layout and copying it back (bf16 on an AMX CPU: 28 -> 6 ms
     for the Synapse crop's first convolution), and the LayerNorm after it reads it without a copy. Other inputs
     are returned as they are."""
     if x.device.type != "cpu" or x.ndim != 5 or x.shape[1] != 1 or not x.is_contiguous():
@@ -143,14 +145,15 @@ class PatchExpanding(nn.Module):
 class _NLUUp(nn.Module):
     """NLU in place of patch expanding: ``(low (B, *S, 2C), skip (B, *2S, C)) -> (B, *2S, C)``."""
 
-    def __init__(self, dim: int, num_heads: int, window_size: Sequence[int]):
+    def __init__(self, dim: int, num_heads: int, window_size: Sequence[int], form: str = "block"):
         super().__init__()
-        self.nlu = NLU(2 * dim, dim, num_heads, tuple(window_size))
+        self.nlu = NLU(2 * dim, dim, num_heads, tuple(window_size), form=form)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.nlu.forward_tokens(x, skip)
 
 
+@records_arguments
 class NnFormer(nn.Module):
     """nnFormer / GLAM-nnFormer 3D segmentation network.
 
@@ -165,13 +168,18 @@ class NnFormer(nn.Module):
             spread ``drop_path_rate`` linearly over their blocks).
         deep_supervision: training-mode output ``[full, 1/2, 1/4]``.
         num_global_tokens: GLAM tokens per window, int or one per encoder stage (0 = vanilla nnFormer).
-        gmsa, global_pos_embed, global_clamp: GLAM options (:class:`~glam3d.models.glam.GLAMLayer`).
+        glam_variant, gmsa, global_pos_embed, global_clamp: GLAM options (:class:`~glam3d.models.glam.GLAMLayer`);
+            the position tables are sized from ``crop_size`` (authors variant: ``N_r * N_g`` rows per level).
         global_num_heads: heads of each stage's G-MSA, int or one per encoder stage (the decoder levels reuse
             stages 1-3's); default ``num_heads``. The paper leaves it open; it changes neither the parameters nor
-            the multiply-adds, only how the attention is split (see ``experiments/PERFORMANCE.md``, change 17).
+            the multiply-adds, only how the attention is split (head dimension 64 runs at the CPU flash kernel's
+            matmul peak: ``docs/performance.md``).
         glam_decoder: global tokens in the decoder stages too (with the encoder stage's count).
-        glam_single_window: keep global tokens in stages whose map is one window at ``crop_size``.
+        glam_single_window: global tokens also in stages whose map is one window at ``crop_size`` (default);
+            False: none there.
         nlu: upsample with NLU instead of patch expanding in the decoder.
+        nlu_form: ``"block"`` (the authors' NLU; its attention at the low-resolution level's width and heads) or
+            ``"attention"`` (attention alone, at the skip's width and heads); see :mod:`glam3d.models.nlu`.
 
     Forward: ``x (B, C_in, D, H, W)`` with ``D, H, W`` divisible by ``patch_size * 2**(stages-1)`` -> logits
     ``(B, K, D, H, W)``; a list ``[full, 1/2, 1/4]`` in training mode when ``deep_supervision``.
@@ -183,9 +191,13 @@ class NnFormer(nn.Module):
                  depths=(2, 2, 2, 2), num_heads=(6, 12, 24, 48), window_size=(4, 4, 8, 4), patch_size=(2, 4, 4),
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.2, deep_supervision: bool = True, num_global_tokens=0,
-                 gmsa: bool = True, nlu: bool = False, glam_decoder: bool = True, glam_single_window: bool = False,
-                 global_pos_embed: bool = False, global_clamp: bool = False, global_num_heads=None):
+                 gmsa: bool = True, nlu: bool = False, glam_decoder: bool = True, glam_single_window: bool = True,
+                 global_pos_embed: bool | None = None, global_clamp: bool = False, global_num_heads=None,
+                 glam_variant: str = DEFAULT_GLAM_VARIANT, nlu_form: str = "block"):
         super().__init__()
+        check_glam_variant(glam_variant)
+        if nlu_form not in NLU_FORMS:
+            raise ValueError(f"nlu_form={nlu_form!r} must be one of {NLU_FORMS}")
         n = len(depths)
         if n < 2:
             raise ValueError(f"depths={depths} needs at least 2 stages")
@@ -219,10 +231,11 @@ class NnFormer(nn.Module):
         self.deep_supervision = deep_supervision
         self.patch_size = patch
         self.num_global_tokens = ng
+        self.glam_variant = glam_variant
 
-        # the global tokens are dropped after each stage: no G-MSA after a stage's last block (it would be dead)
-        glam = dict(gmsa=gmsa, last_gmsa=False, global_pos_embed=global_pos_embed, global_clamp=global_clamp, mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate)
+        glam = dict(gmsa=gmsa, glam_variant=glam_variant, global_pos_embed=global_pos_embed,
+                    global_clamp=global_clamp, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                    attn_drop=attn_drop_rate)
         self.stem = ConvStem(in_channels, embed_dim, patch)
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         dpr = _linspace(drop_path_rate, sum(depths))
@@ -247,7 +260,8 @@ class NnFormer(nn.Module):
             j = n - 2 - k  # position in application order
             start = sum(dec_depths[n - 2 - t] for t in range(j))
             if nlu:
-                self.ups.append(_NLUUp(dims[k], num_heads[k], windows[k + 1]))
+                heads = num_heads[k + 1] if nlu_form == "block" else num_heads[k]
+                self.ups.append(_NLUUp(dims[k], heads, windows[k + 1], nlu_form))
             else:
                 self.ups.append(PatchExpanding(dims[k + 1]))
             self.dec_stages.append(GLAMLayer(dims[k], dec_depths[k], num_heads[k], windows[k],

@@ -4,7 +4,14 @@ There is one window-attention implementation in glam3d (N-D, :mod:`glam3d.models
 a ``GLAMLayer`` with 2D windows. With ``num_global_tokens=0`` the backbone computes exactly the Swin of Liu et
 al. (ICCV 2021) — an ImageNet checkpoint (official or timm layout) loads with
 :func:`glam3d.models.pretrained.load_pretrained` and gives the same features; with ``num_global_tokens > 0``
-every stage becomes a GLAM stage (per-window global tokens, W-MSA then G-MSA in every block).
+every stage becomes a GLAM stage (per-window global tokens, W-MSA and G-MSA, ``glam_variant`` "authors" or
+"paper", see :mod:`glam3d.models.glam`).
+
+Position tables of the global tokens: paper variant, one vector per (window of the ``input_resolution`` grid,
+token); authors variant, the authors' per-sequence table of ``(45 N_g / 2^i)^2`` rows at level ``i``
+(:func:`authors_pos_rows`: their ``swin_transformer_gtv8.py`` sizes it for the G-MSA sequence of a map far larger
+than any crop), read by area resampling so that every row is trained. Those tables are what bring
+GLAM-Swin-UperNet-B to the paper's 197 M parameters (table 6): 48.5 M of them.
 
 Layout::
 
@@ -37,10 +44,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..glam import GLAMLayer
+from ..glam import DEFAULT_GLAM_VARIANT, GLAMLayer
 from ..layers import init_weights_trunc_normal, to_ntuple
 
-__all__ = ["SWIN_SIZES", "PatchEmbed2d", "PatchMerging2d", "SwinBackbone", "swin_stage_resolutions"]
+__all__ = ["SWIN_SIZES", "PatchEmbed2d", "PatchMerging2d", "SwinBackbone", "swin_stage_resolutions",
+           "authors_pos_rows", "AUTHORS_POS_SIDE"]
+
+#: the authors' 2D code sizes the position table of level ``i`` as a square of side ``45 N_g / 2^i``
+AUTHORS_POS_SIDE = 45
+
+
+def authors_pos_rows(level: int, num_global_tokens: int) -> int:
+    """Rows of the authors' 2D position table at resolution level ``level`` (0 = 1/4): ``(45 N_g // 2^i)^2``."""
+    return (AUTHORS_POS_SIDE * num_global_tokens // 2 ** level) ** 2
 
 #: Swin variants (Liu et al. 2021, table 1): channels of stage 1, blocks and heads per stage
 SWIN_SIZES = {
@@ -54,7 +70,7 @@ def swin_stage_resolutions(image_size: Sequence[int], patch_size: int = 4, num_s
     """Feature-map sizes ``[(H_0, W_0), ...]`` of every stage for an input ``(H, W)`` (padding included)."""
     h, w = (math.ceil(s / patch_size) for s in image_size)
     out = []
-    for i in range(num_stages):
+    for _ in range(num_stages):
         out.append((h, w))
         h, w = math.ceil(h / 2), math.ceil(w / 2)
     return out
@@ -114,9 +130,10 @@ class SwinBackbone(nn.Module):
         patch_size: 4.
         mlp_ratio, qkv_bias, drop_rate, attn_drop_rate: as in Swin.
         drop_path_rate: stochastic depth, linearly increasing over all blocks from 0 to this value.
-        num_global_tokens: GLAM global tokens per window (0 = vanilla Swin); gmsa, global_pos_embed,
-            global_clamp, global_num_heads: passed to every :class:`GLAMLayer`.
-        input_resolution: image size (H, W) the model is made for (only needed by ``global_pos_embed``).
+        num_global_tokens: GLAM global tokens per window (0 = vanilla Swin); glam_variant, gmsa,
+            global_pos_embed, global_clamp, global_num_heads: passed to every :class:`GLAMLayer`.
+        input_resolution: image size (H, W) the model is made for (sizes the paper variant's position tables;
+            without it, and without ``global_pos_embed=False``, the paper variant has none).
         out_norms: which stage outputs get a LayerNorm: ``"all"`` (Swin segmentation backbone, UperNet),
             ``"last"`` (Swin-Unet: only the bottleneck, the ImageNet model's ``norm``) or ``"none"``.
         out_indices: which stage outputs ``forward`` returns (default all four).
@@ -129,9 +146,10 @@ class SwinBackbone(nn.Module):
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size=7, patch_size: int = 4,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, num_global_tokens: int = 0, gmsa: bool = True,
-                 global_pos_embed: bool = False, global_clamp: bool = False, global_num_heads: Optional[int] = None,
-                 input_resolution: Optional[Sequence[int]] = None, out_norms: str = "all",
-                 out_indices: Sequence[int] = (0, 1, 2, 3)):
+                 global_pos_embed: Optional[bool] = None, global_clamp: bool = False,
+                 global_num_heads: Optional[int] = None, input_resolution: Optional[Sequence[int]] = None,
+                 out_norms: str = "all", out_indices: Sequence[int] = (0, 1, 2, 3),
+                 glam_variant: str = DEFAULT_GLAM_VARIANT):
         super().__init__()
         depths, num_heads = list(depths), list(num_heads)
         if len(depths) != len(num_heads) or not depths:
@@ -168,7 +186,9 @@ class SwinBackbone(nn.Module):
                 gmsa=gmsa, shift=True, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
                 attn_drop=attn_drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
                 global_pos_embed=global_pos_embed, global_clamp=global_clamp, input_resolution=res[i],
-                global_num_heads=global_num_heads))
+                global_num_heads=global_num_heads, glam_variant=glam_variant,
+                global_pos_rows=(authors_pos_rows(i, num_global_tokens)
+                                 if glam_variant == "authors" and num_global_tokens else None)))
             if i < n - 1:
                 self.merges.append(PatchMerging2d(self.num_features[i], self.num_features[i + 1]))
         self.out_norms = nn.ModuleList([

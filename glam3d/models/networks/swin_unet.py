@@ -3,11 +3,11 @@
 Registered families (``glam3d.models.build_model``):
 
 - ``swin_unet_{tiny,base}``: vanilla Swin-Unet, patch-expanding upsampling (paper table 1 "Swin-Unet [2]");
-- ``glam_swin_unet_{tiny,base}``: GLAM in every encoder *and* decoder stage (10 global tokens per window, G-MSA)
-  and Non-Local Upsampling (``nlu=True``) instead of patch expanding (``twin="swin_unet"``). The paper's
-  GLAM-Swin-Unet-T (44.19 mIoU, table 1) is the "NLU ✓ GLAM ✓" row of its table 4 (44.20), so the GLAM variant
-  uses NLU by default; ``nlu=False`` gives table 4's "GLAM only" ablation, ``swin_unet`` with ``nlu=True`` its
-  "NLU only" row (43.20).
+- ``glam_swin_unet_{tiny,base}``: GLAM in every encoder *and* decoder stage (10 global tokens per window, G-MSA;
+  ``glam_variant`` "authors" or "paper") and Non-Local Upsampling (``nlu=True``) instead of patch expanding
+  (``twin="swin_unet"``). The paper's GLAM-Swin-Unet-T (44.19 mIoU, table 1) is the "NLU ✓ GLAM ✓" row of its
+  table 4 (44.20), so the GLAM variant uses NLU by default; ``nlu=False`` gives table 4's "GLAM only" ablation,
+  ``swin_unet`` with ``nlu=True`` its "NLU only" row (43.20).
 
 Layout (C = embed_dim, stage maps channels-last)::
 
@@ -36,10 +36,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..glam import GLAMLayer
+from ..glam import DEFAULT_GLAM_VARIANT, GLAMLayer, check_glam_variant
 from ..layers import init_weights_trunc_normal
-from ..registry import register_family
-from .swin import SWIN_SIZES, SwinBackbone, swin_stage_resolutions
+from ..nlu import NLU_FORMS
+from ..registry import records_arguments, register_family
+from .swin import SWIN_SIZES, SwinBackbone, authors_pos_rows, swin_stage_resolutions
 
 __all__ = ["PatchExpand2d", "FinalPatchExpand2d", "SwinUnet", "build_swin_unet"]
 
@@ -80,11 +81,11 @@ class _NLUUp(nn.Module):
     :class:`glam3d.models.nlu.NLU`, which needs a skip of exactly ``2h × 2w``: when the encoder padded an odd
     map (``H = 2h - 1``) the skip is zero-padded to ``2h`` and the result cropped back."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_heads: int, window_size):
+    def __init__(self, in_dim: int, out_dim: int, num_heads: int, window_size, form: str = "block"):
         super().__init__()
         from ..nlu import NLU  # one implementation for 2D and 3D
 
-        self.nlu = NLU(in_dim, out_dim, num_heads, window_size)
+        self.nlu = NLU(in_dim, out_dim, num_heads, window_size, form=form)
 
     def forward(self, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         H, W = skip.shape[1:3]
@@ -94,12 +95,14 @@ class _NLUUp(nn.Module):
         return self.nlu.forward_tokens(low, skip)[:, :H, :W]
 
 
+@records_arguments
 class SwinUnet(nn.Module):
     """(GLAM-)Swin-Unet; ``forward (B, 3, H, W) -> (B, K, H, W)``.
 
     Args (beyond :class:`SwinBackbone`'s): ``num_classes``; ``nlu`` (Non-Local Upsampling instead of patch
-    expanding); ``decoder_global_tokens`` (global tokens of the decoder stages, default ``num_global_tokens``);
-    ``default_crop`` (H, W).
+    expanding); ``nlu_form`` (``"block"``, the authors' NLU, attention at the lower level's width and heads, or
+    ``"attention"``: :mod:`glam3d.models.nlu`); ``decoder_global_tokens`` (global tokens of the decoder stages,
+    default ``num_global_tokens``); ``default_crop`` (H, W).
     Attributes: ``spatial_dims = 2``, ``in_channels``, ``num_classes``, ``default_crop``, ``encoder``.
     """
 
@@ -109,12 +112,16 @@ class SwinUnet(nn.Module):
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24), window_size=7,
                  patch_size: int = 4, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.2, num_global_tokens: int = 0,
-                 gmsa: bool = True, global_pos_embed: bool = False, global_clamp: bool = False,
+                 gmsa: bool = True, global_pos_embed: Optional[bool] = None, global_clamp: bool = False,
                  global_num_heads: Optional[int] = None, nlu: bool = False,
-                 decoder_global_tokens: Optional[int] = None, default_crop: Sequence[int] = (512, 512)):
+                 decoder_global_tokens: Optional[int] = None, default_crop: Sequence[int] = (512, 512),
+                 glam_variant: str = DEFAULT_GLAM_VARIANT, nlu_form: str = "block"):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes} must be >= 1")
+        check_glam_variant(glam_variant)
+        if nlu_form not in NLU_FORMS:
+            raise ValueError(f"nlu_form={nlu_form!r} must be one of {NLU_FORMS}")
         depths, num_heads = list(depths), list(num_heads)
         self.in_channels = in_channels
         self.num_classes = num_classes
@@ -123,7 +130,8 @@ class SwinUnet(nn.Module):
         self.encoder = SwinBackbone(in_channels, embed_dim, depths, num_heads, window_size, patch_size, mlp_ratio,
                                     qkv_bias, drop_rate, attn_drop_rate, drop_path_rate, num_global_tokens, gmsa,
                                     global_pos_embed, global_clamp, global_num_heads,
-                                    input_resolution=self.default_crop, out_norms="last")
+                                    input_resolution=self.default_crop, out_norms="last",
+                                    glam_variant=glam_variant)
         n = len(depths)
         dims = self.encoder.num_features
         ws = self.encoder.window_size
@@ -134,13 +142,16 @@ class SwinUnet(nn.Module):
         self.concat_back = nn.ModuleList()
         self.decoder = nn.ModuleList()
         for l in range(n - 1):  # index l = the level the block outputs (0 = 1/4)
-            self.up.append(_NLUUp(dims[l + 1], dims[l], num_heads[l], ws) if nlu else PatchExpand2d(dims[l + 1]))
+            heads = num_heads[l + 1] if nlu_form == "block" else num_heads[l]
+            self.up.append(_NLUUp(dims[l + 1], dims[l], heads, ws, nlu_form) if nlu else PatchExpand2d(dims[l + 1]))
             self.concat_back.append(nn.Linear(2 * dims[l], dims[l]))
             self.decoder.append(GLAMLayer(
                 dims[l], depths[l], num_heads[l], ws, num_global_tokens=n_g, gmsa=gmsa, shift=True,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
                 drop_path=dpr[sum(depths[:l]):sum(depths[:l + 1])], global_pos_embed=global_pos_embed,
-                global_clamp=global_clamp, input_resolution=res[l], global_num_heads=global_num_heads))
+                global_clamp=global_clamp, input_resolution=res[l], global_num_heads=global_num_heads,
+                glam_variant=glam_variant,
+                global_pos_rows=authors_pos_rows(l, n_g) if glam_variant == "authors" and n_g else None))
         self.norm_up = nn.LayerNorm(dims[0])
         self.final_expand = FinalPatchExpand2d(dims[0], patch_size)
         self.head = nn.Conv2d(dims[0], num_classes, 1, bias=False)

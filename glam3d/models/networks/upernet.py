@@ -4,7 +4,7 @@ Registered families (``glam3d.models.build_model``):
 
 - ``swin_upernet_{tiny,small,base}``: vanilla Swin-UperNet (paper table 1 rows "Swin-UperNet [24]");
 - ``glam_swin_upernet_{tiny,small,base}``: the same with GLAM in every backbone stage (10 global tokens per
-  window, G-MSA after every block; ``twin="swin_upernet"``).
+  window; ``glam_variant`` "authors" (default) or "paper", :mod:`glam3d.models.glam`; ``twin="swin_upernet"``).
 
 Head (mmseg ``UPerHead``, 512 channels, every conv = Conv(no bias) + BatchNorm + ReLU):
 PPM on the last stage (adaptive average pools 1, 2, 3, 6 → 1×1 conv → bilinear up; concat with the input → 3×3
@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import register_family
+from ..glam import DEFAULT_GLAM_VARIANT
+from ..registry import records_arguments, register_family
 from .swin import SWIN_SIZES, SwinBackbone
 
 __all__ = ["ConvBNReLU", "PPM", "UPerHead", "FCNHead", "SwinUperNet", "build_swin_upernet"]
@@ -110,6 +111,7 @@ class FCNHead(nn.Module):
         return self.conv_seg(self.dropout(self.convs(x)))
 
 
+@records_arguments
 class SwinUperNet(nn.Module):
     """(GLAM-)Swin backbone + UperNet head (+ auxiliary FCN head on stage ``aux_index``).
 
@@ -123,11 +125,11 @@ class SwinUperNet(nn.Module):
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24), window_size=7,
                  patch_size: int = 4, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.3, num_global_tokens: int = 0,
-                 gmsa: bool = True, global_pos_embed: bool = False, global_clamp: bool = False,
+                 gmsa: bool = True, global_pos_embed: Optional[bool] = None, global_clamp: bool = False,
                  global_num_heads: Optional[int] = None, channels: int = 512,
                  pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1, aux: bool = True,
                  aux_index: int = 2, aux_channels: int = 256, aux_weight: float = 0.4,
-                 default_crop: Sequence[int] = (512, 512)):
+                 default_crop: Sequence[int] = (512, 512), glam_variant: str = DEFAULT_GLAM_VARIANT):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes} must be >= 1")
@@ -137,7 +139,8 @@ class SwinUperNet(nn.Module):
         self.backbone = SwinBackbone(in_channels, embed_dim, depths, num_heads, window_size, patch_size, mlp_ratio,
                                      qkv_bias, drop_rate, attn_drop_rate, drop_path_rate, num_global_tokens, gmsa,
                                      global_pos_embed, global_clamp, global_num_heads,
-                                     input_resolution=self.default_crop, out_norms="all")
+                                     input_resolution=self.default_crop, out_norms="all",
+                                     glam_variant=glam_variant)
         feats = self.backbone.num_features
         if not 0 <= aux_index < len(feats):
             raise ValueError(f"aux_index={aux_index} must be a stage number in 0..{len(feats) - 1}")
