@@ -35,7 +35,8 @@ def groups(results_dir: Path) -> list:
     """One entry per (setup, precision) measured, setups in the order of their fp32 matmul peak: label, per-model
     throughput and peak memory, the two GLAM / nnFormer ratios."""
     out = []
-    results = [json.loads(f.read_text()) for f in sorted(results_dir.glob("*.json"))]
+    results = [json.loads(f.read_text()) for f in sorted(results_dir.glob("*.json"))
+               if not f.name.startswith("allocators-")]  # experiments/allocators.py's, not glam3d bench's
     for res in sorted(results, key=lambda r: r["matmul_peak_gflops"]):  # slowest hardware first
         setup = res["setup"]
         rows = {r["model"]: r for r in res["rows"]}
@@ -45,7 +46,9 @@ def groups(results_dir: Path) -> list:
             vps = {m: rows.get(m, {}).get(f"{sw}_voxels_per_s") for m, _, _ in MODELS}
             if not any(vps.values()):
                 continue
-            out.append({"label": f"{hardware}\n{label}", "vps": vps,
+            glam_params = rows.get("glam_nnformer_synapse", {}).get("params_M")  # which GLAM-nnFormer it measured
+            which = f"\nGLAM {glam_params:.0f} M" if glam_params else ""
+            out.append({"label": f"{hardware}\n{label}{which}", "vps": vps,
                         "mem": {m: rows.get(m, {}).get(mem) for m, _, _ in MODELS},
                         "forward": ratios.get(f"glam_over_nnformer_forward{suffix}"),
                         "sw": ratios.get(f"glam_over_nnformer_sw{suffix}")})
@@ -87,10 +90,10 @@ def plot(gs: list, out: Path) -> None:
     for i, (a, b) in enumerate(zip(fw, sw)):
         axes[2].text(i - 0.18, a + 0.02, f"{a:.3f}", ha="center", va="bottom", fontsize=8)
         axes[2].text(i + 0.18, b + 0.02, f"{b:.3f}", ha="center", va="bottom", fontsize=8)
-    axes[2].set_ylim(0, 1.75)
+    axes[2].set_ylim(0, max([1.75] + [v * 1.25 for v in fw + sw]))
     axes[2].set_ylabel("GLAM-nnFormer / nnFormer")
     axes[2].set_title("GLAM-nnFormer / nnFormer: forward time (batch 1) and sliding-window throughput")
-    axes[2].legend(loc="upper left", ncol=2, fontsize=9)
+    axes[2].legend(loc="upper right", ncol=2, fontsize=9)
     axes[2].set_xticks(list(x))
     axes[2].set_xticklabels([g["label"] for g in gs], fontsize=8)
     fig.tight_layout()

@@ -65,12 +65,12 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .alloc import ENV_SWITCH, allocator_state, tune_allocator
+from .alloc import allocator_state, preloaded_allocator
 from .commands.bench import SECTIONS  # the CLI's list (a light module: no torch import at parse time)
 from .inference.precision import autocast_to, inference_weights, resolve_amp
 
@@ -696,7 +696,8 @@ def run_bench(cfg: BenchConfig, on_section: Optional[Callable[[dict], None]] = N
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cuda_tf32": ({"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32,
                        "cudnn_version": torch.backends.cudnn.version()} if device.type == "cuda" else None),
-        "allocator": allocator_state()}}
+        "allocator": {**allocator_state(), "preloaded": preloaded_allocator(),
+                      "malloc_conf": os.environ.get("MALLOC_CONF")}}}
     res["setup"] = machine_setup(device, torch.get_num_threads(), cfg.sections)
 
     rows: Dict[str, dict] = {}
@@ -844,7 +845,9 @@ def _summarise(res: dict, rows: Dict[str, dict], cfg: BenchConfig, t_start: floa
     ratios = {}
     for size in ("synapse", "tiny"):
         g, v, s = f"glam_nnformer_{size}", f"nnformer_{size}", f"swin_unetr_{size}"
-        glam = lambda key: _paired_with_ci(rows, g, v, f"{key}_all", f"glam_over_nnformer_{key}")  # noqa: E731
+
+        def glam(key, g=g, v=v):
+            return _paired_with_ci(rows, g, v, f"{key}_all", f"glam_over_nnformer_{key}")
         ratios[size] = {
             **glam("forward"), "glam_over_nnformer_forward_of_medians": _pair(rows, g, v, "forward_s"),
             **glam("sw"), "glam_over_swin_unetr_sw": _paired(rows, g, s, "sw_all"),
@@ -1126,15 +1129,17 @@ def _setup_label(res: dict) -> str:
 
 
 def _alloc(m) -> str:
+    """The allocator a result was measured with: glam3d's profile and what it set, and a library preloaded in
+    place of glibc's malloc (``jemalloc (LD_PRELOAD, MALLOC_CONF=...)``); ``default`` when neither."""
     a = m.get("allocator") or {}
+    lib = a.get("preloaded")
+    lib = f"{lib} (LD_PRELOAD{', MALLOC_CONF=' + a['malloc_conf'] if a.get('malloc_conf') else ''})" if lib else ""
     if not a.get("enabled"):
-        return "default"
+        return lib or "default"
     parts = (["THP"] if a.get("thp_env") == "1" and not a.get("torch_imported") else []) + \
-        ([f"mmap>={int(a['mmap_threshold_env']) >> 10} KiB"] if a.get("mallopt") else []) + \
-        (["no trim"] if a.get("mallopt") and a.get("trim_threshold_env") else []) + \
-        ([f"CPU cache (slack {a['cache']['slack_bytes'] >> 20} MiB)"] if a.get("cache") else []) + \
-        ([f"cache unavailable: {a['cache_error']}"] if a.get("cache_error") else [])
-    return (f"{a['profile']} profile: " if a.get("profile") else "") + ("+".join(parts) or "default")
+        ([f"mmap>={int(a['mmap_threshold_env']) >> 10} KiB"] if a.get("mallopt") else [])
+    return (f"{a['profile']} profile: " if a.get("profile") else "") + ("+".join(parts) or "default") + \
+        (f"; {lib}" if lib else "")
 
 
 def _partial(res: dict) -> str:
@@ -1340,8 +1345,6 @@ def save_result(res: dict, directory, partial: bool = False) -> Tuple[str, str]:
 def _main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "--worker":
-        if os.environ.get(ENV_SWITCH, "").strip().lower() == "cache":  # the parent's profile (torch is imported)
-            tune_allocator("cache")
         print(json.dumps(_worker(json.loads(argv[1]))), flush=True)
         return 0
     from .cli import main

@@ -6,7 +6,6 @@ BN-free ``TinyNet`` of ``test_train.py`` for training.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import locale
 import os
@@ -18,14 +17,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import tiny_training as T
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # test_train.py's helpers (tiny net, synthetic preprocessed dataset, tiny config), loaded under a private name
-_spec = importlib.util.spec_from_file_location("_glam3d_reliability_train_helpers",
-                                               Path(__file__).with_name("test_train.py"))
-T = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(T)
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 SHAPE = (12, 10, 6)
@@ -151,8 +147,8 @@ def env(mods=None, **extra) -> dict:
     return e
 
 
-#: environment variables that choose or tune the CPU allocator (glam3d.alloc, glam3d.cpu_cache, glibc, PyTorch)
-ALLOCATOR_ENV = ("GLAM3D_ALLOC", "GLAM3D_CPU_CACHE", "MALLOC_", "THP_MEM")
+#: environment variables that choose or tune the CPU allocator (glam3d.alloc, glibc, PyTorch, a preloaded library)
+ALLOCATOR_ENV = ("GLAM3D_ALLOC", "MALLOC_", "THP_MEM", "LD_PRELOAD")
 
 
 def allocator_child(code: str, **env) -> dict:

@@ -3,7 +3,6 @@ fold's run folder; the fold's validation cases predicted from their source scans
 evaluate`` over the folds' validation folders giving the cross-validation summary (on tiny phantom data)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,11 +14,7 @@ import yaml
 from glam3d.config import config_from_dict
 from glam3d.data import datasets as D
 from glam3d.errors import UserError
-
-_spec = importlib.util.spec_from_file_location("_glam3d_test_crossval_helpers",
-                                               Path(__file__).with_name("test_train.py"))
-H = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(H)
+import tiny_training as H
 
 
 def kfold_reference(ids, n_splits, seed):

@@ -5,7 +5,6 @@ no batch-norm; per-sample Dice + voxel-mean CE make the loss of a 2b batch the m
 averages the gradients), to float tolerance; validation cases are sharded and Dice sums all-reduced."""
 from __future__ import annotations
 
-import importlib.util
 import socket
 import subprocess
 import sys
@@ -13,11 +12,7 @@ from pathlib import Path
 
 import torch
 import yaml
-
-_spec = importlib.util.spec_from_file_location("_glam3d_test_train_helpers", Path(__file__).with_name("test_train.py"))
-H = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(H)
-
+import tiny_training as H
 
 
 def _env(mods: Path) -> dict:

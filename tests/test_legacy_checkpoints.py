@@ -219,3 +219,40 @@ def test_legacy_position_option_is_named_as_computing_differently(tmp_path, caps
     assert rebuilt.glam3d_spec["kwargs"]["global_pos_embed"] is True
     (line,) = capsys.readouterr().err.splitlines()
     assert "global_pos_embed=True" in line and "outputs differ" in line
+
+
+def test_a_run_saved_before_spec_version_2_resumes(tmp_path):
+    """A training run whose checkpoints predate spec version 2 (their spec records only the config's overrides, and
+    the defaults of that time were the legacy options) resumes: the network is rebuilt with the options it was
+    trained with, the note says so, and the run's config.yaml records them."""
+    import tiny_training as T
+    import yaml
+
+    from glam3d.config import config_from_dict
+    from glam3d.engine.train import train
+
+    data = T.make_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    legacy = FIXTURES["glam_nnformer_tiny"]
+    sections = dict(data={"roi_size": [16, 32, 32], "batch_size": 1},
+                    train={"epochs": 1, "iters_per_epoch": 2, "val_every": 0})
+    trained_then = T.tiny_config(data, run, model={"name": "glam_nnformer_tiny", "overrides": dict(legacy)},
+                                 **sections)
+    train(config_from_dict(trained_then), console=False)
+    # what glam3d wrote before spec version 2: the spec holds the build's overrides only (the legacy options were
+    # the defaults, so no config named them) and no version
+    for name in ("last.pt", "last.pt.prev"):
+        path = run / "checkpoints" / name
+        if path.is_file():
+            state = load_checkpoint(path)
+            kept = {k: state["model_spec"]["kwargs"][k] for k in ("num_classes",)}
+            state["model_spec"] = {"name": "glam_nnformer_tiny", "kwargs": kept}
+            torch.save(state, path)
+    today = T.tiny_config(data, run, model={"name": "glam_nnformer_tiny", "overrides": {}},
+                          **{**sections, "train": {**sections["train"], "epochs": 2}})
+    summary = train(config_from_dict(today), resume=True, console=False)
+    assert summary["iterations"] == 4
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert {k: saved["model"]["overrides"][k] for k in legacy} == legacy
+    assert "predates model spec version 2" in (run / "train.log").read_text()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["model_spec"]["version"] == 2

@@ -18,11 +18,8 @@ import yaml
 from glam3d.config import config_from_dict
 from glam3d.engine.callbacks import Callback
 from glam3d.errors import UserError
+import tiny_training as H
 
-_spec = importlib.util.spec_from_file_location("_glam3d_test_nonfinite_helpers",
-                                               Path(__file__).with_name("test_train.py"))
-H = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(H)
 
 NAN_CALLBACK = '''
 import torch

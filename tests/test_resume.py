@@ -4,7 +4,6 @@ callback (:class:`glam3d.engine.callbacks.Callback`, installed by a small launch
 iteration, then the test kills it with SIGKILL from outside."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -14,10 +13,7 @@ from pathlib import Path
 
 import torch
 import yaml
-
-_spec = importlib.util.spec_from_file_location("_glam3d_test_train_helpers", Path(__file__).with_name("test_train.py"))
-H = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(H)
+import tiny_training as H
 
 
 def _env(mods: Path, **extra) -> dict:

@@ -3,7 +3,6 @@ only listed entries replaced or deleted, a folder that never held a glam3d run r
 or not), resume unchanged, run folders from before markers adopted with a note."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,14 +11,7 @@ import pytest
 from glam3d.config import config_from_dict
 from glam3d.errors import UserError
 from glam3d.utils.ownership import MARKER, read_marker
-
-_spec = importlib.util.spec_from_file_location("_glam3d_test_run_folder_helpers",
-                                               Path(__file__).with_name("test_train.py"))
-H = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(H)
-
-
-tiny = H.tiny  # (data_root, tmp_path) with the tiny net importable: test_train.py's fixture
+import tiny_training as H
 
 
 def _train(cfg, **kw):

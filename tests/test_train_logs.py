@@ -4,7 +4,6 @@ what it says about cases smaller than the training window. Also: ``package.modul
 the meta device before the run folder is touched."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import subprocess
@@ -16,14 +15,7 @@ import yaml
 
 from glam3d.config import config_from_dict
 from glam3d.errors import UserError
-
-_spec = importlib.util.spec_from_file_location("_glam3d_test_train_logs_helpers",
-                                               Path(__file__).with_name("test_train.py"))
-H = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(H)
-
-
-tiny = H.tiny  # (data_root, tmp_path) with the tiny net importable: test_train.py's fixture
+import tiny_training as H
 
 
 def _train(cfg, **kw):

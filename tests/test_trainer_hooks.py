@@ -3,18 +3,12 @@ run), plain-function callbacks (rank 0, the epoch's row), a :class:`~glam3d.engi
 overriding one hook, and the task objects chosen per config."""
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
 from glam3d.config import config_from_dict
-
-_spec = importlib.util.spec_from_file_location("_glam3d_test_trainer_hooks_helpers",
-                                               Path(__file__).with_name("test_train.py"))
-H = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(H)
+import tiny_training as H
 
 
 @pytest.fixture

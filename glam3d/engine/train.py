@@ -324,7 +324,29 @@ class Trainer:
         pending.replay(self.log)
         if resume_note:
             self.log.warning(resume_note)
+        if resume_state is not None:
+            self._keep_legacy_architecture(resume_state)
         return resume_state
+
+    def _keep_legacy_architecture(self, resume_state: dict) -> None:
+        """A run resumed from a checkpoint whose model spec has no version (written before checkpoints recorded
+        every network argument) is rebuilt with the defaults it was trained with: the options
+        :func:`~glam3d.models.registry.legacy_options` names go into ``model.overrides`` (the config's own win),
+        with one note, and the run's ``config.yaml`` records them from then on."""
+        if ":" in self.cfg.model.name:
+            return
+        from ..models.registry import legacy_options
+
+        try:
+            legacy = legacy_options(resume_state.get("model_spec") or {})
+        except (TypeError, ValueError):
+            return
+        legacy = {k: v for k, v in legacy.items() if k not in self.cfg.model.overrides}
+        if legacy:
+            self.cfg.model.overrides = {**legacy, **self.cfg.model.overrides}
+            shown = ", ".join(f"{k}={v!r}" for k, v in legacy.items())
+            self.log.info(f"note: {self.resume_path}: the checkpoint predates model spec version 2; the network is "
+                          f"rebuilt with the defaults it was trained with ({shown}), now recorded in config.yaml")
 
     def check_network(self) -> None:
         """A ``package.module:factory`` network built on the meta device and checked as a registered one is by

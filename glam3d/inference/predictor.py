@@ -230,16 +230,6 @@ def input_spec(checkpoints) -> InputSpec:
     return _spec_of(state)
 
 
-def _release_cached_blocks(reset_peak: bool = False) -> None:
-    """Return the opt-in caching CPU allocator's free blocks (``GLAM3D_ALLOC_TUNING=cache``) to the OS; nothing
-    when it is not installed (the default)."""
-    cache = sys.modules.get("glam3d.cpu_cache")
-    if cache is not None:
-        cache.empty_cache()
-        if reset_peak:
-            cache.reset_peak()
-
-
 def _first_difference(a, b, prefix: str = "") -> str:
     """The first key path where two JSON-like values differ, with both values (for a one-line error)."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -494,9 +484,6 @@ class Predictor:
                     if a is not None and b is not None and a != b:
                         raise UserError(f"its network has {attr} {b}, {paths[0]}'s has {a}: an ensemble's networks "
                                         f"predict the same classes from the same channels", p)
-            # the network's random initial weights, replaced by the checkpoint's: not kept cached, nor counted in
-            # the peak that bounds what the (opt-in) caching allocator may keep
-            _release_cached_blocks(reset_peak=True)
             if cast_weights:
                 precision.cast_off_the_map(model, amp_dtype)
             _check_classes(getattr(model, "num_classes", None), plan, p)
@@ -688,7 +675,6 @@ class Predictor:
                                        postprocessing=self.postprocessing, scratch=scratch, source=case.source)
                 del slabs
             seg.labels = None
-            _release_cached_blocks()
             if seg.probs is not None:
                 probs = seg.probs.array if isinstance(seg.probs, ScratchArray) else seg.probs.cpu().numpy()
                 seg.probs = None
@@ -805,7 +791,6 @@ class Predictor:
         labels, probs = (out if want_probs else (out, None))
         del x, arr, out  # the scan as read (held by the LazyScan) is not needed to restore the labels
         labels = _finished_labels(labels)
-        _release_cached_blocks()  # the forwards' cached blocks: restoring (numpy) would come on top of them
         _check_geometry(meta, image, case)
         return _Segmented(image, labels, probs, meta)
 
