@@ -30,6 +30,7 @@ import torch
 
 from ..errors import UserError
 from ..utils.io import atomic_torch_save
+from ..utils.shared_refs import ExpansionRefused, expanded_size
 
 FORMAT = "glam3d-checkpoint-v1"
 
@@ -166,34 +167,24 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
 MAX_CHECKPOINT_VALUES = 1_000_000
 
 
+def _containers(node) -> list:
+    """What a checkpoint's list / tuple / dict refers to (a dict: its keys and values); nothing for anything else."""
+    if isinstance(node, dict):
+        return [*node.keys(), *node.values()]
+    return list(node) if isinstance(node, (list, tuple)) else []
+
+
 def _check_expanded_size(state, path) -> None:
     """Refuse a checkpoint whose lists / dicts, once shared references are followed, stand for more than
     :data:`MAX_CHECKPOINT_VALUES` values, or contain themselves: a pickle's memo lets a few hundred bytes describe
     10⁹ entries, which JSON manifests and reports would then write out forever. Linear in the file's objects."""
-    size: dict = {}
-    open_: set = set()
-    stack = [(state, False)]
-    while stack:
-        node, done = stack.pop()
-        key = id(node)
-        kids = (list(node.keys()) + list(node.values()) if isinstance(node, dict) else
-                node if isinstance(node, (list, tuple)) else None)
-        if kids is None:
-            continue
-        if done:
-            size[key] = 1 + sum(size.get(id(k), 1) for k in kids)
-            open_.discard(key)
-            if size[key] > MAX_CHECKPOINT_VALUES:
-                raise UserError(f"refused: the checkpoint's data expands to more than {MAX_CHECKPOINT_VALUES:,} "
-                                f"values through shared references (a pickle bomb?)", path)
-            continue
-        if key in size:
-            continue
-        if key in open_:
-            raise UserError("refused: the checkpoint's data contains itself (a structure that never ends)", path)
-        open_.add(key)
-        stack.append((node, True))
-        stack.extend((k, False) for k in kids if isinstance(k, (dict, list, tuple)) and id(k) not in size)
+    try:
+        expanded_size(state, _containers, MAX_CHECKPOINT_VALUES)
+    except ExpansionRefused as e:
+        raise UserError("refused: the checkpoint's data contains itself (a structure that never ends)"
+                        if e.kind == "cycle" else
+                        f"refused: the checkpoint's data expands to more than {MAX_CHECKPOINT_VALUES:,} values "
+                        f"through shared references (a pickle bomb?)", path) from None
 
 
 def checkpoint_metadata(state: dict) -> dict:

@@ -144,11 +144,18 @@ def format_table(rows: List[Dict]) -> str:
         if r.get("unavailable"):
             lines.append(f"{r['name']:<{width}} not available: {r['unavailable']}")
             continue
-        crop = "x".join(str(c) for c in r["crop"])
-        over = "" if r["twin"] is None else (f"{r['params_overhead_pct']:+.2f}% params, "
-                                              f"{r['macs_overhead_pct']:+.2f}% MACs ({r['twin']})")
+        crop, over = _crop_and_overhead(r, markdown=False)
         lines.append(f"{r['name']:<{width}} {crop:<14} {r['params_M']:>11.2f} {r['macs_G']:>10.2f}  {over}")
     return "\n".join(lines)
+
+
+def _crop_and_overhead(r: Dict, markdown: bool) -> tuple:
+    """A row's crop (``64x128x128``; Markdown ``64×128×128``) and GLAM overhead over its twin (empty without one)."""
+    pct, twin = (" %", f"`{r['twin']}`") if markdown else ("%", r["twin"])
+    crop = ("×" if markdown else "x").join(str(c) for c in r["crop"])
+    over = "" if r["twin"] is None else (f"{r['params_overhead_pct']:+.2f}{pct} params, "
+                                          f"{r['macs_overhead_pct']:+.2f}{pct} MACs ({twin})")
+    return crop, over
 
 
 def format_markdown(rows: List[Dict]) -> str:
@@ -159,9 +166,7 @@ def format_markdown(rows: List[Dict]) -> str:
         if r.get("unavailable"):
             lines.append(f"| `{r['name']}` | — | — | — | not available: {r['unavailable']} |")
             continue
-        crop = "×".join(str(c) for c in r["crop"])
-        over = "" if r["twin"] is None else (f"{r['params_overhead_pct']:+.2f} % params, "
-                                              f"{r['macs_overhead_pct']:+.2f} % MACs (`{r['twin']}`)")
+        crop, over = _crop_and_overhead(r, markdown=True)
         lines.append(f"| `{r['name']}` | {crop} | {r['params_M']:.2f} | {r['macs_G']:.2f} | {over} |")
     return "\n".join(lines)
 

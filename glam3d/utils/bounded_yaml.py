@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from . import shared_refs
 
 #: expanded nodes (scalars, lists, mappings, keys) a config may hold. A full training config is about 200; a list
 #: of thousands of validation case ids stays far below; a billion-laughs document is far above.
@@ -68,35 +69,16 @@ def load_bounded(text: str, source=None, budget: NodeBudget | None = None) -> An
 def expanded_size(root: yaml.Node, limit: int = MAX_NODES, source=None) -> int:
     """Number of nodes ``root`` stands for once every alias is replaced by a copy of its target (a mapping counts
     itself, its keys and its values). Raises :class:`UserError` naming ``source`` past ``limit`` nodes, past
-    :data:`MAX_DEPTH` levels, or on a node that contains itself. Iterative: no recursion on hostile input."""
-    size: dict[int, int] = {}
-    depth: dict[int, int] = {}
-    open_: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, children_done = stack.pop()
-        key = id(node)
-        if children_done:
-            kids = _children(node)
-            size[key] = 1 + sum(size[id(k)] for k in kids)
-            depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
-            open_.discard(key)
-            if size[key] > limit:
-                raise UserError(f"YAML aliases expand to more than {limit:,} values (an alias bomb?); a config "
-                                f"needs a few hundred", source)
-            if depth[key] > MAX_DEPTH:
-                raise UserError(f"YAML nested deeper than {MAX_DEPTH} levels", source)
-            continue
-        if key in size:
-            continue
-        if key in open_:
-            raise UserError("YAML alias refers to a node that contains it (a structure that never ends)", source)
-        open_.add(key)
-        stack.append((node, True))
-        for kid in _children(node):
-            if id(kid) not in size:
-                stack.append((kid, False))
-    return size[id(root)]
+    :data:`MAX_DEPTH` levels, or on a node that contains itself."""
+    try:
+        return shared_refs.expanded_size(root, _children, limit, MAX_DEPTH)
+    except shared_refs.ExpansionRefused as e:
+        raise UserError({
+            "size": f"YAML aliases expand to more than {limit:,} values (an alias bomb?); a config needs a few "
+                    f"hundred",
+            "depth": f"YAML nested deeper than {MAX_DEPTH} levels",
+            "cycle": "YAML alias refers to a node that contains it (a structure that never ends)",
+        }[e.kind], source) from None
 
 
 def _children(node: yaml.Node) -> list:
