@@ -34,13 +34,12 @@ class Oracle(torch.nn.Module):
         return 10.0 * torch.nn.functional.one_hot(cls, 4).permute(0, 4, 1, 2, 3).float()
 
 
-if "testoracle" not in registry._FAMILIES:
-    registry.register_family("testoracle", lambda **kw: Oracle(), {"base": {}})
-
-
 @pytest.fixture(autouse=True)
 def _isolated_registry(monkeypatch):
     monkeypatch.setattr(registry, "_ensure_loaded", lambda: None)  # don't depend on other networks importing
+    # the oracle is a model family for these tests only (other tests list the registry)
+    monkeypatch.setitem(registry._FAMILIES, "testoracle", registry.Family("testoracle", lambda **kw: Oracle(),
+                                                                          {"base": {}}))
     # the CLI with only the commands under test (the others are built elsewhere)
     monkeypatch.setattr(cli, "COMMANDS", {"predict": "predict", "evaluate": "evaluate", "show": "show"})
 

@@ -43,14 +43,13 @@ class Oracle(torch.nn.Module):
         return 10.0 * torch.nn.functional.one_hot(cls, 4).permute(0, 4, 1, 2, 3).float()
 
 
-for _name, _ch in (("outoracle", 1), ("outoracle2", 2)):
-    if _name not in registry._FAMILIES:
-        registry.register_family(_name, lambda ch=_ch, **kw: Oracle(ch), {"base": {}})
-
-
 @pytest.fixture(autouse=True)
 def _isolated_registry(monkeypatch):
     monkeypatch.setattr(registry, "_ensure_loaded", lambda: None)
+    # the oracles are model families for these tests only (other tests list the registry)
+    for name, ch in (("outoracle", 1), ("outoracle2", 2)):
+        monkeypatch.setitem(registry._FAMILIES, name,
+                            registry.Family(name, lambda ch=ch, **kw: Oracle(ch), {"base": {}}))
 
 
 def checkpoint(path, spacing, channels=1, **extra):
