@@ -1,7 +1,7 @@
 """What ``tests/test_docs.py`` runs the documentation's snippets against: the small inputs at the paths the docs
 use, the wrappers that shrink training, and the Markdown code-block reader.
 
-The inputs (:func:`build_inputs`), built once per test session, stand in for the real datasets under the same
+The inputs (:func:`build_inputs`), built once per pytest run, stand in for the real datasets under the same
 names:
 
 - ``data/BTCV/``: raw BTCV layout (``img/img0001.nii.gz``, ``label/label0001.nii.gz``): :data:`CASES` phantom CTs

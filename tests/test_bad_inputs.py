@@ -888,9 +888,9 @@ def _main(row: Row):
     return pre_cli.main if row.tool == "pre" else glam3d_cli.main
 
 
-@pytest.mark.parametrize("case", list(CATALOGUE))
-def test_bad_input(case, tmp_path, capsys, monkeypatch):
-    row = CATALOGUE[case](tmp_path)
+def assert_refused(row: Row, capsys, monkeypatch) -> None:
+    """The catalogue's contract for one row: run its command in-process (after the row's set-up), exit 2, exactly
+    one stderr line naming the file and the problem, nothing half-written in its output folders."""
     if row.setup:
         row.setup(monkeypatch)
     capsys.readouterr()
@@ -899,6 +899,11 @@ def test_bad_input(case, tmp_path, capsys, monkeypatch):
     assert code == 2, (code, err)
     check_error_line(err, row)
     check_outputs(row)
+
+
+@pytest.mark.parametrize("case", list(CATALOGUE))
+def test_bad_input(case, tmp_path, capsys, monkeypatch):
+    assert_refused(CATALOGUE[case](tmp_path), capsys, monkeypatch)
 
 
 def test_catalogue_size():
@@ -1083,16 +1088,11 @@ EVALUATE_ROWS = {f.__name__: f for f in [
 
 
 @pytest.mark.parametrize("case", list(EVALUATE_ROWS))
-def test_bad_input_evaluate(case, tmp_path, capsys):
+def test_bad_input_evaluate(case, tmp_path, capsys, monkeypatch):
     """The catalogue's contract for the evaluate / postprocess rows: exit 2, one line naming the file and the
     problem, nothing written."""
     row = EVALUATE_ROWS[case](tmp_path)
-    capsys.readouterr()
-    code = _main(row)(row.argv)
-    err = capsys.readouterr().err
-    assert code == 2, (code, err)
-    check_error_line(err, row)
-    check_outputs(row)
+    assert_refused(row, capsys, monkeypatch)
     for folder in row.outputs:
         assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())
 
@@ -1215,16 +1215,10 @@ CATALOGUE.update({f.__name__: f for f in PREDICT_ROWS})
 
 
 @pytest.mark.parametrize("case", [f.__name__ for f in PREDICT_ROWS])
-def test_bad_input_predict_outputs(case, tmp_path, capsys):
+def test_bad_input_predict_outputs(case, tmp_path, capsys, monkeypatch):
     """The catalogue's contract for the rows of this section (collected here: they are added after
     ``test_bad_input`` is parametrised)."""
-    row = CATALOGUE[case](tmp_path)
-    capsys.readouterr()
-    code = _main(row)(row.argv)
-    err = capsys.readouterr().err
-    assert code == 2, (code, err)
-    check_error_line(err, row)
-    check_outputs(row)
+    assert_refused(CATALOGUE[case](tmp_path), capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("case", ["predict_roi_not_divisible", "predict_roi_zero", "predict_ensemble_plan_differs"])
@@ -1369,15 +1363,8 @@ def test_bad_input_train(case, tmp_path, capsys, monkeypatch):
     """The catalogue's contract for these train rows: exit 2, one line naming the file or folder and the problem,
     nothing half written, and what the user had in the output folder untouched."""
     row = TRAIN_ROWS[case](tmp_path)
-    if row.setup:
-        row.setup(monkeypatch)
     before = {p: p.read_bytes() for p in row.inputs_inside}
-    capsys.readouterr()
-    code = _main(row)(row.argv)
-    err = capsys.readouterr().err
-    assert code == 2, (code, err)
-    check_error_line(err, row)
-    check_outputs(row)
+    assert_refused(row, capsys, monkeypatch)
     assert {p: p.read_bytes() for p in row.inputs_inside} == before
     if case.startswith(("train_fold", "train_splits", "train_too_few", "train_out")):  # refused before any file
         assert not (tmp_path / "run").exists() and not (tmp_path / "mine" / ".glam3d-folder.json").exists()
